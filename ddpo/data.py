@@ -1,0 +1,210 @@
+"""Preference pairs: read and validate JSONL, tokenise like TRL, truncate, batch [chosen; rejected].
+
+Input: one JSONL file, or a directory of *.jsonl files read in name order. One JSON object per line:
+  {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages], "weight": float (optional)}
+Messages are {"role": ..., "content": ...} dicts. Blank lines are skipped. Every problem is reported as
+`file:line: message` before any model is loaded, and the whole file is checked before the first error is raised.
+
+Tokenisation (as TRL's DPOTrainer, so first-step numbers agree):
+  - with a chat template: a string prompt becomes [{"role": "user", ...}], a string completion
+    [{"role": "assistant", ...}]; prompt ids = template(prompt, add_generation_prompt=True), full ids =
+    template(prompt + completion); the template's end-of-turn tokens end the completion.
+  - without one: prompt ids = tok(prompt), full ids = tok(prompt + completion + eos).
+  - the completion starts where prompt ids and full ids first differ (the common prefix), for both completions.
+Truncation (counted and reported): a prompt longer than max_prompt_length keeps its *last* tokens (the end of a
+prompt is what the completion continues from); then a completion that does not fit in max_length keeps its
+*first* tokens. Setting either to 0 disables it.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.logprobs import IGNORE_INDEX
+
+
+class DataError(ValueError):
+    """Bad input, with every message prefixed by file:line."""
+
+
+@dataclass
+class Pair:
+    prompt: object
+    chosen: object
+    rejected: object
+    weight: float | None
+    source: str  # "file:line"
+    prompt_ids: list = field(default_factory=list)
+    chosen_ids: list = field(default_factory=list)
+    rejected_ids: list = field(default_factory=list)
+
+
+def jsonl_files(path):
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl"))
+        if not files:
+            raise DataError(f"{path}: directory holds no .jsonl files")
+        return files
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
+    return [path]
+
+
+def read_jsonl(path):
+    """Yield (source, record) for every non-blank line of a JSONL file or directory; DataError on bad JSON."""
+    for file in jsonl_files(path):
+        with open(file, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{file}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                yield f"{file}:{lineno}", record
+
+
+def check_text(value, name, roles=None):
+    """A non-empty string, or a non-empty list of {"role", "content"} messages. Returns an error or None."""
+    if isinstance(value, str):
+        return None if value.strip() else f"field {name!r} is empty"
+    if isinstance(value, list):
+        if not value:
+            return f"field {name!r} is an empty message list"
+        for i, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                return f"field {name!r}, message {i}: expected {{\"role\": str, \"content\": str}}"
+            if roles and m["role"] not in roles:
+                return f"field {name!r}, message {i}: role {m['role']!r} not in {sorted(roles)}"
+        if not any(m["content"].strip() for m in value):
+            return f"field {name!r} has only empty messages"
+        return None
+    return f"field {name!r} must be a string or a list of messages, got {type(value).__name__}"
+
+
+def check_weight(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"weight must be a number, got {value!r}"
+    if not math.isfinite(value):
+        return f"weight must be finite, got {value!r}"
+    if value < 0:
+        return f"weight must be >= 0, got {value!r}"
+    return None
+
+
+def load_pairs(path, max_errors=10):
+    """Read and validate a pairs file. Raises DataError listing up to max_errors problems with file:line."""
+    pairs, errors = [], []
+    for source, rec in read_jsonl(path):
+        problems = [f"missing field {k!r}" for k in ("prompt", "chosen", "rejected") if k not in rec]
+        if not problems:
+            problems = [p for p in (check_text(rec["prompt"], "prompt"),
+                                    check_text(rec["chosen"], "chosen", roles={"assistant"}),
+                                    check_text(rec["rejected"], "rejected", roles={"assistant"})) if p]
+        if rec.get("weight") is not None and (p := check_weight(rec["weight"])):
+            problems.append(p)
+        errors += [f"{source}: {p}" for p in problems]
+        if len(errors) >= max_errors:
+            break
+        if not problems:
+            weight = None if rec.get("weight") is None else float(rec["weight"])
+            pairs.append(Pair(rec["prompt"], rec["chosen"], rec["rejected"], weight, source))
+    if errors:
+        raise DataError("bad preference data:\n  " + "\n  ".join(errors[:max_errors]))
+    if not pairs:
+        raise DataError(f"{path}: no preference pairs (the file is empty)")
+    return pairs
+
+
+def as_messages(value, role):
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def common_prefix_length(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pair(tokenizer, prompt, chosen, rejected):
+    """(prompt_ids, chosen_ids, rejected_ids), as TRL builds them (module docstring)."""
+    if tokenizer.chat_template:
+        prompt_msgs = as_messages(prompt, "user")
+
+        def template(msgs, **kw):
+            return list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+        prompt_ids = template(prompt_msgs, add_generation_prompt=True)
+        chosen_full = template(prompt_msgs + as_messages(chosen, "assistant"))
+        rejected_full = template(prompt_msgs + as_messages(rejected, "assistant"))
+    else:
+        if not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+            raise DataError("message lists need a tokenizer with a chat template; this one has none")
+        eos = tokenizer.eos_token or ""
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        chosen_full = tokenizer(prompt + chosen + ("" if chosen.endswith(eos) else eos))["input_ids"]
+        rejected_full = tokenizer(prompt + rejected + ("" if rejected.endswith(eos) else eos))["input_ids"]
+    n = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
+    return prompt_ids[:n], chosen_full[n:], rejected_full[n:]
+
+
+def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
+    """Fill the ids of every pair in place and truncate (module docstring). Returns counts for the log."""
+    if max_length and max_prompt_length and max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+    stats = {"pairs": len(pairs), "prompts_truncated": 0, "completions_truncated": 0}
+    for pair in pairs:
+        prompt_ids, chosen_ids, rejected_ids = tokenize_pair(tokenizer, pair.prompt, pair.chosen, pair.rejected)
+        if not chosen_ids or not rejected_ids:
+            raise DataError(f"{pair.source}: a completion has no tokens after the prompt")
+        if max_prompt_length and len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[-max_prompt_length:]
+            stats["prompts_truncated"] += 1
+        if max_length:
+            room = max_length - len(prompt_ids)
+            if room <= 0:
+                raise DataError(f"{pair.source}: the prompt alone fills max_length={max_length}; "
+                                f"set --max-prompt-length below it")
+            for ids in (chosen_ids, rejected_ids):
+                if len(ids) > room:
+                    del ids[room:]
+                    stats["completions_truncated"] += 1
+        pair.prompt_ids, pair.chosen_ids, pair.rejected_ids = prompt_ids, chosen_ids, rejected_ids
+    return stats
+
+
+def collate(pairs, pad_token_id):
+    """Stack [chosen; rejected] of a micro-batch, right-padded.
+
+    Returns input_ids, attention_mask, labels, each (2B, T); labels hold the token ids at completion positions and
+    IGNORE_INDEX at prompt and padding positions. Rows 0..B-1 are the chosen sequences, B..2B-1 the rejected.
+    """
+    seqs, labels = [], []
+    for part in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            completion = getattr(p, part)
+            seqs.append(p.prompt_ids + completion)
+            labels.append([IGNORE_INDEX] * len(p.prompt_ids) + completion)
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)  # (2B, T)
+    label_ids = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (2B, T)
+    for i, (s, lab) in enumerate(zip(seqs, labels)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        label_ids[i, : len(s)] = torch.tensor(lab)
+        attention_mask[i, : len(s)] = 1
+    return input_ids, attention_mask, label_ids
+
+
+def epoch_order(n, seed, epoch):
+    """The seeded shuffle of epoch `epoch`: a pure function of (n, seed, epoch), so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g).tolist()

@@ -1,0 +1,80 @@
+"""Preference losses as pure functions: DPO, DDPO, ORPO, DORPO.
+
+Every function returns *unreduced* per-pair losses plus rewards, so the deviation weight of DDPO/DORPO is one
+visible multiply and the caller decides the reduction. The trainer reduces with sum(losses) / B_global, where
+B_global is the number of pairs in the optimiser step, which keeps gradient accumulation exact (DESIGN.md 3).
+
+Papers:
+  DPO   Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290
+  ORPO  Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", arXiv 2403.07691
+  DDPO/DORPO  Chung et al. 2025, "Modifying LLM Post-Training for Diverse Creative Writing", arXiv 2503.17126
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Sigmoid DPO. Inputs (B,) summed completion log-probs. Returns (losses, chosen_rewards, rejected_rewards)."""
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    logits = beta * (chosen_logratios - rejected_logratios)
+    losses = -F.logsigmoid(logits)  # DPO, Eq. 7: -log sigma(beta log(pi_c/ref_c) - beta log(pi_r/ref_r))
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def ddpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, chosen_weights):
+    """DDPO: the DPO loss of each pair times the deviation weight of its chosen response (weight outside the sigmoid)."""
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    return chosen_weights * losses, chosen_rewards, rejected_rewards  # Chung et al. 2025, DDPO objective: delta_w * L_DPO
+
+
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012): expm1 near 0, log1p far from it."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def at_least_fp32(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def log_odds_ratio(policy_chosen_logps, policy_rejected_logps):
+    """Delta = log odds(y_c) - log odds(y_r), odds(y) = P / (1 - P), P = exp(mean token log-prob); in fp32 or wider."""
+    chosen = at_least_fp32(policy_chosen_logps)
+    rejected = at_least_fp32(policy_rejected_logps)
+    return (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))  # ORPO, Eqs. 4-5: log(odds_c / odds_r)
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam):
+    """ORPO. logps (B,) are *mean* per-token log-probs, policy_chosen_nll (B,) the chosen SFT loss per pair.
+
+    Returns (losses, chosen_rewards, rejected_rewards, log_odds); rewards are lam * mean logps, as TRL reports them.
+    """
+    log_odds = log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
+    odds_losses = -F.logsigmoid(log_odds)  # ORPO, Eq. 7: L_OR = -log sigma(log odds_c / odds_r)
+    losses = at_least_fp32(policy_chosen_nll) + lam * odds_losses  # ORPO, Eq. 6: L_SFT + lambda L_OR
+    return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach()
+
+
+def dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam, chosen_weights,
+               form="released", weights_mean=None):
+    """DORPO, in the two forms of DESIGN.md 3. Returns (losses, chosen_rewards, rejected_rewards, log_odds).
+
+    form="released" (the authors' code, "ver 2"): mean_b(w) * NLL + lam * mean_b(-logsigmoid(w_b * Delta_b)),
+        the weight inside the sigmoid. Per pair: w_mean * NLL_b + lam * (-logsigmoid(w_b Delta_b)); pass
+        `weights_mean` (the mean weight of the whole optimiser batch) so that accumulated micro-batches are exact.
+    form="per-example" (the paper's prose): w_b * (NLL_b + lam * (-logsigmoid(Delta_b))).
+    """
+    log_odds = log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
+    nll = at_least_fp32(policy_chosen_nll)
+    weights = at_least_fp32(chosen_weights)
+    if form == "released":
+        w_mean = weights.mean() if weights_mean is None else weights_mean
+        losses = w_mean * nll + lam * -F.logsigmoid(weights * log_odds)  # released DORPO: weight inside the sigmoid
+    elif form == "per-example":
+        losses = weights * (nll + lam * -F.logsigmoid(log_odds))  # Chung et al. 2025, DORPO objective: delta_w * L_ORPO
+    else:
+        raise ValueError(f"unknown DORPO form {form!r}: expected 'released' or 'per-example'")
+    return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach()

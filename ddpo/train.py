@@ -1,0 +1,309 @@
+"""Preference tuning in one plain loop: DPO, DDPO, ORPO and DORPO.
+
+    python -m ddpo.train --data pairs.jsonl --loss ddpo --output-dir runs/ddpo
+    python -m ddpo.train --data pairs.jsonl --loss dorpo --dorpo-form per-example --model HuggingFaceTB/SmolLM2-135M-Instruct
+    python -m ddpo.train --data pairs.jsonl --output-dir runs/ddpo --resume      # continue from the newest checkpoint
+
+One optimiser step = grad_accum micro-batches of batch_size pairs. Each micro-batch runs the policy once over
+[chosen; rejected] (right-padded), gathers the hidden states at completion positions only, and turns them into
+log-probs with the fused head (kernels/logprobs.py: Triton on CUDA, chunked PyTorch on CPU; never a (B, T, V)
+tensor). DPO/DDPO take reference log-probs from a frozen copy of the starting model in the same layout.
+Every loss is sum(per-pair losses) / (pairs in the step), so accumulation is exact. Dropout is off.
+
+Outputs in --output-dir: checkpoint-<step>/ (Hugging Face model + tokenizer, trainer_state.pt with optimiser,
+scheduler, step and RNG, train_config.json), metrics.jsonl (one line per log step) and train_config.json.
+Checkpoints are written to a temporary directory and renamed into place.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ddpo.data import DataError, collate, epoch_order, load_pairs, tokenize_pairs
+from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
+from ddpo.models import DEFAULT_MODEL, check_fusable, disable_dropout, load_model, load_tokenizer, sequence_logps
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default="", metadata={"help": "pairs JSONL file or directory of JSONL files (required)"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name, local directory or packaged:<name>"})
+    output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, metrics.jsonl, train_config.json"})
+    loss: str = field(default="ddpo", metadata={"help": "dpo | ddpo | orpo | dorpo", "choices": ["dpo", "ddpo", "orpo", "dorpo"]})
+    beta: float = field(default=0.1, metadata={"help": "DPO/DDPO inverse temperature (paper: 0.1)"})
+    orpo_lambda: float = field(default=0.25, metadata={"help": "weight of the ORPO/DORPO odds-ratio term"})
+    dorpo_form: str = field(default="released", metadata={
+        "help": "released: mean(w)*NLL + lambda*mean(-logsigmoid(w*Delta)); per-example: mean(w*(NLL + lambda*L_OR))",
+        "choices": ["released", "per-example"]})
+    min_weight: float = field(default=0.0, metadata={"help": "clamp chosen weights from below, e.g. 0.2 (paper ablation)"})
+    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    schedule: str = field(default="linear", metadata={"help": "decay after warm-up", "choices": ["linear", "cosine", "constant"]})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the pairs (paper: 3); ignored if max_steps > 0"})
+    max_steps: int = field(default=0, metadata={"help": "optimiser steps; 0 = derive from epochs"})
+    batch_size: int = field(default=2, metadata={"help": "pairs per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    max_length: int = field(default=1024, metadata={"help": "max prompt+completion tokens; completions cut at the end (0 = off)"})
+    max_prompt_length: int = field(default=512, metadata={"help": "max prompt tokens; prompts keep their end (0 = off)"})
+    seed: int = field(default=42, metadata={"help": "seed of data order and initialisation"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "float32", "bfloat16"]})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    kernels: str = field(default="auto", metadata={"help": "log-prob head: auto (Triton on CUDA), triton, torch (chunked)", "choices": ["auto", "triton", "torch"]})
+    log_every: int = field(default=1, metadata={"help": "log every N steps"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in output_dir (0 = all)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if not cfg.data:
+        parser.error("--data is required")
+    return cfg
+
+
+def lr_lambda(cfg, total_steps):
+    def f(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return f
+
+
+def step_losses(cfg, policy, ref, pairs, weights, weights_mean, pad_token_id, device, use_triton):
+    """Per-pair losses and metrics of one micro-batch. Returns (losses (B,), metric sums over its pairs)."""
+    input_ids, attention_mask, labels = (t.to(device) for t in collate(pairs, pad_token_id))  # (2B, T)
+    logps, counts = sequence_logps(policy, input_ids, attention_mask, labels, use_triton)  # (2B,)
+    policy_chosen_logps, policy_rejected_logps = logps.chunk(2)
+    metrics = {}
+    if cfg.loss in ("dpo", "ddpo"):
+        with torch.no_grad():
+            ref_logps, _ = sequence_logps(ref, input_ids, attention_mask, labels, use_triton)
+        ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
+        args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, cfg.beta)
+        if cfg.loss == "dpo":
+            losses, chosen_rewards, rejected_rewards = dpo_loss(*args)
+        else:
+            losses, chosen_rewards, rejected_rewards = ddpo_loss(*args, chosen_weights=weights)
+    else:
+        chosen_counts, rejected_counts = counts.chunk(2)
+        chosen_mean = policy_chosen_logps / chosen_counts  # ORPO uses per-token averages
+        rejected_mean = policy_rejected_logps / rejected_counts
+        if cfg.loss == "orpo":
+            losses, chosen_rewards, rejected_rewards, log_odds = orpo_loss(chosen_mean, rejected_mean, -chosen_mean, cfg.orpo_lambda)
+        else:
+            losses, chosen_rewards, rejected_rewards, log_odds = dorpo_loss(
+                chosen_mean, rejected_mean, -chosen_mean, cfg.orpo_lambda, weights, cfg.dorpo_form, weights_mean)
+        policy_chosen_logps, policy_rejected_logps = chosen_mean, rejected_mean
+        metrics["nll_loss"] = -chosen_mean.detach().sum()
+        metrics["log_odds_ratio"] = log_odds.sum()
+    margins = chosen_rewards - rejected_rewards
+    metrics.update({
+        "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": margins.sum(), "rewards/accuracies": (margins > 0).float().sum(),
+        "logps/chosen": policy_chosen_logps.detach().sum(), "logps/rejected": policy_rejected_logps.detach().sum(),
+    })
+    metrics["tokens"] = attention_mask.sum()
+    return losses, metrics
+
+
+def pair_weights(cfg, pairs):
+    """Chosen weights of the pairs: the data's `weight` (1 when absent) for DDPO/DORPO, 1 for DPO/ORPO."""
+    if cfg.loss in ("dpo", "orpo"):
+        return torch.ones(len(pairs))
+    w = torch.tensor([1.0 if p.weight is None else p.weight for p in pairs])
+    return w.clamp(min=cfg.min_weight)
+
+
+def checkpoints(output_dir):
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit():
+                found.append((int(name.split("-", 1)[1]), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(cfg, step, policy, tokenizer, optimizer, scheduler):
+    tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=cfg.output_dir)
+    policy.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               os.path.join(tmp, "trainer_state.pt"))
+    write_json(os.path.join(tmp, "train_config.json"), dataclasses.asdict(cfg))
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if cfg.keep_checkpoints:
+        for _, old in checkpoints(cfg.output_dir)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    return final
+
+
+def trim_metrics(path, last_step):
+    """On resume, drop metric lines logged after the checkpoint (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train(cfg):
+    # 1. data first: bad input fails here, before a model is loaded or anything is written
+    pairs = load_pairs(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    stats = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    print(f"data: {stats['pairs']} pairs from {cfg.data}; truncated {stats['prompts_truncated']} prompts "
+          f"(keep end, max {cfg.max_prompt_length}) and {stats['completions_truncated']} completions "
+          f"(keep start, max total {cfg.max_length})", flush=True)
+    weights = pair_weights(cfg, pairs)
+    if cfg.loss in ("ddpo", "dorpo") and all(p.weight is None for p in pairs):
+        print(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals {cfg.loss[1:]}", flush=True)
+
+    found = checkpoints(cfg.output_dir)
+    if found and not cfg.resume:
+        raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
+    resume_from = found[-1][1] if cfg.resume and found else None
+
+    # 2. models
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+    use_triton = {"auto": device.type == "cuda", "triton": True, "torch": False}[cfg.kernels]
+    torch.manual_seed(cfg.seed)
+    policy = load_model(resume_from or cfg.model, torch.float32, device)
+    check_fusable(policy)
+    disable_dropout(policy)
+    policy.train()
+    ref = None
+    if cfg.loss in ("dpo", "ddpo"):  # the reference is always the starting model, also when resuming
+        ref = load_model(cfg.model, autocast_dtype or torch.float32, device).eval().requires_grad_(False)
+        disable_dropout(ref)
+
+    global_batch = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(pairs) / global_batch)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    start_step = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start_step = state["step"]
+        trim_metrics(metrics_path, start_step)
+        print(f"resumed from {resume_from} at step {start_step}", flush=True)
+    else:
+        open(metrics_path, "w").close()
+    write_json(os.path.join(cfg.output_dir, "train_config.json"), dataclasses.asdict(cfg))
+
+    print(f"training {cfg.loss} on {device} ({'bf16 autocast' if autocast_dtype else 'fp32'}, "
+          f"{'Triton' if use_triton else 'chunked PyTorch'} log-prob head): {total_steps} steps of {global_batch} "
+          f"pairs ({steps_per_epoch} steps/epoch)", flush=True)
+    path = found[-1][1] if found else None
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=cfg.loss, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, steps_per_epoch)
+        index = epoch_order(len(pairs), cfg.seed, epoch)[k * global_batch:(k + 1) * global_batch]
+        step_weights = weights[index]
+        sums = {}
+        for i in range(0, len(index), cfg.batch_size):
+            micro = index[i:i + cfg.batch_size]
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                losses, metrics = step_losses(cfg, policy, ref, [pairs[j] for j in micro], weights[micro].to(device),
+                                              step_weights.mean().item(), tokenizer.pad_token_id,
+                                              device, use_triton)
+            loss = losses.sum() / len(index)
+            loss.backward()
+            metrics["loss"] = losses.detach().sum()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            dt = time.perf_counter() - t0
+            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4)}
+            row.update({key: value / len(index) for key, value in sums.items() if key != "tokens"})
+            row.update({"weights/mean": step_weights.mean().item(), "weights/min": step_weights.min().item(),
+                        "weights/max": step_weights.max().item(), "grad_norm": grad_norm.item(), "lr": lr,
+                        "step_time_s": dt, "tokens_per_s": sums["tokens"] / dt, "peak_mem_gb": peak_memory_gb(device)})
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.write(" | ".join([f"step {step + 1}/{total_steps}"] + [
+                f"{key} {row[key]:.4g}" for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                                                      "weights/mean", "lr", "step_time_s", "peak_mem_gb")]))
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
+            path = save_checkpoint(cfg, step + 1, policy, tokenizer, optimizer, scheduler)
+    print(f"saved {path}", flush=True)
+    return path
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

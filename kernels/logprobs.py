@@ -1,0 +1,167 @@
+"""Fused log-prob head: hidden states (N, H) x output embedding (V, H) -> log p(label) per token, (N,).
+
+The naive head computes logits (N, V), a log-softmax (N, V) in fp32 and a gather: at 8 pairs x 1024 tokens and a
+128k vocabulary that is 8 GB of fp32 logits before the backward saves its own copy. Here rows are processed in
+chunks of C rows: a (C, V) logits tile is produced by one matmul, a Triton kernel reduces it to the label's log-prob
+and the row's log-sum-exp (fp32, online), and the tile is dropped. The backward recomputes each tile, a second
+kernel turns it in place into dlogits = g * (onehot(label) - softmax), and two matmuls give the hidden-state and
+weight gradients. Only N log-sum-exp values are saved, and no (N, V) tensor ever exists, on GPU or CPU.
+
+Positions whose label is IGNORE_INDEX (-100) get log-prob 0 and no gradient.
+
+Layout: logprobs_ref (naive, materialises (N, V): the ground truth of the tests), the Triton kernels, the
+launchers, one autograd.Function (Triton on CUDA or under TRITON_INTERPRET=1, chunked PyTorch otherwise),
+and the functional alias fused_logprobs.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+IGNORE_INDEX = -100
+
+
+def logprobs_ref(hidden, weight, labels):
+    """Naive reference: log_softmax(hidden @ weight.T)[label] in fp32, 0 where label == IGNORE_INDEX."""
+    logits = hidden.float() @ weight.float().t()  # (N, V)
+    valid = labels != IGNORE_INDEX
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logps, torch.zeros_like(logps))
+
+
+@triton.jit
+def _logprobs_fwd_kernel(logits_ptr, stride_row, labels_ptr, logps_ptr, lse_ptr, V,
+                         IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    label = tl.load(labels_ptr + row)
+    offs = tl.arange(0, BLOCK_V)
+    # online log-sum-exp, one running (max, sum) per lane, merged at the end
+    m = tl.full([BLOCK_V], -1e30, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(row_ptr + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))  # torch.logsumexp(logits[row].float(), -1)
+    valid = label != IGNORE
+    target = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32)  # logits[row, label]
+    tl.store(logps_ptr + row, tl.where(valid, target - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(logits_ptr, stride_row, labels_ptr, lse_ptr, grad_ptr, V,
+                         IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    label = tl.load(labels_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    # g = 0 on ignored rows, so their dlogits are 0 as well
+    g = tl.where(label != IGNORE, tl.load(grad_ptr + row).to(tl.float32), 0.0)
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        onehot = tl.where(cols == label, 1.0, 0.0)
+        dx = g * (onehot - tl.exp(x - lse))  # g * (one_hot(label) - softmax(logits[row]))
+        tl.store(row_ptr + cols, dx.to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _block_v(V):
+    return min(triton.next_power_of_2(V), 4096)
+
+
+def _logprobs_fwd_triton(logits, labels):
+    """logits (C, V) -> (logps (C,) fp32, lse (C,) fp32)."""
+    C, V = logits.shape
+    logps = torch.empty(C, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
+    _logprobs_fwd_kernel[(C,)](logits, logits.stride(0), labels, logps, lse, V,
+                               IGNORE=IGNORE_INDEX, BLOCK_V=_block_v(V))
+    return logps, lse
+
+
+def _logprobs_bwd_triton(logits, labels, lse, grad_logps):
+    """Overwrites logits (C, V) with dlogits = grad * (onehot - softmax)."""
+    C, V = logits.shape
+    _logprobs_bwd_kernel[(C,)](logits, logits.stride(0), labels, lse, grad_logps, V,
+                               IGNORE=IGNORE_INDEX, BLOCK_V=_block_v(V))
+    return logits
+
+
+def _logprobs_fwd_torch(logits, labels):
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels != IGNORE_INDEX, target - lse, torch.zeros_like(lse)), lse
+
+
+def _logprobs_bwd_torch(logits, labels, lse, grad_logps):
+    valid = labels != IGNORE_INDEX
+    g = torch.where(valid, grad_logps.float(), torch.zeros_like(lse)).unsqueeze(-1)  # (C, 1)
+    dlogits = -g * torch.exp(logits.float() - lse.unsqueeze(-1))  # (C, V)
+    dlogits.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), g)
+    return dlogits.to(logits.dtype)
+
+
+def default_chunk_size(N, V, H):
+    """Rows per chunk so that a (C, V) logits tile is about as large as the (N, H) hidden states (as in Liger)."""
+    return max(1, triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, H))))
+
+
+def use_triton_for(tensor):
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class FusedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, use_triton):
+        N, H = hidden.shape
+        V = weight.shape[0]
+        chunk = chunk_size or default_chunk_size(N, V, H)
+        fwd = _logprobs_fwd_triton if use_triton else _logprobs_fwd_torch
+        logps = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        for start in range(0, N, chunk):
+            rows = slice(start, start + chunk)
+            logits = hidden[rows] @ weight.t()  # (C, V) in the input dtype; reduced in fp32 below
+            logps[rows], lse[rows] = fwd(logits, labels[rows])
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk, ctx.use_triton = chunk, use_triton
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        bwd = _logprobs_bwd_triton if ctx.use_triton else _logprobs_bwd_torch
+        grad_logps = grad_logps.contiguous().float()
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            logits = hidden[rows] @ weight.t()  # (C, V), recomputed rather than saved
+            dlogits = bwd(logits, labels[rows], lse[rows], grad_logps[rows])
+            if need_hidden:
+                grad_hidden[rows] = dlogits @ weight  # (C, H)
+            if need_weight:
+                grad_weight += dlogits.t() @ hidden[rows]  # (V, H), summed over chunks in fp32
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def fused_logprobs(hidden, weight, labels, chunk_size=None, use_triton=None):
+    """log p(labels) under softmax(hidden @ weight.T), (N,) fp32, without materialising (N, V).
+
+    hidden (N, H), weight (V, H), labels (N,) int64 with IGNORE_INDEX where a position does not count.
+    use_triton: None picks Triton on CUDA (or under TRITON_INTERPRET=1) and chunked PyTorch otherwise.
+    """
+    if use_triton is None:
+        use_triton = use_triton_for(hidden)
+    return FusedLogprobs.apply(hidden.contiguous(), weight, labels.contiguous(), chunk_size, use_triton)

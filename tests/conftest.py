@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny Llama models with a byte-level tokenizer, built from a config (no hub, no download).
+
+Triton kernels run under TRITON_INTERPRET=1 on CPU; the variable must be set before triton is imported.
+On a machine with CUDA it is left unset and the same kernel tests run on the GPU.
+"""
+
+import json
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_tiny_model(path, chat_template=True, seed=0, vocab_extra=0):
+    """A 2-layer Llama over a 256-byte vocabulary (+ specials), saved with its tokenizer to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer) + vocab_extra, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_plain(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-plain"), chat_template=False)
+
+
+STORIES = [
+    ("Write a story about a lighthouse.", "The keeper counted ships until the sea forgot him.", "A lighthouse was there."),
+    ("Write a poem about rain.", "Rain stitched the roofs together, thread by grey thread.", "Rain is wet. It falls."),
+    ("Describe a dragon.", "It slept on a hoard of library cards, each one overdue.", "The dragon was big."),
+    ("A story in six words.", "Sold: map, never folded, still lost.", "Short story here."),
+    ("Write about a clock.", "The clock ran backwards on Sundays, just to be heard.", "The clock ticked."),
+    ("A letter to the moon.", "Dear Moon, the tides send their regards and an invoice.", "Hello moon."),
+]
+
+
+def write_pairs(path, rows=None, weights=True):
+    """A pairs JSONL of the STORIES, with weights 0.5, 1.0, 1.5, ... when `weights`."""
+    rows = rows if rows is not None else [
+        {"prompt": p, "chosen": c, "rejected": r, **({"weight": 0.5 * (i % 4 + 1)} if weights else {})}
+        for i, (p, c, r) in enumerate(STORIES)
+    ]
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)

@@ -1,0 +1,117 @@
+"""Pairs JSONL: validation with file:line, tokenisation as TRL, truncation, collation."""
+
+import json
+import os
+import tempfile
+
+import pytest
+from conftest import write_pairs
+
+from ddpo.data import DataError, collate, load_pairs, tokenize_pairs
+from ddpo.models import load_tokenizer
+from kernels.logprobs import IGNORE_INDEX
+
+GOOD = {"prompt": "p", "chosen": "c", "rejected": "r"}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "malformed JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"prompt": "p", "chosen": "c"}), "missing field 'rejected'"),
+    (json.dumps({**GOOD, "chosen": "  "}), "field 'chosen' is empty"),
+    (json.dumps({**GOOD, "prompt": []}), "field 'prompt' is an empty message list"),
+    (json.dumps({**GOOD, "prompt": 3}), "must be a string or a list of messages"),
+    (json.dumps({**GOOD, "chosen": [{"role": "user", "content": "x"}]}), "role 'user' not in ['assistant']"),
+    (json.dumps({**GOOD, "rejected": [{"role": "assistant"}]}), "expected {\"role\": str, \"content\": str}"),
+    (json.dumps({**GOOD, "weight": "high"}), "weight must be a number"),
+    (json.dumps({**GOOD, "weight": True}), "weight must be a number"),
+    (json.dumps({**GOOD, "weight": -0.5}), "weight must be >= 0"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r", "weight": NaN}', "weight must be finite"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r", "weight": Infinity}', "weight must be finite"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, message):
+    path = write_pairs(tmp_path / "pairs.jsonl", [GOOD, "", line])  # the bad record is on line 3
+    with pytest.raises(DataError) as e:
+        load_pairs(path)
+    assert f"{path}:3:" in str(e.value) and message in str(e.value)
+
+
+def test_all_problems_are_listed(tmp_path):
+    path = write_pairs(tmp_path / "pairs.jsonl", [{**GOOD, "weight": -1}, GOOD, {"prompt": "p"}])
+    with pytest.raises(DataError) as e:
+        load_pairs(path)
+    assert f"{path}:1: weight" in str(e.value) and f"{path}:3: missing field 'chosen'" in str(e.value)
+
+
+def test_empty_file_and_missing_path(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="no preference pairs"):
+        load_pairs(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(DataError, match="no such file"):
+        load_pairs(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(DataError, match="no .jsonl files"):
+        load_pairs(str(tmp_path / "dir"))
+
+
+def test_directory_and_weights(tmp_path):
+    (tmp_path / "d").mkdir()
+    write_pairs(tmp_path / "d" / "b.jsonl", [{**GOOD, "weight": 2}])
+    write_pairs(tmp_path / "d" / "a.jsonl", [GOOD, {**GOOD, "weight": 0}])
+    pairs = load_pairs(str(tmp_path / "d"))
+    assert [p.weight for p in pairs] == [None, 0.0, 2.0]
+    assert pairs[2].source.endswith("b.jsonl:1")
+
+
+def test_chat_template_tokenisation(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    pairs = load_pairs_from(tok, [{"prompt": "Hi", "chosen": "Yes!", "rejected": "No"}])
+    p = pairs[0]
+    assert tok.decode(p.prompt_ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(p.chosen_ids) == "Yes!<|im_end|>\n" and tok.decode(p.rejected_ids) == "No<|im_end|>\n"
+    # message lists give the same ids as strings
+    msgs = load_pairs_from(tok, [{"prompt": [{"role": "user", "content": "Hi"}],
+                                  "chosen": [{"role": "assistant", "content": "Yes!"}],
+                                  "rejected": [{"role": "assistant", "content": "No"}]}])[0]
+    assert (msgs.prompt_ids, msgs.chosen_ids, msgs.rejected_ids) == (p.prompt_ids, p.chosen_ids, p.rejected_ids)
+
+
+def test_plain_tokenisation_appends_eos(tiny_model_plain):
+    tok = load_tokenizer(tiny_model_plain)
+    p = load_pairs_from(tok, [{"prompt": "Once", "chosen": " upon", "rejected": " more<|im_end|>"}])[0]
+    assert tok.decode(p.prompt_ids) == "Once"
+    assert tok.decode(p.chosen_ids) == " upon<|im_end|>" and tok.decode(p.rejected_ids) == " more<|im_end|>"
+    with pytest.raises(DataError, match="chat template"):
+        load_pairs_from(tok, [{"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"}])
+
+
+def test_truncation_keeps_prompt_end_and_completion_start(tiny_model_plain):
+    tok = load_tokenizer(tiny_model_plain)
+    rows = [{"prompt": "abcdefghij", "chosen": "0123456789", "rejected": "xy"}, {"prompt": "ab", "chosen": "c", "rejected": "d"}]
+    pairs = load_pairs_from(tok, rows, max_length=8, max_prompt_length=4, expect=(1, 1))
+    assert tok.decode(pairs[0].prompt_ids) == "ghij"  # the end of the prompt
+    assert tok.decode(pairs[0].chosen_ids) == "0123"  # the start of the completion, total 8
+    assert tok.decode(pairs[0].rejected_ids) == "xy<|im_end|>"
+    with pytest.raises(ValueError, match="must be below"):
+        tokenize_pairs(pairs, tok, max_length=8, max_prompt_length=8)
+
+
+def load_pairs_from(tok, rows, max_length=0, max_prompt_length=0, expect=(0, 0)):
+    path = write_pairs(os.path.join(tempfile.mkdtemp(), "pairs.jsonl"), rows)
+    pairs = load_pairs(path)
+    stats = tokenize_pairs(pairs, tok, max_length, max_prompt_length)
+    assert (stats["prompts_truncated"], stats["completions_truncated"]) == expect
+    return pairs
+
+
+def test_collate_layout(tiny_model_plain):
+    tok = load_tokenizer(tiny_model_plain)
+    pairs = load_pairs_from(tok, [{"prompt": "ab", "chosen": "cde", "rejected": "f"},
+                                  {"prompt": "g", "chosen": "h", "rejected": "ijkl"}])
+    input_ids, attention_mask, labels = collate(pairs, tok.pad_token_id)
+    assert input_ids.shape == (4, 6)  # rows: chosen 0, chosen 1, rejected 0, rejected 1
+    assert tok.decode(input_ids[2][attention_mask[2].bool()]) == "abf<|im_end|>"
+    assert attention_mask.sum(1).tolist() == [6, 3, 4, 6]
+    assert (labels[0] != IGNORE_INDEX).tolist() == [False, False, True, True, True, True]
+    assert (labels[1] != IGNORE_INDEX).tolist() == [False, True, True, False, False, False]
+    assert (input_ids[1, 3:] == tok.pad_token_id).all()

@@ -1,0 +1,127 @@
+"""ddpo.train end to end on tiny models: metrics, checkpoints, resume equality, exact accumulation, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import write_pairs
+from transformers import AutoModelForCausalLM
+
+import ddpo.train as train_mod
+from ddpo.data import collate, load_pairs, tokenize_pairs
+from ddpo.models import load_model, load_tokenizer, sequence_logps
+from ddpo.train import main, parse_args, train
+
+METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected", "weights/mean", "weights/min", "weights/max"]
+
+
+def run(tmp_path, tiny_model, *extra, name="run", data=None):
+    out = str(tmp_path / name)
+    data = data or write_pairs(tmp_path / "pairs.jsonl")
+    cfg = parse_args(["--model", tiny_model, "--data", data, "--output-dir", out, "--lr", "1e-3", *extra])
+    return cfg, train(cfg)
+
+
+def metrics(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sequence_logps_equal_full_logits(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model)
+    pairs = load_pairs(write_pairs(os.path.join(os.path.dirname(tiny_model), "p.jsonl")))[:3]
+    tokenize_pairs(pairs, tok)
+    input_ids, attention_mask, labels = collate(pairs, tok.pad_token_id)
+    logps, counts = sequence_logps(model, input_ids, attention_mask, labels, use_triton=False)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (2B, T-1, V)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    token = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logps, (token * mask).sum(1), rtol=1e-5, atol=1e-4)
+    assert counts.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ddpo", "orpo", "dorpo"])
+def test_train_writes_metrics_and_loadable_checkpoint(tmp_path, tiny_model, loss):
+    cfg, path = run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "3")
+    rows = metrics(cfg.output_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in METRICS:
+        assert all(key in r and r[key] == r[key] for r in rows), key
+    if loss in ("dpo", "ddpo"):
+        assert rows[0]["rewards/margins"] == 0.0 and rows[0]["loss"] > 0  # policy == reference at step 1
+        assert rows[-1]["rewards/margins"] > 0  # and it learns to prefer the chosen stories
+    if loss in ("ddpo", "dorpo"):
+        assert {r["weights/max"] for r in rows} != {1.0}
+    else:
+        assert {r["weights/min"] for r in rows} == {r["weights/max"] for r in rows} == {1.0}
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert isinstance(model, torch.nn.Module)
+    saved = json.load(open(os.path.join(path, "train_config.json")))
+    assert saved["loss"] == loss and saved["max_steps"] == 3
+
+
+def test_ddpo_with_unit_weights_equals_dpo(tmp_path, tiny_model):
+    data = write_pairs(tmp_path / "unweighted.jsonl", weights=False)
+    dpo, _ = run(tmp_path, tiny_model, "--loss", "dpo", "--max-steps", "2", name="dpo", data=data)
+    ddpo, _ = run(tmp_path, tiny_model, "--loss", "ddpo", "--max-steps", "2", name="ddpo", data=data)
+    for a, b in zip(metrics(dpo.output_dir), metrics(ddpo.output_dir)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["ddpo", "dorpo"])
+def test_gradient_accumulation_is_exact(tmp_path, tiny_model, loss):
+    one, a = run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "1", "--batch-size", "4", name="one")
+    acc, b = run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "1", "--batch-size", "1", "--grad-accum", "4", name="acc")
+    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+        assert metrics(one.output_dir)[0][key] == pytest.approx(metrics(acc.output_dir)[0][key], rel=1e-5), key
+    # Adam's first step is about lr * sign(grad): gradients within float noise of 0 may flip by up to 2 * lr
+    wa, wb = AutoModelForCausalLM.from_pretrained(a).state_dict(), AutoModelForCausalLM.from_pretrained(b).state_dict()
+    for key in wa:
+        assert (wa[key] - wb[key]).abs().gt(1e-6).float().mean() < 1e-3, key
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, monkeypatch):
+    args = ("--loss", "ddpo", "--max-steps", "5", "--save-every", "2", "--batch-size", "2", "--warmup-steps", "1")
+    full, _ = run(tmp_path, tiny_model, *args, name="full")
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_crash(cfg, step, *a):
+        path = real_save(cfg, step, *a)
+        if step == 4:
+            raise KeyboardInterrupt  # killed right after the second checkpoint
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_model, *args, name="resumed")
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")  # a line logged after the checkpoint, then lost
+    resumed, path = run(tmp_path, tiny_model, *args, "--resume", name="resumed")
+    a, b = metrics(full.output_dir), metrics(resumed.output_dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b):
+        for key in METRICS + ["lr"]:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+    assert sorted(os.listdir(resumed.output_dir)) == ["checkpoint-4", "checkpoint-5", "metrics.jsonl", "train_config.json"]
+
+
+def test_bad_input_stops_before_anything_is_written(tmp_path, tiny_model, capsys):
+    bad = write_pairs(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"},
+                                               {"prompt": "p", "chosen": "c", "rejected": "r", "weight": float("nan")}])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", tiny_model, "--data", bad, "--output-dir", str(out)])
+    assert f"{bad}:2: weight must be finite" in str(e.value)
+    assert not out.exists()
+
+
+def test_existing_checkpoint_needs_resume(tmp_path, tiny_model):
+    run(tmp_path, tiny_model, "--max-steps", "1", name="x")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(tmp_path, tiny_model, "--max-steps", "2", name="x")
