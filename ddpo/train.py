@@ -41,6 +41,7 @@ from ddpo.models import DEFAULT_MODEL, check_fusable, disable_dropout, load_mode
 class TrainConfig:
     data: str = field(default="", metadata={"help": "pairs JSONL file or directory of JSONL files (required)"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name, local directory or packaged:<name>"})
+    ref_model: str = field(default="", metadata={"help": "reference model for DPO/DDPO (default: --model, frozen)"})
     output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, metrics.jsonl, train_config.json"})
     loss: str = field(default="ddpo", metadata={"help": "dpo | ddpo | orpo | dorpo", "choices": ["dpo", "ddpo", "orpo", "dorpo"]})
     beta: float = field(default=0.1, metadata={"help": "DPO/DDPO inverse temperature (paper: 0.1)"})
@@ -223,7 +224,7 @@ def train(cfg):
     policy.train()
     ref = None
     if cfg.loss in ("dpo", "ddpo"):  # the reference is always the starting model, also when resuming
-        ref = load_model(cfg.model, autocast_dtype or torch.float32, device).eval().requires_grad_(False)
+        ref = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, device).eval().requires_grad_(False)
         disable_dropout(ref)
 
     global_batch = cfg.batch_size * cfg.grad_accum
