@@ -1,0 +1,98 @@
+"""kernels/deviation_loss.py against ddpo.deviation + the loss formulas: outputs, weights and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+
+from ddpo.losses import ddpo_loss
+from kernels.deviation_loss import deviation_dpo_loss, deviation_loss, deviation_loss_ref
+from test_deviation import SEM, STY
+
+
+def ragged(sizes, dims, seed=0, shuffle=True):
+    g = torch.Generator().manual_seed(seed)
+    group = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    if shuffle:
+        group = group[torch.randperm(len(group), generator=g)]  # groups need not be contiguous
+    embs = [torch.randn(len(group), d, generator=g) for d in dims]
+    chosen = torch.cat([(group == i).nonzero()[:, 0][: max(1, n // 2)] for i, n in enumerate(sizes)])
+    chosen = chosen[torch.randperm(len(chosen), generator=g)]  # pairs in any order
+    logits = torch.randn(len(chosen), generator=g) * 3
+    return logits.to(DEVICE), [e.to(DEVICE) for e in embs], group.to(DEVICE), chosen.to(DEVICE)
+
+
+def compare(logits, embs, group, chosen, min_weight, inside, atol=1e-5):
+    upstream = torch.linspace(-1, 2, len(logits), device=logits.device)
+    z1 = logits.clone().requires_grad_()
+    got = deviation_loss(z1, embs, group, chosen, min_weight, inside, use_triton=True)
+    (got[0] * upstream).sum().backward()
+    z2 = logits.clone().double().requires_grad_()
+    want = deviation_loss_ref(z2, [e.double() for e in embs], group, chosen, min_weight, inside)
+    (want[0] * upstream.double()).sum().backward()
+    for name, a, b in zip(("losses", "weights", "chosen_weights", "grad"), (*got, z1.grad), (*want, z2.grad)):
+        torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=atol, msg=name)
+    return got
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["ddpo", "dorpo"])
+@pytest.mark.parametrize("dims", [(24,), (24, 7), (300, 5, 33)], ids=["K1", "K2", "K3"])
+@pytest.mark.parametrize("min_weight", [0.0, 0.2])
+def test_ragged_groups(dims, inside, min_weight):
+    compare(*ragged([1, 2, 3, 8, 31], dims), min_weight, inside)
+
+
+def test_worked_example_through_the_kernel():
+    group, chosen = torch.zeros(4, dtype=torch.long, device=DEVICE), torch.tensor([0, 2], device=DEVICE)
+    logits = torch.tensor([1.5, 1.5], device=DEVICE)
+    losses, weights, w = compare(logits, [SEM.to(DEVICE), STY.to(DEVICE)], group, chosen, 0.0, False)
+    assert weights.tolist() == pytest.approx([2.3109, 1.6891, 0.0, 0.0], abs=1e-4)
+    assert losses.tolist() == pytest.approx([2.3109 * 0.2014, 0.0], abs=1e-4)
+
+
+def test_equal_embeddings_give_weight_one():
+    e = torch.randn(1, 16).repeat(6, 1).to(DEVICE)
+    group = torch.tensor([0, 0, 0, 1, 1, 1], device=DEVICE)
+    _, weights, _ = compare(torch.randn(2, device=DEVICE), [e], group, torch.tensor([0, 3], device=DEVICE), 0.0, False)
+    assert weights.tolist() == [1.0] * 6
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["ddpo", "dorpo"])
+def test_large_margins_do_not_overflow(inside):
+    logits, embs, group, chosen = ragged([4, 5, 6], (16,), seed=3)
+    logits = torch.tensor([1e4, -1e4, 80.0, -80.0, 0.0, 300.0, -300.0], device=DEVICE)
+    assert len(logits) == len(chosen)
+    losses, _, w = compare(logits, embs, group, chosen, 0.0, inside)
+    z = w * logits if inside else logits
+    assert torch.isfinite(losses).all()
+    expected = F.softplus(-z) * (1 if inside else w)
+    torch.testing.assert_close(losses, expected.float(), atol=1e-3, rtol=1e-5)
+
+
+def test_bf16_logits_and_embeddings():
+    logits, embs, group, chosen = ragged([2, 3, 8, 31], (64,), seed=5)
+    got = deviation_loss(logits.bfloat16(), [e.bfloat16() for e in embs], group, chosen, use_triton=True)
+    want = deviation_loss_ref(logits.bfloat16().double(), [e.bfloat16().double() for e in embs], group, chosen)
+    assert got[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got[1].double(), want[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0].double(), want[0], atol=2e-2, rtol=2e-2)
+
+
+def test_dpo_wrapper_equals_prepared_weights_path():
+    """In-step deviation (the kernel) equals precomputed weights fed to ddpo_loss: both paths give one loss."""
+    logits, embs, group, chosen = ragged([3, 8, 5], (32, 9), seed=7)
+    g = torch.Generator().manual_seed(1)
+    logps = [torch.randn(len(chosen), generator=g).to(DEVICE) * 10 for _ in range(4)]
+    losses, cr, rr, w = deviation_dpo_loss(*logps, 0.1, embs, group, chosen, use_triton=True)
+    _, weights, _ = deviation_loss_ref(logits, embs, group, chosen)
+    want, wcr, wrr = ddpo_loss(*logps, 0.1, chosen_weights=weights[chosen])
+    torch.testing.assert_close(losses, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cr, wcr)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    logits, embs, group, chosen = ragged([3, 4], (8,))
+    with pytest.raises(ValueError, match="one logit per pair"):
+        deviation_loss(logits[:-1], embs, group, chosen)
+    with pytest.raises(ValueError, match="one row per response"):
+        deviation_loss(logits, [embs[0][:-1]], group, chosen)
