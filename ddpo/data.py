@@ -208,3 +208,51 @@ def epoch_order(n, seed, epoch):
     """The seeded shuffle of epoch `epoch`: a pure function of (n, seed, epoch), so a resumed run sees the same."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def text_of(value):
+    """The text of a completion: a string, or the contents of its messages."""
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
+def response_pools(pairs):
+    """The pool of each prompt: its distinct chosen and rejected texts (as ddpo.prepare builds it from pairs).
+
+    Returns texts (M strings), text_prompt (M,) prompt id of each text, pair_prompt (P,) prompt id of each pair and
+    pair_chosen (P,) the text index of each pair's chosen response.
+    """
+    prompts, index, texts, text_prompt, pair_prompt, pair_chosen = {}, {}, [], [], [], []
+    for pair in pairs:
+        g = prompts.setdefault(json.dumps(pair.prompt), len(prompts))
+        for i, value in enumerate((pair.chosen, pair.rejected)):
+            key = (g, text_of(value))
+            if key not in index:
+                index[key] = len(texts)
+                texts.append(key[1])
+                text_prompt.append(g)
+            if i == 0:
+                pair_chosen.append(index[key])
+        pair_prompt.append(g)
+    return texts, torch.tensor(text_prompt), torch.tensor(pair_prompt), torch.tensor(pair_chosen)
+
+
+def micro_batches(n_pairs, batch_size, seed, epoch, pair_prompt=None):
+    """Pair indices of each micro-batch of an epoch, in order.
+
+    Without pair_prompt: the seeded shuffle cut into batch_size pieces. With it (in-step deviation), whole prompts:
+    prompts are shuffled and packed so that every pair of a prompt sits in one micro-batch (a prompt with more than
+    batch_size pairs fills one alone), since a prompt's deviation needs its whole pool.
+    """
+    if pair_prompt is None:
+        order = epoch_order(n_pairs, seed, epoch)
+        return [order[i:i + batch_size] for i in range(0, n_pairs, batch_size)]
+    members = [[] for _ in range(int(pair_prompt.max()) + 1)]
+    for i, g in enumerate(pair_prompt.tolist()):
+        members[g].append(i)
+    batches, current = [], []
+    for g in epoch_order(len(members), seed, epoch):
+        if current and len(current) + len(members[g]) > batch_size:
+            batches.append(current)
+            current = []
+        current += members[g]
+    return batches + [current] if current else batches

@@ -154,6 +154,7 @@ class Stylometric:
 
 
 DEFAULT_EMBEDDERS = {"semantic": "packaged:all-minilm-l6-v2", "style": "stylometric"}
+METRICS = {"none": [], "semantic": ["semantic"], "style": ["style"], "both": ["semantic", "style"]}
 
 
 def load_embedder(name_or_path, device=None):

@@ -37,14 +37,8 @@ from collections import OrderedDict
 import torch
 
 from ddpo.data import DataError, check_text, read_jsonl
-from ddpo.deviation import DEFAULT_EMBEDDERS, deviation_weights, load_embedder
+from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, deviation_weights, load_embedder
 from ddpo.quality import load_scorer
-
-METRICS = {"none": [], "semantic": ["semantic"], "style": ["style"], "both": ["semantic", "style"]}
-
-
-def text_of(value):
-    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
 
 
 def read_input(path, scored_later):

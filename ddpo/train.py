@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ddpo.data import DataError, collate, epoch_order, load_pairs, tokenize_pairs
+from ddpo.data import DataError, collate, load_pairs, micro_batches, response_pools, tokenize_pairs
+from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, load_embedder
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
 from ddpo.models import DEFAULT_MODEL, check_fusable, disable_dropout, load_model, load_tokenizer, sequence_logps
+from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
 
 
 @dataclass
@@ -49,6 +51,12 @@ class TrainConfig:
     dorpo_form: str = field(default="released", metadata={
         "help": "released: mean(w)*NLL + lambda*mean(-logsigmoid(w*Delta)); per-example: mean(w*(NLL + lambda*L_OR))",
         "choices": ["released", "per-example"]})
+    deviation: str = field(default="none", metadata={
+        "help": "none: weights from the data's 'weight'; semantic|style|both: compute them in each step from "
+                "embeddings of every prompt's pool (fused kernel; batches hold whole prompts)",
+        "choices": ["none", "semantic", "style", "both"]})
+    semantic_embedder: str = field(default=DEFAULT_EMBEDDERS["semantic"], metadata={"help": "for --deviation semantic|both"})
+    style_embedder: str = field(default=DEFAULT_EMBEDDERS["style"], metadata={"help": "for --deviation style|both"})
     min_weight: float = field(default=0.0, metadata={"help": "clamp chosen weights from below, e.g. 0.2 (paper ablation)"})
     lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -99,8 +107,12 @@ def lr_lambda(cfg, total_steps):
     return f
 
 
-def step_losses(cfg, policy, ref, pairs, weights, weights_mean, pad_token_id, device, use_triton):
-    """Per-pair losses and metrics of one micro-batch. Returns (losses (B,), metric sums over its pairs)."""
+def step_losses(cfg, policy, ref, pairs, weights, weights_mean, pad_token_id, device, use_triton, deviation=None):
+    """Per-pair losses of one micro-batch. Returns (losses (B,), chosen weights (B,), metric sums over its pairs).
+
+    weights (B,) are the data's chosen weights; with `deviation` = (embeddings, group, chosen_index) of the
+    micro-batch's pools they are computed here instead, by the fused kernel.
+    """
     input_ids, attention_mask, labels = (t.to(device) for t in collate(pairs, pad_token_id))  # (2B, T)
     logps, counts = sequence_logps(policy, input_ids, attention_mask, labels, use_triton)  # (2B,)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)
@@ -112,17 +124,24 @@ def step_losses(cfg, policy, ref, pairs, weights, weights_mean, pad_token_id, de
         args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, cfg.beta)
         if cfg.loss == "dpo":
             losses, chosen_rewards, rejected_rewards = dpo_loss(*args)
-        else:
+        elif deviation is None:
             losses, chosen_rewards, rejected_rewards = ddpo_loss(*args, chosen_weights=weights)
+        else:
+            losses, chosen_rewards, rejected_rewards, weights = deviation_dpo_loss(
+                *args, *deviation, min_weight=cfg.min_weight, use_triton=use_triton)
     else:
         chosen_counts, rejected_counts = counts.chunk(2)
         chosen_mean = policy_chosen_logps / chosen_counts  # ORPO uses per-token averages
         rejected_mean = policy_rejected_logps / rejected_counts
         if cfg.loss == "orpo":
             losses, chosen_rewards, rejected_rewards, log_odds = orpo_loss(chosen_mean, rejected_mean, -chosen_mean, cfg.orpo_lambda)
-        else:
+        elif deviation is None:
             losses, chosen_rewards, rejected_rewards, log_odds = dorpo_loss(
                 chosen_mean, rejected_mean, -chosen_mean, cfg.orpo_lambda, weights, cfg.dorpo_form, weights_mean)
+        else:
+            losses, chosen_rewards, rejected_rewards, log_odds, weights = deviation_dorpo_loss(
+                chosen_mean, rejected_mean, -chosen_mean, cfg.orpo_lambda, *deviation, form=cfg.dorpo_form,
+                min_weight=cfg.min_weight, use_triton=use_triton)
         policy_chosen_logps, policy_rejected_logps = chosen_mean, rejected_mean
         metrics["nll_loss"] = -chosen_mean.detach().sum()
         metrics["log_odds_ratio"] = log_odds.sum()
@@ -133,7 +152,28 @@ def step_losses(cfg, policy, ref, pairs, weights, weights_mean, pad_token_id, de
         "logps/chosen": policy_chosen_logps.detach().sum(), "logps/rejected": policy_rejected_logps.detach().sum(),
     })
     metrics["tokens"] = attention_mask.sum()
-    return losses, metrics
+    return losses, weights.detach(), metrics
+
+
+class InStepDeviation:
+    """Embeddings of every prompt's pool, computed once; hands the kernel the pools of a micro-batch's prompts."""
+
+    def __init__(self, cfg, pairs, device):
+        texts, self.text_prompt, self.pair_prompt, self.pair_chosen = response_pools(pairs)
+        names = {"semantic": cfg.semantic_embedder, "style": cfg.style_embedder}
+        print(f"embedding {len(texts)} responses of {int(self.pair_prompt.max()) + 1} prompts "
+              f"({', '.join(names[m] for m in METRICS[cfg.deviation])})", flush=True)
+        self.embeddings = [load_embedder(names[m])(texts).to(device) for m in METRICS[cfg.deviation]]
+        self.device = device
+
+    def __call__(self, batch):
+        prompts = self.pair_prompt[batch].unique()
+        rows = torch.isin(self.text_prompt, prompts).nonzero()[:, 0]  # every response of these prompts
+        local = torch.full_like(self.text_prompt, -1)
+        local[rows] = torch.arange(len(rows))
+        group = torch.searchsorted(prompts, self.text_prompt[rows])
+        chosen = local[self.pair_chosen[batch]]
+        return [e[rows.to(self.device)] for e in self.embeddings], group.to(self.device), chosen.to(self.device)
 
 
 def pair_weights(cfg, pairs):
@@ -227,8 +267,14 @@ def train(cfg):
         ref = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, device).eval().requires_grad_(False)
         disable_dropout(ref)
 
-    global_batch = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = math.ceil(len(pairs) / global_batch)
+    deviation = InStepDeviation(cfg, pairs, device) if cfg.deviation != "none" and cfg.loss in ("ddpo", "dorpo") else None
+    pair_prompt = deviation.pair_prompt if deviation else None
+
+    def plan(epoch):  # the optimiser steps of an epoch, each a list of micro-batches (lists of pair indices)
+        batches = micro_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, pair_prompt)
+        return [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+
+    steps_per_epoch = len(plan(0))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
@@ -253,25 +299,25 @@ def train(cfg):
     write_json(os.path.join(cfg.output_dir, "train_config.json"), dataclasses.asdict(cfg))
 
     print(f"training {cfg.loss} on {device} ({'bf16 autocast' if autocast_dtype else 'fp32'}, "
-          f"{'Triton' if use_triton else 'chunked PyTorch'} log-prob head): {total_steps} steps of {global_batch} "
-          f"pairs ({steps_per_epoch} steps/epoch)", flush=True)
+          f"{'Triton' if use_triton else 'chunked PyTorch'} log-prob head): {total_steps} steps of up to "
+          f"{cfg.batch_size * cfg.grad_accum} pairs ({steps_per_epoch} steps/epoch)", flush=True)
     path = found[-1][1] if found else None
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=cfg.loss, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
-        index = epoch_order(len(pairs), cfg.seed, epoch)[k * global_batch:(k + 1) * global_batch]
-        step_weights = weights[index]
-        sums = {}
-        for i in range(0, len(index), cfg.batch_size):
-            micro = index[i:i + cfg.batch_size]
+        step_batches = plan(epoch)[k]
+        n_pairs = sum(len(b) for b in step_batches)
+        weights_mean = weights[sum(step_batches, [])].mean().item()  # DORPO (released) over the whole step
+        sums, used_weights = {}, []
+        for batch in step_batches:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                losses, metrics = step_losses(cfg, policy, ref, [pairs[j] for j in micro], weights[micro].to(device),
-                                              step_weights.mean().item(), tokenizer.pad_token_id,
-                                              device, use_triton)
-            loss = losses.sum() / len(index)
-            loss.backward()
+                losses, chosen_w, metrics = step_losses(cfg, policy, ref, [pairs[j] for j in batch], weights[batch].to(device),
+                                                        weights_mean, tokenizer.pad_token_id, device, use_triton,
+                                                        deviation(batch) if deviation else None)
+            (losses.sum() / n_pairs).backward()  # sum over pairs / pairs in the step: exact accumulation
             metrics["loss"] = losses.detach().sum()
+            used_weights.append(chosen_w.float().cpu())
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
@@ -283,9 +329,10 @@ def train(cfg):
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             dt = time.perf_counter() - t0
             row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4)}
-            row.update({key: value / len(index) for key, value in sums.items() if key != "tokens"})
-            row.update({"weights/mean": step_weights.mean().item(), "weights/min": step_weights.min().item(),
-                        "weights/max": step_weights.max().item(), "grad_norm": grad_norm.item(), "lr": lr,
+            row.update({key: value / n_pairs for key, value in sums.items() if key != "tokens"})
+            used_weights = torch.cat(used_weights)
+            row.update({"weights/mean": used_weights.mean().item(), "weights/min": used_weights.min().item(),
+                        "weights/max": used_weights.max().item(), "grad_norm": grad_norm.item(), "lr": lr,
                         "step_time_s": dt, "tokens_per_s": sums["tokens"] / dt, "peak_mem_gb": peak_memory_gb(device)})
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ddpo.deviation import EQUAL_TOL, chosen_weights, deviation_weights
+from ddpo.losses import log_odds_ratio
 from kernels.logprobs import use_triton_for
 
 
@@ -176,3 +177,21 @@ def deviation_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
     losses, _, w = deviation_loss(beta * (chosen_logratios - rejected_logratios), embeddings, group, chosen_index,
                                   min_weight, weight_inside=False, use_triton=use_triton)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), w
+
+
+def deviation_dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam, embeddings, group,
+                         chosen_index, form="released", min_weight=0.0, use_triton=None):
+    """DORPO with in-step deviation (ddpo.losses.dorpo_loss with the weights computed here, the odds term fused).
+
+    logps are mean per-token log-probs. released: mean(w) * NLL_b + lam * softplus(-w_b Delta_b), mean(w) over the
+    pairs given; per-example: w_b * NLL_b + lam * w_b * softplus(-Delta_b).
+    Returns (losses, chosen_rewards, rejected_rewards, log_odds, chosen_weights).
+    """
+    log_odds = log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
+    if form not in ("released", "per-example"):
+        raise ValueError(f"unknown DORPO form {form!r}: expected 'released' or 'per-example'")
+    odds_losses, _, w = deviation_loss(log_odds, embeddings, group, chosen_index, min_weight,
+                                       weight_inside=form == "released", use_triton=use_triton)
+    nll_weight = w.mean() if form == "released" else w
+    losses = nll_weight * policy_chosen_nll.float() + lam * odds_losses
+    return (losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach(), w)

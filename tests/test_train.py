@@ -125,3 +125,45 @@ def test_existing_checkpoint_needs_resume(tmp_path, tiny_model):
     run(tmp_path, tiny_model, "--max-steps", "1", name="x")
     with pytest.raises(SystemExit, match="--resume"):
         run(tmp_path, tiny_model, "--max-steps", "2", name="x")
+
+
+def pool_pairs(path):
+    """Three prompts with 3, 2 and 4 pairs over shared responses: pools of 4, 3 and 5 texts."""
+    stories = {"sea": ["The sea kept our letters.", "Waves. Waves again!", "A gull read the tide aloud, slowly, to no one.",
+                       "Salt; rope; a bell -- then nothing."],
+               "clock": ["It ticked.", "The clock ran backwards on Sundays, just to be heard.", "Tick? Tock? Who asks?"],
+               "fox": ["The fox sat.", "A fox, a fence, a famine of hens.", "She said: 'run.' He did not.",
+                       "Red fur in the snow, and the hunter looked away.", "Fox!"]}
+    rows = []
+    for prompt, texts in stories.items():
+        for i in range(1, len(texts)):
+            rows.append({"prompt": f"Write about a {prompt}.", "chosen": texts[i], "rejected": texts[i - 1]})
+    return write_pairs(path, rows)
+
+
+def test_in_step_deviation_equals_prepared_weights(tmp_path, tiny_model):
+    import ddpo.prepare as prep
+
+    data = pool_pairs(tmp_path / "pool_pairs.jsonl")
+    weighted = str(tmp_path / "weighted.jsonl")
+    prep.prepare(prep.parse_args(["--input", data, "--output", weighted, "--deviation", "style"]))
+    common = ("--loss", "ddpo", "--max-steps", "2", "--batch-size", "16")
+    offline, _ = run(tmp_path, tiny_model, *common, name="offline", data=weighted)
+    in_step, _ = run(tmp_path, tiny_model, *common, "--deviation", "style", "--kernels", "triton", name="in_step", data=data)
+    for a, b in zip(metrics(offline.output_dir), metrics(in_step.output_dir)):
+        for key in ("loss", "weights/mean", "weights/min", "weights/max", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert metrics(in_step.output_dir)[0]["weights/max"] > 1.0
+
+
+def test_grouped_micro_batches_keep_prompts_whole():
+    from ddpo.data import micro_batches
+
+    pair_prompt = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3, 4])
+    batches = micro_batches(len(pair_prompt), 4, seed=0, epoch=1, pair_prompt=pair_prompt)
+    assert sorted(sum(batches, [])) == list(range(12))
+    for b in batches:
+        for g in pair_prompt[b].unique():
+            assert set((pair_prompt == g).nonzero()[:, 0].tolist()) <= set(b)  # all of g's pairs are here
+        assert len(b) <= 4 or len(pair_prompt[b].unique()) == 1
+    assert batches == micro_batches(len(pair_prompt), 4, seed=0, epoch=1, pair_prompt=pair_prompt)
