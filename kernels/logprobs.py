@@ -109,9 +109,14 @@ def _logprobs_bwd_torch(logits, labels, lse, grad_logps):
     return dlogits.to(logits.dtype)
 
 
+CHUNK_ELEMENTS = 1 << 24  # a (C, V) tile of at least 16M elements keeps each matmul large enough to be efficient
+
+
 def default_chunk_size(N, V, H):
-    """Rows per chunk so that a (C, V) logits tile is about as large as the (N, H) hidden states (as in Liger)."""
-    return max(1, triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, H))))
+    """Rows per (C, V) logits tile: about the size of the (N, H) hidden states (as in Liger), but at least
+    CHUNK_ELEMENTS, since each tile re-reads the whole (V, H) weight; a power of two, at most N."""
+    rows = max(N * H, CHUNK_ELEMENTS) // V
+    return max(1, min(N, 1 << (rows.bit_length() - 1) if rows else 1))
 
 
 def use_triton_for(tensor):

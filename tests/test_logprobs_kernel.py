@@ -76,9 +76,10 @@ def test_no_tensor_of_size_n_by_v_is_allocated():
                     LargestAllocation.largest = max(LargestAllocation.largest, t.numel())
             return out
 
-    N, H, V = 512, 32, 4000
+    N, H, V = 8192, 16, 8192
     hidden, weight, labels, grad = inputs(N, H, V, torch.float32)
     chunk = default_chunk_size(N, V, H)
+    assert chunk == 2048
     with LargestAllocation():
         out = fused_logprobs(hidden, weight, labels, use_triton=False)
         (out * grad).sum().backward()

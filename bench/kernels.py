@@ -1,0 +1,124 @@
+"""Kernel benchmarks: fused log-prob head and fused deviation loss against eager PyTorch, torch.compile and Liger.
+
+    python -m bench.kernels                                   # on a GPU: 8 pairs x 1024 tokens, V = 49152 and 128256
+    python -m bench.kernels --tokens 2048 --vocab 49152 --hidden 576 --dtype float32   # a CPU-sized run
+Forward+backward time (median, p20, p80; triton.testing.do_bench on CUDA, wall-clock repeats on CPU), TFLOP/s
+and peak memory above the inputs (CUDA). TFLOP/s counts the naive head's three (N, H, V) matmuls, 2 N H V FLOPs
+each, for every implementation (ours does a fourth, the recompute), so the column compares like with like. Rows go to bench/results.jsonl; the closing table is
+printed in Markdown for bench/RESULTS.md. Liger-Kernel is used when installed, else skipped with a message.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench.common import append_rows
+from kernels.deviation_loss import deviation_loss, deviation_loss_ref
+from kernels.logprobs import fused_logprobs, logprobs_ref
+
+
+def bench(fn, device, repeats=10):
+    """(median, p20, p80) milliseconds and peak MiB of fn() (forward + backward)."""
+    if device == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return med, p20, p80, peak
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times), q[1], q[7], None
+
+
+def logprob_rows(N, H, V, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(N, H, device=device, dtype=dtype, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, device=device, dtype=dtype, generator=g) / H**0.5).requires_grad_()
+    labels = torch.randint(0, V, (N,), device=device, generator=g)
+    grad = torch.randn(N, device=device, generator=g)
+
+    def naive(h, w, lab):  # what a plain training loop does: logits, fp32 log_softmax, gather
+        logits = h @ w.t()  # (N, V)
+        return torch.log_softmax(logits.float(), -1).gather(-1, lab[:, None])[:, 0]
+
+    impls = {"eager (logits+log_softmax+gather)": naive, "fused (ours)": fused_logprobs,
+             "torch.compile (naive)": torch.compile(naive),
+             "bare matmul (lower bound)": lambda h, w, lab: (h @ w.t()).sum(-1).float()}
+    if device == "cpu":
+        impls.pop("torch.compile (naive)")
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        impls["liger fused linear CE"] = lambda h, w, lab: -LigerFusedLinearCrossEntropyFunction.apply(
+            h, w, lab, None, None, -100, 0.0, 0.0, "none")[0]
+    except ImportError:
+        print("liger-kernel not installed: skipping its row")
+    rows = []
+    flops = 3 * 2 * N * H * V
+    for name, fn in impls.items():
+        def step():
+            hidden.grad = weight.grad = None
+            (fn(hidden, weight, labels) * grad).sum().backward()
+        med, p20, p80, peak = bench(step, device)
+        rows.append({"bench": "logprobs", "impl": name, "N": N, "H": H, "V": V, "dtype": str(dtype).split(".")[-1],
+                     "ms_median": med, "ms_p20": p20, "ms_p80": p80, "tflops": flops / med / 1e9, "peak_mib": peak})
+    return rows
+
+
+def deviation_rows(pairs, group_size, dim, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    n_groups = max(1, pairs * 2 // group_size)
+    group = torch.arange(n_groups, device=device).repeat_interleave(group_size)
+    embs = [torch.randn(len(group), dim, device=device, generator=g) for _ in range(2)]
+    chosen = torch.arange(0, len(group), 2, device=device)[:pairs]
+    logits = torch.randn(len(chosen), device=device, generator=g).requires_grad_()
+    impls = {"eager (ddpo.deviation + loss)": lambda: deviation_loss_ref(logits, embs, group, chosen),
+             "fused (ours)": lambda: deviation_loss(logits, embs, group, chosen, use_triton=device == "cuda")}
+    rows = []
+    for name, fn in impls.items():
+        def step():
+            logits.grad = None
+            fn()[0].sum().backward()
+        med, p20, p80, peak = bench(step, device)
+        rows.append({"bench": "deviation_loss", "impl": name, "pairs": len(chosen), "group_size": group_size,
+                     "dim": dim, "ms_median": med, "ms_p20": p20, "ms_p80": p80, "peak_mib": peak})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=16 * 1024, help="N: 8 pairs x 1024 tokens x (chosen, rejected)")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--out", default="bench/results.jsonl")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    rows = [r for V in args.vocab for r in logprob_rows(args.tokens, args.hidden, V, dtype, device)]
+    rows += deviation_rows(8, 8, 1024, device) + deviation_rows(4096, 8, 1024, device)
+    append_rows(args.out, rows)
+    print("| bench | impl | shape | median ms (p20-p80) | TFLOP/s | peak MiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        shape = f"N={r['N']} H={r['H']} V={r['V']} {r['dtype']}" if r["bench"] == "logprobs" else \
+            f"{r['pairs']} pairs, groups of {r['group_size']}, D={r['dim']}"
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        tflops = f"{r['tflops']:.1f}" if "tflops" in r else "-"
+        print(f"| {r['bench']} | {r['impl']} | {shape} | {r['ms_median']:.2f} ({r['ms_p20']:.2f}-{r['ms_p80']:.2f}) "
+              f"| {tflops} | {peak} |")
+
+
+if __name__ == "__main__":
+    main()
