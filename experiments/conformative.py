@@ -1,0 +1,33 @@
+"""Conformative decoding over a sweep of w: the DPO-tuned model mixed with the model before preference tuning.
+
+    python experiments/conformative.py --work-dir runs/exp-conf --weights 0 0.25 0.5 0.75 1
+The instruct model is the DPO arm of the pipeline in the same work dir (trained first if missing); the base model is
+the starting model (--model), as the offline default has no separate pre-trained base.
+"""
+
+import argparse
+import os
+
+from ddpo import evaluate
+from ddpo.pipeline import Arm, first_prompts, parse_args, sample, make_pairs, train_arm
+
+if __name__ == "__main__":
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    sweep, rest = extra.parse_known_args()
+    cfg = parse_args(rest)
+    if cfg.work_dir == "runs/pipeline":
+        cfg.work_dir = "runs/exp-conf"
+    os.makedirs(cfg.work_dir, exist_ok=True)
+    train_prompts = first_prompts("train", cfg.train_prompts, os.path.join(cfg.work_dir, "prompts_train.jsonl"))
+    eval_prompts = first_prompts("eval", cfg.eval_prompts, os.path.join(cfg.work_dir, "prompts_eval.jsonl"))
+    responses = sample(cfg, cfg.model, train_prompts, os.path.join(cfg.work_dir, "responses.jsonl"))
+    instruct = train_arm(cfg, Arm("dpo"), make_pairs(cfg, responses, ["--deviation", "both"],
+                                                     os.path.join(cfg.work_dir, "pairs.jsonl")),
+                         os.path.join(cfg.work_dir, "dpo"))
+    runs = {}
+    for w in sweep.weights:
+        runs[f"w={w:g}"] = sample(cfg, instruct, eval_prompts, os.path.join(cfg.work_dir, f"samples-w{w:g}.jsonl"),
+                                  extra=["--base-model", cfg.model, "--conform-weight", str(w)])
+    evaluate.run(evaluate.parse_args([*runs.values(), "--names", *runs, "--semantic-embedder", cfg.semantic_embedder,
+                                      "--output-dir", os.path.join(cfg.work_dir, "eval")]))
