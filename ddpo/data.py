@@ -204,6 +204,23 @@ def collate(pairs, pad_token_id):
     return input_ids, attention_mask, label_ids
 
 
+def collate_packed(pairs):
+    """The same sequences as `collate`, packed into one row without padding (no FLOPs spent on pad tokens).
+
+    Returns input_ids, position_ids, labels, seq_ids, each (1, L): positions restart at 0 for every sequence, which
+    transformers turns into a block-diagonal causal mask when no attention mask is given; seq_ids says which of
+    the 2B sequences (chosen 0..B-1, then rejected) each position belongs to.
+    """
+    ids, labels, positions, seq_ids = [], [], [], []
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    for i, (prompt, completion) in enumerate(sequences):
+        ids += prompt + completion
+        labels += [IGNORE_INDEX] * len(prompt) + completion
+        positions += range(len(prompt) + len(completion))
+        seq_ids += [i] * (len(prompt) + len(completion))
+    return tuple(torch.tensor([x]) for x in (ids, positions, labels, seq_ids))  # each (1, L)
+
+
 def epoch_order(n, seed, epoch):
     """The seeded shuffle of epoch `epoch`: a pure function of (n, seed, epoch), so a resumed run sees the same."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)

@@ -120,17 +120,27 @@ def check_fusable(model):
             raise NotImplementedError(f"model config sets {key}: the fused log-prob head does not support it")
 
 
-def sequence_logps(model, input_ids, attention_mask, labels, use_triton=None):
-    """Summed log-probs and token counts of the labelled (completion) positions of each row.
+def sequence_logps(model, batch, use_triton=None):
+    """Summed log-probs and token counts of the labelled (completion) positions of each sequence.
 
-    input_ids, attention_mask, labels (R, T). Returns (logps (R,) fp32, counts (R,) long). The backbone's hidden
-    states are gathered at completion positions only, so the output layer never runs over prompts or padding.
+    batch: (input_ids, attention_mask, labels), each (S, T), one sequence per row (data.collate); or
+    (input_ids, position_ids, labels, seq_ids), each (1, L), sequences packed in one row (data.collate_packed).
+    Returns (logps (S,) fp32, counts (S,) long). The backbone's hidden states are gathered at completion positions
+    only, so the output layer never runs over prompts or padding.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (R, T, H)
+    if len(batch) == 3:
+        input_ids, attention_mask, labels = batch
+        position_ids, seq_ids = None, torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    else:
+        input_ids, position_ids, labels, seq_ids = batch
+        attention_mask = None
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state  # (R, T, H)
     targets = labels[:, 1:]  # token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX  # (R, T-1)
     token_logps = fused_logprobs(hidden[:, :-1][mask], model.get_output_embeddings().weight, targets[mask],
                                  use_triton=use_triton)  # (N,)
-    rows = mask.nonzero()[:, 0]
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
-    return logps, mask.sum(dim=1)
+    seq = seq_ids[:, 1:][mask]
+    n_seq = int(seq_ids.max()) + 1
+    logps = torch.zeros(n_seq, dtype=torch.float32, device=input_ids.device).index_add(0, seq, token_logps)
+    return logps, torch.bincount(seq, minlength=n_seq)

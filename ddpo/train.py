@@ -17,6 +17,7 @@ Checkpoints are written to a temporary directory and renamed into place.
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -32,10 +33,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ddpo.data import DataError, collate, load_pairs, micro_batches, response_pools, tokenize_pairs
+from ddpo.data import DataError, collate, collate_packed, load_pairs, micro_batches, response_pools, tokenize_pairs
 from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, load_embedder
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
-from ddpo.models import DEFAULT_MODEL, check_fusable, disable_dropout, load_model, load_tokenizer, sequence_logps
+from ddpo.models import (DEFAULT_MODEL, cache_dir, check_fusable, disable_dropout, load_model, load_tokenizer,
+                         resolve, sequence_logps)
 from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
 
 
@@ -72,6 +74,11 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed of data order and initialisation"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "float32", "bfloat16"]})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    packing: bool = field(default=True, metadata={"help": "padding-free micro-batches: sequences packed in one row "
+                                                          "(checked against padding on the first pairs at start)"})
+    precompute_ref: bool = field(default=False, metadata={"help": "DPO/DDPO: reference log-probs in one pass before "
+                                                                  "training, cached on disk; the reference model is then freed"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward"})
     kernels: str = field(default="auto", metadata={"help": "log-prob head: auto (Triton on CUDA), triton, torch (chunked)", "choices": ["auto", "triton", "torch"]})
     log_every: int = field(default=1, metadata={"help": "log every N steps"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
@@ -107,20 +114,24 @@ def lr_lambda(cfg, total_steps):
     return f
 
 
-def step_losses(cfg, policy, ref, pairs, weights, weights_mean, pad_token_id, device, use_triton, deviation=None):
+def make_batch(cfg, pairs, pad_token_id, device):
+    batch = collate_packed(pairs) if cfg.packing else collate(pairs, pad_token_id)
+    return tuple(t.to(device) for t in batch)
+
+
+def step_losses(cfg, policy, ref, index, pairs, weights, weights_mean, pad_token_id, device, use_triton, deviation=None):
     """Per-pair losses of one micro-batch. Returns (losses (B,), chosen weights (B,), metric sums over its pairs).
 
-    weights (B,) are the data's chosen weights; with `deviation` = (embeddings, group, chosen_index) of the
-    micro-batch's pools they are computed here instead, by the fused kernel.
+    index: the pairs' positions in the data (for precomputed reference log-probs). weights (B,) are the data's chosen
+    weights; with `deviation` = (embeddings, group, chosen_index) of the micro-batch's pools they are computed here
+    instead, by the fused kernel.
     """
-    input_ids, attention_mask, labels = (t.to(device) for t in collate(pairs, pad_token_id))  # (2B, T)
-    logps, counts = sequence_logps(policy, input_ids, attention_mask, labels, use_triton)  # (2B,)
+    batch = make_batch(cfg, pairs, pad_token_id, device)
+    logps, counts = sequence_logps(policy, batch, use_triton)  # (2B,)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)
     metrics = {}
     if cfg.loss in ("dpo", "ddpo"):
-        with torch.no_grad():
-            ref_logps, _ = sequence_logps(ref, input_ids, attention_mask, labels, use_triton)
-        ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
+        ref_chosen_logps, ref_rejected_logps = ref(batch, index)
         args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, cfg.beta)
         if cfg.loss == "dpo":
             losses, chosen_rewards, rejected_rewards = dpo_loss(*args)
@@ -151,8 +162,56 @@ def step_losses(cfg, policy, ref, pairs, weights, weights_mean, pad_token_id, de
         "rewards/margins": margins.sum(), "rewards/accuracies": (margins > 0).float().sum(),
         "logps/chosen": policy_chosen_logps.detach().sum(), "logps/rejected": policy_rejected_logps.detach().sum(),
     })
-    metrics["tokens"] = attention_mask.sum()
+    metrics["tokens"] = torch.as_tensor(batch[0].numel()) if cfg.packing else batch[1].sum()  # real tokens
     return losses, weights.detach(), metrics
+
+
+class Reference:
+    """Reference log-probs of (chosen, rejected): a frozen model run in the policy's layout, or, after
+    `precompute`, values computed once for every pair and cached on disk under $DDPO_CACHE/ref_logps."""
+
+    def __init__(self, model, use_triton):
+        self.model, self.use_triton, self.cached = model, use_triton, None
+
+    @torch.no_grad()
+    def __call__(self, batch, index):
+        if self.cached is not None:
+            return self.cached[index].to(batch[0].device).unbind(-1)
+        logps, _ = sequence_logps(self.model, batch, self.use_triton)
+        return logps.chunk(2)
+
+    def precompute(self, cfg, pairs, pad_token_id, device):
+        files = resolve(cfg.ref_model or cfg.model)
+        stamp = [(f, os.path.getsize(os.path.join(files, f))) for f in sorted(os.listdir(files))] if os.path.isdir(files) else []
+        key = hashlib.sha256(json.dumps({"model": cfg.ref_model or cfg.model, "files": stamp, "dtype": cfg.dtype,
+                                         "pairs": [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]}
+                                        ).encode()).hexdigest()[:20]
+        path = os.path.join(cache_dir(), "ref_logps", key + ".pt")
+        if os.path.exists(path):
+            self.cached = torch.load(path)
+            print(f"reference log-probs: reused {path}", flush=True)
+        else:
+            rows = []
+            for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="reference log-probs", dynamic_ncols=True):
+                chunk = pairs[i:i + cfg.batch_size]
+                rows.append(torch.stack(self(make_batch(cfg, chunk, pad_token_id, device), None), -1).float().cpu())
+            self.cached = torch.cat(rows)  # (P, 2)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(self.cached, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            print(f"reference log-probs: computed and cached in {path}", flush=True)
+        self.model = None  # the frozen copy is no longer needed
+
+
+def check_packing(cfg, policy, pairs, pad_token_id, device, use_triton):
+    """Packed sequences need the model to honour position ids as sequence boundaries: compare with padding once."""
+    sample = pairs[:2]
+    with torch.no_grad():
+        padded, _ = sequence_logps(policy, tuple(t.to(device) for t in collate(sample, pad_token_id)), use_triton)
+        packed, _ = sequence_logps(policy, tuple(t.to(device) for t in collate_packed(sample)), use_triton)
+    if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):
+        raise SystemExit(f"packed and padded log-probs differ on {cfg.model} ({packed.tolist()} vs {padded.tolist()}): "
+                         "this model does not separate packed sequences; pass --no-packing")
 
 
 class InStepDeviation:
@@ -262,10 +321,19 @@ def train(cfg):
     check_fusable(policy)
     disable_dropout(policy)
     policy.train()
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    if cfg.packing:
+        check_packing(cfg, policy, pairs, tokenizer.pad_token_id, device, use_triton)
     ref = None
     if cfg.loss in ("dpo", "ddpo"):  # the reference is always the starting model, also when resuming
-        ref = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, device).eval().requires_grad_(False)
-        disable_dropout(ref)
+        ref_model = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, device).eval().requires_grad_(False)
+        disable_dropout(ref_model)
+        ref = Reference(ref_model, use_triton)
+        if cfg.precompute_ref:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                ref.precompute(cfg, pairs, tokenizer.pad_token_id, device)
 
     deviation = InStepDeviation(cfg, pairs, device) if cfg.deviation != "none" and cfg.loss in ("ddpo", "dorpo") else None
     pair_prompt = deviation.pair_prompt if deviation else None
@@ -312,7 +380,7 @@ def train(cfg):
         sums, used_weights = {}, []
         for batch in step_batches:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                losses, chosen_w, metrics = step_losses(cfg, policy, ref, [pairs[j] for j in batch], weights[batch].to(device),
+                losses, chosen_w, metrics = step_losses(cfg, policy, ref, batch, [pairs[j] for j in batch], weights[batch].to(device),
                                                         weights_mean, tokenizer.pad_token_id, device, use_triton,
                                                         deviation(batch) if deviation else None)
             (losses.sum() / n_pairs).backward()  # sum over pairs / pairs in the step: exact accumulation

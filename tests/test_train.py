@@ -9,7 +9,7 @@ from conftest import write_pairs
 from transformers import AutoModelForCausalLM
 
 import ddpo.train as train_mod
-from ddpo.data import collate, load_pairs, tokenize_pairs
+from ddpo.data import collate, collate_packed, load_pairs, tokenize_pairs
 from ddpo.models import load_model, load_tokenizer, sequence_logps
 from ddpo.train import main, parse_args, train
 
@@ -35,13 +35,17 @@ def test_sequence_logps_equal_full_logits(tiny_model):
     pairs = load_pairs(write_pairs(os.path.join(os.path.dirname(tiny_model), "p.jsonl")))[:3]
     tokenize_pairs(pairs, tok)
     input_ids, attention_mask, labels = collate(pairs, tok.pad_token_id)
-    logps, counts = sequence_logps(model, input_ids, attention_mask, labels, use_triton=False)
+    logps, counts = sequence_logps(model, (input_ids, attention_mask, labels), use_triton=False)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (2B, T-1, V)
     targets = labels[:, 1:]
     mask = targets != -100
     token = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logps, (token * mask).sum(1), rtol=1e-5, atol=1e-4)
     assert counts.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+    packed, packed_counts = sequence_logps(model, collate_packed(pairs), use_triton=False)  # one row, no padding
+    assert collate_packed(pairs)[0].numel() == attention_mask.sum()
+    torch.testing.assert_close(packed, logps, rtol=1e-5, atol=1e-4)
+    assert packed_counts.tolist() == counts.tolist()
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ddpo", "orpo", "dorpo"])
@@ -167,3 +171,24 @@ def test_grouped_micro_batches_keep_prompts_whole():
             assert set((pair_prompt == g).nonzero()[:, 0].tolist()) <= set(b)  # all of g's pairs are here
         assert len(b) <= 4 or len(pair_prompt[b].unique()) == 1
     assert batches == micro_batches(len(pair_prompt), 4, seed=0, epoch=1, pair_prompt=pair_prompt)
+
+
+def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_model, monkeypatch, capsys):
+    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
+    args = ("--loss", "ddpo", "--max-steps", "3", "--batch-size", "2")
+    live, _ = run(tmp_path, tiny_model, *args, name="live")
+    cached, _ = run(tmp_path, tiny_model, *args, "--precompute-ref", name="cached")
+    assert "computed and cached" in capsys.readouterr().out
+    again, _ = run(tmp_path, tiny_model, *args, "--precompute-ref", "--no-packing", name="again")
+    assert "reused" in capsys.readouterr().out
+    for a, b, c in zip(metrics(live.output_dir), metrics(cached.output_dir), metrics(again.output_dir)):
+        for key in METRICS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6) and a[key] == pytest.approx(c[key], rel=1e-4, abs=1e-5), key
+
+
+def test_gradient_checkpointing_and_padding_give_the_same_step(tmp_path, tiny_model):
+    base, _ = run(tmp_path, tiny_model, "--max-steps", "2", name="base")
+    other, _ = run(tmp_path, tiny_model, "--max-steps", "2", "--gradient-checkpointing", "--no-packing", name="other")
+    for a, b in zip(metrics(base.output_dir), metrics(other.output_dir)):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
