@@ -322,7 +322,8 @@ def train(cfg):
     disable_dropout(policy)
     policy.train()
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
     if cfg.packing:
         check_packing(cfg, policy, pairs, tokenizer.pad_token_id, device, use_triton)
