@@ -322,8 +322,10 @@ def train(cfg):
     disable_dropout(policy)
     policy.train()
     if cfg.gradient_checkpointing:
-        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            policy.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
     if cfg.packing:
         check_packing(cfg, policy, pairs, tokenizer.pad_token_id, device, use_triton)
