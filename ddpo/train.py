@@ -3,6 +3,12 @@
     python -m ddpo.train --data pairs.jsonl --loss ddpo --output-dir runs/ddpo
     python -m ddpo.train --data pairs.jsonl --loss dorpo --dorpo-form per-example --model HuggingFaceTB/SmolLM2-135M-Instruct
     python -m ddpo.train --data pairs.jsonl --output-dir runs/ddpo --resume      # continue from the newest checkpoint
+    torchrun --nproc_per_node 8 -m ddpo.train --data pairs.jsonl --loss ddpo --batch-size 2 --grad-accum 4
+
+Under torchrun (CUDA: nccl, CPU: gloo) every rank holds the whole model; each optimiser step's micro-batches are
+dealt out to the ranks and the gradients summed with one all-reduce before the clip and the update: the arithmetic
+of DistributedDataParallel, equal to one process running all the micro-batches (tested to 1e-5). Rank 0 logs and
+saves; metrics are gathered from all ranks. Global batch = batch_size x grad_accum x world size.
 
 One optimiser step = grad_accum micro-batches of batch_size pairs. Each micro-batch runs the policy once over
 [chosen; rejected] (right-padded), gathers the hidden states at completion positions only, and turns them into
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ddpo.data import DataError, collate, collate_packed, load_pairs, micro_batches, response_pools, tokenize_pairs
@@ -180,7 +187,7 @@ class Reference:
         logps, _ = sequence_logps(self.model, batch, self.use_triton)
         return logps.chunk(2)
 
-    def precompute(self, cfg, pairs, pad_token_id, device):
+    def precompute(self, cfg, pairs, pad_token_id, device, save=True):
         files = resolve(cfg.ref_model or cfg.model)
         stamp = [(f, os.path.getsize(os.path.join(files, f))) for f in sorted(os.listdir(files))] if os.path.isdir(files) else []
         key = hashlib.sha256(json.dumps({"model": cfg.ref_model or cfg.model, "files": stamp, "dtype": cfg.dtype,
@@ -196,10 +203,11 @@ class Reference:
                 chunk = pairs[i:i + cfg.batch_size]
                 rows.append(torch.stack(self(make_batch(cfg, chunk, pad_token_id, device), None), -1).float().cpu())
             self.cached = torch.cat(rows)  # (P, 2)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(self.cached, path + ".tmp")
-            os.replace(path + ".tmp", path)
-            print(f"reference log-probs: computed and cached in {path}", flush=True)
+            if save:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(self.cached, path + ".tmp")
+                os.replace(path + ".tmp", path)
+                print(f"reference log-probs: computed and cached in {path}", flush=True)
         self.model = None  # the frozen copy is no longer needed
 
 
@@ -295,17 +303,41 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def setup_distributed(cfg):
+    """(rank, world size, device): one process, or one of torchrun's (WORLD_SIZE, RANK, LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_grads(params):
+    """Sum every gradient over the ranks (a rank without a micro-batch contributes zeros)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
 def train(cfg):
+    rank, world, device = setup_distributed(cfg)
+    log = print if rank == 0 else (lambda *a, **k: None)
     # 1. data first: bad input fails here, before a model is loaded or anything is written
     pairs = load_pairs(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     stats = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    print(f"data: {stats['pairs']} pairs from {cfg.data}; truncated {stats['prompts_truncated']} prompts "
+    log(f"data: {stats['pairs']} pairs from {cfg.data}; truncated {stats['prompts_truncated']} prompts "
           f"(keep end, max {cfg.max_prompt_length}) and {stats['completions_truncated']} completions "
           f"(keep start, max total {cfg.max_length})", flush=True)
     weights = pair_weights(cfg, pairs)
     if cfg.loss in ("ddpo", "dorpo") and all(p.weight is None for p in pairs):
-        print(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals {cfg.loss[1:]}", flush=True)
+        log(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals {cfg.loss[1:]}", flush=True)
 
     found = checkpoints(cfg.output_dir)
     if found and not cfg.resume:
@@ -313,7 +345,6 @@ def train(cfg):
     resume_from = found[-1][1] if cfg.resume and found else None
 
     # 2. models
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
     use_triton = {"auto": device.type == "cuda", "triton": True, "torch": False}[cfg.kernels]
     torch.manual_seed(cfg.seed)
@@ -336,21 +367,23 @@ def train(cfg):
         ref = Reference(ref_model, use_triton)
         if cfg.precompute_ref:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                ref.precompute(cfg, pairs, tokenizer.pad_token_id, device)
+                ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, save=rank == 0)
 
     deviation = InStepDeviation(cfg, pairs, device) if cfg.deviation != "none" and cfg.loss in ("ddpo", "dorpo") else None
     pair_prompt = deviation.pair_prompt if deviation else None
 
     def plan(epoch):  # the optimiser steps of an epoch, each a list of micro-batches (lists of pair indices)
         batches = micro_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, pair_prompt)
-        return [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        per_step = cfg.grad_accum * world
+        return [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
 
     steps_per_epoch = len(plan(0))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start_step = 0
     if resume_from:
@@ -363,17 +396,20 @@ def train(cfg):
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start_step = state["step"]
-        trim_metrics(metrics_path, start_step)
-        print(f"resumed from {resume_from} at step {start_step}", flush=True)
-    else:
+        if rank == 0:
+            trim_metrics(metrics_path, start_step)
+        log(f"resumed from {resume_from} at step {start_step}", flush=True)
+    elif rank == 0:
         open(metrics_path, "w").close()
-    write_json(os.path.join(cfg.output_dir, "train_config.json"), dataclasses.asdict(cfg))
+    if rank == 0:
+        write_json(os.path.join(cfg.output_dir, "train_config.json"), dataclasses.asdict(cfg))
 
-    print(f"training {cfg.loss} on {device} ({'bf16 autocast' if autocast_dtype else 'fp32'}, "
+    log(f"training {cfg.loss} on {device}{f' x {world} ranks' if world > 1 else ''} ({'bf16 autocast' if autocast_dtype else 'fp32'}, "
           f"{'Triton' if use_triton else 'chunked PyTorch'} log-prob head): {total_steps} steps of up to "
-          f"{cfg.batch_size * cfg.grad_accum} pairs ({steps_per_epoch} steps/epoch)", flush=True)
+          f"{cfg.batch_size * cfg.grad_accum * world} pairs ({steps_per_epoch} steps/epoch)", flush=True)
     path = found[-1][1] if found else None
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=cfg.loss, dynamic_ncols=True)
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=cfg.loss, dynamic_ncols=True,
+               disable=rank != 0)
     for step in bar:
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
@@ -381,7 +417,7 @@ def train(cfg):
         n_pairs = sum(len(b) for b in step_batches)
         weights_mean = weights[sum(step_batches, [])].mean().item()  # DORPO (released) over the whole step
         sums, used_weights = {}, []
-        for batch in step_batches:
+        for batch in step_batches[rank::world]:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 losses, chosen_w, metrics = step_losses(cfg, policy, ref, batch, [pairs[j] for j in batch], weights[batch].to(device),
                                                         weights_mean, tokenizer.pad_token_id, device, use_triton,
@@ -391,13 +427,19 @@ def train(cfg):
             used_weights.append(chosen_w.float().cpu())
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
+        if world > 1:
+            all_reduce_grads(list(policy.parameters()))
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (sums, used_weights))
+            sums = {key: sum(s.get(key, 0.0) for s, _ in gathered) for key in set().union(*(s for s, _ in gathered))}
+            used_weights = [w for _, ws in gathered for w in ws]
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
             dt = time.perf_counter() - t0
             row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4)}
             row.update({key: value / n_pairs for key, value in sums.items() if key != "tokens"})
@@ -411,8 +453,14 @@ def train(cfg):
                 f"{key} {row[key]:.4g}" for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen",
                                                       "weights/mean", "lr", "step_time_s", "peak_mem_gb")]))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
-            path = save_checkpoint(cfg, step + 1, policy, tokenizer, optimizer, scheduler)
-    print(f"saved {path}", flush=True)
+            path = os.path.join(cfg.output_dir, f"checkpoint-{step + 1}")
+            if rank == 0:
+                save_checkpoint(cfg, step + 1, policy, tokenizer, optimizer, scheduler)
+            if world > 1:
+                dist.barrier()
+    log(f"saved {path}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
     return path
 
 
