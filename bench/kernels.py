@@ -16,7 +16,7 @@ import torch
 
 from bench.common import append_rows
 from kernels.deviation_loss import deviation_loss, deviation_loss_ref
-from kernels.logprobs import fused_logprobs, logprobs_ref
+from kernels.logprobs import fused_logprobs
 
 
 def bench(fn, device, repeats=10):

@@ -65,13 +65,22 @@ STORIES = [
 ]
 
 
-def write_pairs(path, rows=None, weights=True):
-    """A pairs JSONL of the STORIES, with weights 0.5, 1.0, 1.5, ... when `weights`."""
-    rows = rows if rows is not None else [
-        {"prompt": p, "chosen": c, "rejected": r, **({"weight": 0.5 * (i % 4 + 1)} if weights else {})}
-        for i, (p, c, r) in enumerate(STORIES)
-    ]
+def write_jsonl(path, rows):
+    """One line per row: a dict as JSON, a string as it is (to write broken lines)."""
     with open(path, "w") as f:
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return str(path)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_pairs(path, rows=None, weights=True):
+    """A pairs JSONL of the STORIES, with weights 0.5, 1.0, 1.5, ... when `weights`."""
+    return write_jsonl(path, rows if rows is not None else [
+        {"prompt": p, "chosen": c, "rejected": r, **({"weight": 0.5 * (i % 4 + 1)} if weights else {})}
+        for i, (p, c, r) in enumerate(STORIES)
+    ])

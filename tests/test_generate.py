@@ -1,10 +1,8 @@
 """ddpo.generate: sampling processors, conformative mixing, w = 0 equals plain sampling, resume, bad input."""
 
-import json
-
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, read_jsonl, write_jsonl
 
 from ddpo.generate import Sampling, main, next_token_probs, penalise, truncation_mask
 
@@ -48,30 +46,18 @@ def test_mixture_is_a_distribution_inside_the_truncation_set():
         assert (p[~keep] == 0).all() and (p >= 0).all()
 
 
-def write_prompts(path, prompts):
-    with open(path, "w") as f:
-        for p in prompts:
-            f.write((p if isinstance(p, str) else json.dumps(p)) + "\n")
-    return str(path)
-
-
-def read(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 PROMPTS = [{"prompt": "Tell a tale."}, {"prompt": "A poem, please."}, {"prompt": [{"role": "user", "content": "Why?"}], "id": "q"}]
 
 
 def test_w0_equals_plain_sampling_and_w_changes_it(tmp_path, tiny_model):
     base = make_tiny_model(tmp_path / "base", seed=1)
-    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     common = ["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "12", "--n", "3", "--batch-prompts", "2"]
     main(common + ["--output", str(tmp_path / "plain.jsonl")])
     main(common + ["--output", str(tmp_path / "w0.jsonl"), "--base-model", base, "--conform-weight", "0"])
     main(common + ["--output", str(tmp_path / "w1.jsonl"), "--base-model", base, "--conform-weight", "1",
                    "--base-prompt-format", "completion"])
-    plain, w0, w1 = (read(tmp_path / f) for f in ("plain.jsonl", "w0.jsonl", "w1.jsonl"))
+    plain, w0, w1 = (read_jsonl(tmp_path / f) for f in ("plain.jsonl", "w0.jsonl", "w1.jsonl"))
     assert len(plain) == 9 and [r["prompt_id"] for r in plain[::3]] == ["0", "1", "q"]
     assert [r["response"] for r in plain] == [r["response"] for r in w0]
     assert [r["response"] for r in plain] != [r["response"] for r in w1]
@@ -79,7 +65,7 @@ def test_w0_equals_plain_sampling_and_w_changes_it(tmp_path, tiny_model):
 
 
 def test_resume_skips_finished_batches_and_drops_a_torn_line(tmp_path, tiny_model):
-    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     common = ["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "8", "--n", "2", "--batch-prompts", "1"]
     main(common + ["--output", str(tmp_path / "full.jsonl")])
     full = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
@@ -95,9 +81,9 @@ def test_mismatched_tokenizers_and_bad_prompts(tmp_path, tiny_model):
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
     tok.save_pretrained(other)
-    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     with pytest.raises(ValueError, match="one vocabulary"):
         main(["--model", tiny_model, "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"), "--base-model", other])
-    bad = write_prompts(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
     with pytest.raises(SystemExit, match=f"{bad}:2: missing field 'prompt'"):
         main(["--model", tiny_model, "--prompts", bad, "--output", str(tmp_path / "o.jsonl")])

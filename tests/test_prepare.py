@@ -6,27 +6,15 @@ import pytest
 import torch
 
 import ddpo.prepare as prep
-from ddpo.data import DataError
 from ddpo.quality import proxy_score
+from conftest import read_jsonl, write_jsonl
 from test_deviation import SEM, STY
-
-
-def write(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
-def read(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def run(tmp_path, rows, *extra):
     out = tmp_path / "pairs.jsonl"
-    summary = prep.prepare(prep.parse_args(["--input", write(tmp_path / "in.jsonl", rows), "--output", str(out), *extra]))
-    return read(out), summary
+    summary = prep.prepare(prep.parse_args(["--input", write_jsonl(tmp_path / "in.jsonl", rows), "--output", str(out), *extra]))
+    return read_jsonl(out), summary
 
 
 class FixedEmbedder:
@@ -124,7 +112,7 @@ def test_edge_cases_are_counted(tmp_path):
     (json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}), "a pairs record in a file of pool records"),
 ])
 def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path, line, message):
-    path = write(tmp_path / "in.jsonl", [{"prompt": "p", "response": "r", "score": 1}, line])
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "response": "r", "score": 1}, line])
     out = tmp_path / "pairs.jsonl"
     with pytest.raises(SystemExit) as e:
         prep.main(["--input", path, "--output", str(out), "--deviation", "style"])
