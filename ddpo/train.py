@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from ddpo.data import DataError, collate, collate_packed, load_pairs, micro_batches, response_pools, tokenize_pairs
 from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, load_embedder
+from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
 from ddpo.models import (DEFAULT_MODEL, cache_dir, check_fusable, disable_dropout, load_model, load_tokenizer,
                          resolve, sequence_logps)
@@ -86,6 +87,13 @@ class TrainConfig:
     precompute_ref: bool = field(default=False, metadata={"help": "DPO/DDPO: reference log-probs in one pass before "
                                                                   "training, cached on disk; the reference model is then freed"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning; paper: 128); the reference "
+                                                      "is then the base weights with adapters off"})
+    lora_alpha: float = field(default=256.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "comma-separated nn.Linear names to adapt"})
+    merge_lora: bool = field(default=True, metadata={"help": "also save merged weights (transformers-loadable) "
+                                                             "in every LoRA checkpoint"})
     kernels: str = field(default="auto", metadata={"help": "log-prob head: auto (Triton on CUDA), triton, torch (chunked)", "choices": ["auto", "triton", "torch"]})
     log_every: int = field(default=1, metadata={"help": "log every N steps"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
@@ -177,14 +185,18 @@ class Reference:
     """Reference log-probs of (chosen, rejected): a frozen model run in the policy's layout, or, after
     `precompute`, values computed once for every pair and cached on disk under $DDPO_CACHE/ref_logps."""
 
-    def __init__(self, model, use_triton):
-        self.model, self.use_triton, self.cached = model, use_triton, None
+    def __init__(self, model, use_triton, lora=False):
+        self.model, self.use_triton, self.cached, self.lora = model, use_triton, None, lora
 
     @torch.no_grad()
     def __call__(self, batch, index):
         if self.cached is not None:
             return self.cached[index].to(batch[0].device).unbind(-1)
-        logps, _ = sequence_logps(self.model, batch, self.use_triton)
+        if self.lora:  # the policy itself, adapters off: the base weights, no second copy
+            with adapters_disabled(self.model):
+                logps, _ = sequence_logps(self.model, batch, self.use_triton)
+        else:
+            logps, _ = sequence_logps(self.model, batch, self.use_triton)
         return logps.chunk(2)
 
     def precompute(self, cfg, pairs, pad_token_id, device, save=True):
@@ -269,7 +281,13 @@ def write_json(path, obj):
 
 def save_checkpoint(cfg, step, policy, tokenizer, optimizer, scheduler):
     tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=cfg.output_dir)
-    policy.save_pretrained(tmp, safe_serialization=True)
+    if cfg.lora_r:
+        save_adapter(policy, tmp, {"base_model": cfg.model, "r": cfg.lora_r, "alpha": cfg.lora_alpha,
+                                   "dropout": cfg.lora_dropout, "targets": cfg.lora_targets.split(",")})
+        if cfg.merge_lora:
+            merged_copy(policy).save_pretrained(tmp, safe_serialization=True)
+    else:
+        policy.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -348,9 +366,15 @@ def train(cfg):
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
     use_triton = {"auto": device.type == "cuda", "triton": True, "torch": False}[cfg.kernels]
     torch.manual_seed(cfg.seed)
-    policy = load_model(resume_from or cfg.model, torch.float32, device)
+    policy = load_model(cfg.model if cfg.lora_r else resume_from or cfg.model, torch.float32, device)
     check_fusable(policy)
     disable_dropout(policy)
+    if cfg.lora_r:
+        wrapped = add_lora(policy, cfg.lora_targets.split(","), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        if resume_from:
+            load_adapter(policy, resume_from)
+        log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {len(wrapped)} layers: "
+            f"{sum(p.numel() for p in policy.parameters() if p.requires_grad):,} trainable parameters")
     policy.train()
     if cfg.gradient_checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
@@ -361,7 +385,9 @@ def train(cfg):
     if cfg.packing:
         check_packing(cfg, policy, pairs, tokenizer.pad_token_id, device, use_triton)
     ref = None
-    if cfg.loss in ("dpo", "ddpo"):  # the reference is always the starting model, also when resuming
+    if cfg.loss in ("dpo", "ddpo") and cfg.lora_r and not cfg.ref_model:
+        ref = Reference(policy, use_triton, lora=True)
+    elif cfg.loss in ("dpo", "ddpo"):  # the reference is always the starting model, also when resuming
         ref_model = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, device).eval().requires_grad_(False)
         disable_dropout(ref_model)
         ref = Reference(ref_model, use_triton)
@@ -379,7 +405,8 @@ def train(cfg):
 
     steps_per_epoch = len(plan(0))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
     if rank == 0:
@@ -428,12 +455,12 @@ def train(cfg):
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
         if world > 1:
-            all_reduce_grads(list(policy.parameters()))
+            all_reduce_grads(params)
             gathered = [None] * world
             dist.all_gather_object(gathered, (sums, used_weights))
             sums = {key: sum(s.get(key, 0.0) for s, _ in gathered) for key in set().union(*(s for s, _ in gathered))}
             used_weights = [w for _, ws in gathered for w in ws]
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
