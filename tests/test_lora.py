@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from conftest import write_pairs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
