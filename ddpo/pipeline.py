@@ -40,6 +40,7 @@ class PipelineConfig:
     beta: float = 0.1
     gap: float = 1.0
     semantic_embedder: str = DEFAULT_EMBEDDERS["semantic"]
+    train_flags: str = ""  # extra ddpo.train flags for every arm, e.g. "--lora-r 128 --gradient-checkpointing"
     seed: int = 0
     quick: bool = False
 
@@ -91,7 +92,7 @@ def train_arm(cfg, arm, pairs, output_dir):
             "--max-steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
             "--beta", str(cfg.beta), "--seed", str(cfg.seed), "--save-every", "0", "--keep-checkpoints", "1",
             *(["--precompute-ref"] if arm.loss in ("dpo", "ddpo") else []),
-            *(["--resume"] if os.path.isdir(output_dir) else []), *arm.train]))
+            *(["--resume"] if os.path.isdir(output_dir) else []), *cfg.train_flags.split(), *arm.train]))
     return final
 
 

@@ -3,7 +3,8 @@
     python experiments/compare_methods.py                                  # offline default, 2 CPU cores
     python experiments/compare_methods.py --train-prompts 130 --eval-prompts 32 --n 8 --steps 60   # larger
     python experiments/compare_methods.py --model meta-llama/Llama-3.1-8B-Instruct --train-prompts 130 \
-        --eval-prompts 32 --n 8 --steps 200 --lr 5e-6 --work-dir runs/exp-8b          # on a GPU (see LOG.md)
+        --eval-prompts 32 --n 8 --steps 200 --lr 5e-6 --max-new-tokens 512 --work-dir runs/exp-8b \
+        --train-flags="--lora-r 128 --lora-alpha 256 --gradient-checkpointing"   # one GPU; not yet run
 Results: <work-dir>/eval/report.md, plot.png and <arm>.metrics.json.
 """
 
