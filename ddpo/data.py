@@ -19,6 +19,7 @@ prompt is what the completion continues from); then a completion that does not f
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,16 @@ class Pair:
     prompt_ids: list = field(default_factory=list)
     chosen_ids: list = field(default_factory=list)
     rejected_ids: list = field(default_factory=list)
+
+
+def atomic_write(path, text):
+    """Write text through a temporary file in the same directory and a rename: readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def jsonl_files(path):

@@ -32,7 +32,7 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, read_jsonl
+from ddpo.data import DataError, atomic_write, read_jsonl
 from ddpo.deviation import DEFAULT_EMBEDDERS, load_embedder, mean_cosine_distance
 from ddpo.quality import load_scorer
 
@@ -176,12 +176,6 @@ def plot(results, path, x="semantic_diversity", y="quality"):
     os.replace(path + ".tmp.png", path)
 
 
-def write_text(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", nargs="+", help="samples JSONL files, one per run")
@@ -202,11 +196,11 @@ def run(args):
                        load_scorer(args.quality))
     os.makedirs(args.output_dir, exist_ok=True)
     for name, r in results.items():
-        write_text(os.path.join(args.output_dir, f"{name}.metrics.json"), json.dumps(r, indent=2))
+        atomic_write(os.path.join(args.output_dir, f"{name}.metrics.json"), json.dumps(r, indent=2))
         for key in r["skipped_prompts"]:
             print(f"warning: {name}: prompt {key} has fewer than 2 samples; left out", flush=True)
     table = markdown_table(results)
-    write_text(os.path.join(args.output_dir, "report.md"), table)
+    atomic_write(os.path.join(args.output_dir, "report.md"), table)
     plot_path = os.path.join(args.output_dir, "plot.png")
     plot(results, plot_path)
     print(table + f"\nplot: {plot_path}", flush=True)

@@ -22,6 +22,7 @@ from importlib import resources
 
 from ddpo import evaluate, generate, prepare
 from ddpo import train as trainer
+from ddpo.data import atomic_write
 from ddpo.deviation import DEFAULT_EMBEDDERS
 from ddpo.models import DEFAULT_MODEL
 
@@ -64,9 +65,7 @@ def first_prompts(split, count, path):
     with open(packaged_prompts(split)) as f:
         lines = [line for line in f if line.strip()][:count]
     if not os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, "".join(lines))
     return path
 
 

@@ -28,15 +28,13 @@ chosen and rejected texts of the prompt), clamped from below by --min-weight. --
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, check_text, read_jsonl
+from ddpo.data import DataError, atomic_write, check_text, read_jsonl
 from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, deviation_weights, load_embedder
 from ddpo.quality import load_scorer
 
@@ -212,7 +210,7 @@ def prepare(args):
         rows = sorted(rows, key=lambda row: -row["meta"]["diversity_gain"])[:args.budget]
     if not rows:
         raise DataError(f"{args.input}: no pair could be formed ({counts})")
-    write_jsonl(args.output, rows)
+    atomic_write(args.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     w = torch.tensor([row["weight"] for row in rows])
     summary = {**counts, "pairs": len(rows), "dropped_empty": dropped["empty"], "dropped_duplicate": dropped["duplicate"],
                "weight_mean": w.mean().item(), "weight_min": w.min().item(), "weight_max": w.max().item(),
@@ -220,16 +218,6 @@ def prepare(args):
     print(f"wrote {len(rows)} pairs to {args.output}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                                    for k, v in summary.items()), flush=True)
     return summary
-
-
-def write_jsonl(path, rows):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None):

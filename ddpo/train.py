@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ddpo.data import DataError, collate, collate_packed, load_pairs, micro_batches, response_pools, tokenize_pairs
+from ddpo.data import DataError, atomic_write, collate, collate_packed, load_pairs, micro_batches, response_pools, tokenize_pairs
 from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, load_embedder
 from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
@@ -272,13 +272,6 @@ def checkpoints(output_dir):
     return sorted(found)
 
 
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(cfg, step, policy, tokenizer, optimizer, scheduler):
     tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=cfg.output_dir)
     if cfg.lora_r:
@@ -294,7 +287,7 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, scheduler):
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                os.path.join(tmp, "trainer_state.pt"))
-    write_json(os.path.join(tmp, "train_config.json"), dataclasses.asdict(cfg))
+    atomic_write(os.path.join(tmp, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -310,9 +303,7 @@ def trim_metrics(path, last_step):
         return
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(kept))
 
 
 def peak_memory_gb(device):
@@ -429,7 +420,7 @@ def train(cfg):
     elif rank == 0:
         open(metrics_path, "w").close()
     if rank == 0:
-        write_json(os.path.join(cfg.output_dir, "train_config.json"), dataclasses.asdict(cfg))
+        atomic_write(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
 
     log(f"training {cfg.loss} on {device}{f' x {world} ranks' if world > 1 else ''} ({'bf16 autocast' if autocast_dtype else 'fp32'}, "
           f"{'Triton' if use_triton else 'chunked PyTorch'} log-prob head): {total_steps} steps of up to "
