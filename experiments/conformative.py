@@ -1,8 +1,10 @@
 """Conformative decoding over a sweep of w: the DPO-tuned model mixed with the model before preference tuning.
 
     python experiments/conformative.py --work-dir runs/exp-conf --weights 0 0.25 0.5 0.75 1
-The instruct model is the DPO arm of the pipeline in the same work dir (trained first if missing); the base model is
-the starting model (--model), as the offline default has no separate pre-trained base.
+The instruct model is the DPO arm of the pipeline in the same work dir (trained first if missing; run after
+compare_methods.py with the same --work-dir to reuse its responses and DPO checkpoint); the base model is the
+starting model (--model), as the offline default has no separate pre-trained base.
+Results: <work-dir>/eval-conformative/ (report.md, plot.png, <run>.metrics.json).
 """
 
 import argparse
@@ -30,4 +32,4 @@ if __name__ == "__main__":
         runs[f"w={w:g}"] = sample(cfg, instruct, eval_prompts, os.path.join(cfg.work_dir, f"samples-w{w:g}.jsonl"),
                                   extra=["--base-model", cfg.model, "--conform-weight", str(w)])
     evaluate.run(evaluate.parse_args([*runs.values(), "--names", *runs, "--semantic-embedder", cfg.semantic_embedder,
-                                      "--output-dir", os.path.join(cfg.work_dir, "eval")]))
+                                      "--output-dir", os.path.join(cfg.work_dir, "eval-conformative")]))
