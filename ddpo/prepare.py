@@ -172,16 +172,16 @@ def prepare(args):
         weights = torch.ones(len(texts))
 
     rng = random.Random(args.seed)
+    plain = args.pairing in ("divpo", "diverse-ns") and kind == "pool"  # trained with plain DPO: weight 1
     rows, offset = [], 0
     counts = {"prompts": len(groups), "responses": len(texts), "single_response_prompts": 0, "no_pair_prompts": 0}
     for g in groups.values():
         n = len(g["responses"])
-        idx = slice(offset, offset + n)
-        offset += n
+        start, offset = offset, offset + n  # this prompt's rows in texts, weights and devs
         if n < 2:
             counts["single_response_prompts"] += 1
             continue
-        s, dev = g["scores"], rank[idx]
+        s, dev = g["scores"], rank[start:offset]
         if kind == "pairs":
             pairs = [(c, r, None) for c, r in g["pairs"]]
         elif args.pairing == "gap":
@@ -197,10 +197,9 @@ def prepare(args):
         if not pairs:
             counts["no_pair_prompts"] += 1
         for c, r, gain in pairs:
-            plain = args.pairing in ("divpo", "diverse-ns") and kind == "pool"
-            w = 1.0 if plain else max(weights[offset - n + c].item(), args.min_weight)
+            w = 1.0 if plain else max(weights[start + c].item(), args.min_weight)
             meta = {"group_size": n, "pairing": "input" if kind == "pairs" else args.pairing,
-                    "deviation": {m: [devs[k][offset - n + c].item(), devs[k][offset - n + r].item()]
+                    "deviation": {m: [devs[k][start + c].item(), devs[k][start + r].item()]
                                   for k, m in enumerate(metrics)}}
             if gain is not None:
                 meta["diversity_gain"] = gain
