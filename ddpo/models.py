@@ -144,3 +144,15 @@ def sequence_logps(model, batch, use_triton=None):
     n_seq = int(seq_ids.max()) + 1
     logps = torch.zeros(n_seq, dtype=torch.float32, device=input_ids.device).index_add(0, seq, token_logps)
     return logps, torch.bincount(seq, minlength=n_seq)
+
+
+class SequenceLogps(torch.nn.Module):
+    """`sequence_logps` as a module. Under FSDP this is the root unit: its hooks gather the embeddings and the output
+    layer's weight around the whole call, including the fused head, which runs outside the model's own forward."""
+
+    def __init__(self, model, use_triton=None):
+        super().__init__()
+        self.model, self.use_triton = model, use_triton
+
+    def forward(self, batch):
+        return sequence_logps(self.model, batch, self.use_triton)

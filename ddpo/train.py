@@ -4,11 +4,14 @@
     python -m ddpo.train --data pairs.jsonl --loss dorpo --dorpo-form per-example --model HuggingFaceTB/SmolLM2-135M-Instruct
     python -m ddpo.train --data pairs.jsonl --output-dir runs/ddpo --resume      # continue from the newest checkpoint
     torchrun --nproc_per_node 8 -m ddpo.train --data pairs.jsonl --loss ddpo --batch-size 2 --grad-accum 4
+    torchrun --nproc_per_node 8 -m ddpo.train --data pairs.jsonl --loss ddpo --fsdp --model Qwen/Qwen2.5-7B-Instruct
 
 Under torchrun (CUDA: nccl, CPU: gloo) every rank holds the whole model; each optimiser step's micro-batches are
 dealt out to the ranks and the gradients summed with one all-reduce before the clip and the update: the arithmetic
-of DistributedDataParallel, equal to one process running all the micro-batches (tested to 1e-5). Rank 0 logs and
-saves; metrics are gathered from all ranks. Global batch = batch_size x grad_accum x world size.
+of DistributedDataParallel, equal to one process running all the micro-batches (tested to 1e-5). With --fsdp the
+ranks hold shards instead (FSDP2: parameters, gradients and optimiser state), gradients are reduce-scattered in the
+backward, and the arithmetic is the same (tested to 1e-5, with resume). Rank 0 logs and saves; metrics are gathered
+from all ranks. Global batch = batch_size x grad_accum x world size.
 
 One optimiser step = grad_accum micro-batches of batch_size pairs. Each micro-batch runs the policy once over
 [chosen; rejected] (right-padded), gathers the hidden states at completion positions only, and turns them into
@@ -38,14 +41,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ddpo.data import DataError, atomic_write, collate, collate_packed, load_pairs, micro_batches, response_pools, tokenize_pairs
 from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, load_embedder
 from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
-from ddpo.models import (DEFAULT_MODEL, cache_dir, check_fusable, disable_dropout, load_model, load_tokenizer,
-                         resolve, sequence_logps)
+from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, disable_dropout, load_model,
+                         load_tokenizer, resolve)
 from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
 
 
@@ -86,6 +94,9 @@ class TrainConfig:
                                                           "(checked against padding on the first pairs at start)"})
     precompute_ref: bool = field(default=False, metadata={"help": "DPO/DDPO: reference log-probs in one pass before "
                                                                   "training, cached on disk; the reference model is then freed"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard parameters, gradients and optimiser "
+                                                        "state over the ranks (FSDP2, one unit per decoder layer), for "
+                                                        "models that do not fit one device; full fine-tuning only"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning; paper: 128); the reference "
                                                       "is then the base weights with adapters off"})
@@ -134,15 +145,15 @@ def make_batch(cfg, pairs, pad_token_id, device):
     return tuple(t.to(device) for t in batch)
 
 
-def step_losses(cfg, policy, ref, index, pairs, weights, weights_mean, pad_token_id, device, use_triton, deviation=None):
+def step_losses(cfg, policy_logps, ref, index, pairs, weights, weights_mean, pad_token_id, device, use_triton, deviation=None):
     """Per-pair losses of one micro-batch. Returns (losses (B,), chosen weights (B,), metric sums over its pairs).
 
     index: the pairs' positions in the data (for precomputed reference log-probs). weights (B,) are the data's chosen
     weights; with `deviation` = (embeddings, group, chosen_index) of the micro-batch's pools they are computed here
-    instead, by the fused kernel.
+    instead, by the fused kernel. policy_logps: the policy as a SequenceLogps module.
     """
     batch = make_batch(cfg, pairs, pad_token_id, device)
-    logps, counts = sequence_logps(policy, batch, use_triton)  # (2B,)
+    logps, counts = policy_logps(batch)  # (2B,)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)
     metrics = {}
     if cfg.loss in ("dpo", "ddpo"):
@@ -185,18 +196,18 @@ class Reference:
     """Reference log-probs of (chosen, rejected): a frozen model run in the policy's layout, or, after
     `precompute`, values computed once for every pair and cached on disk under $DDPO_CACHE/ref_logps."""
 
-    def __init__(self, model, use_triton, lora=False):
-        self.model, self.use_triton, self.cached, self.lora = model, use_triton, None, lora
+    def __init__(self, logps, lora=False):
+        self.logps, self.cached, self.lora = logps, None, lora  # logps: a SequenceLogps module
 
     @torch.no_grad()
     def __call__(self, batch, index):
         if self.cached is not None:
             return self.cached[index].to(batch[0].device).unbind(-1)
         if self.lora:  # the policy itself, adapters off: the base weights, no second copy
-            with adapters_disabled(self.model):
-                logps, _ = sequence_logps(self.model, batch, self.use_triton)
+            with adapters_disabled(self.logps.model):
+                logps, _ = self.logps(batch)
         else:
-            logps, _ = sequence_logps(self.model, batch, self.use_triton)
+            logps, _ = self.logps(batch)
         return logps.chunk(2)
 
     def precompute(self, cfg, pairs, pad_token_id, device, save=True):
@@ -220,15 +231,15 @@ class Reference:
                 torch.save(self.cached, path + ".tmp")
                 os.replace(path + ".tmp", path)
                 print(f"reference log-probs: computed and cached in {path}", flush=True)
-        self.model = None  # the frozen copy is no longer needed
+        self.logps = None  # the frozen copy is no longer needed
 
 
-def check_packing(cfg, policy, pairs, pad_token_id, device, use_triton):
+def check_packing(cfg, policy_logps, pairs, pad_token_id, device):
     """Packed sequences need the model to honour position ids as sequence boundaries: compare with padding once."""
     sample = pairs[:2]
     with torch.no_grad():
-        padded, _ = sequence_logps(policy, tuple(t.to(device) for t in collate(sample, pad_token_id)), use_triton)
-        packed, _ = sequence_logps(policy, tuple(t.to(device) for t in collate_packed(sample)), use_triton)
+        padded, _ = policy_logps(tuple(t.to(device) for t in collate(sample, pad_token_id)))
+        packed, _ = policy_logps(tuple(t.to(device) for t in collate_packed(sample)))
     if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):
         raise SystemExit(f"packed and padded log-probs differ on {cfg.model} ({packed.tolist()} vs {padded.tolist()}): "
                          "this model does not separate packed sequences; pass --no-packing")
@@ -272,7 +283,8 @@ def checkpoints(output_dir):
     return sorted(found)
 
 
-def save_checkpoint(cfg, step, policy, tokenizer, optimizer, scheduler):
+def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, model_state=None):
+    """model_state: the full weights when the policy is sharded (FSDP); None saves the policy's own."""
     tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=cfg.output_dir)
     if cfg.lora_r:
         save_adapter(policy, tmp, {"base_model": cfg.model, "r": cfg.lora_r, "alpha": cfg.lora_alpha,
@@ -280,12 +292,12 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer, scheduler):
         if cfg.merge_lora:
             merged_copy(policy).save_pretrained(tmp, safe_serialization=True)
     else:
-        policy.save_pretrained(tmp, safe_serialization=True)
+        policy.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng},
                os.path.join(tmp, "trainer_state.pt"))
     atomic_write(os.path.join(tmp, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
@@ -320,9 +332,41 @@ def setup_distributed(cfg):
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.fsdp and world == 1:
+        raise SystemExit("--fsdp shards over the ranks of torchrun: launch with torchrun --nproc_per_node N (N > 1)")
+    if cfg.fsdp and cfg.lora_r:
+        raise SystemExit("--fsdp with --lora-r is not supported: LoRA trains a small part of the model, use plain "
+                         "torchrun (data parallel) with --lora-r")
     return rank, world, device
+
+
+def shard(logps, device, world):
+    """FSDP2 over all ranks: one unit per decoder layer; the rest (embeddings, final norm, output layer) in the unit
+    of `logps` (a SequenceLogps), gathered around the whole call including the fused head. Parameters are loaded on
+    the CPU and each rank's shard moves to `device`. Gradients are summed over the ranks, not averaged: the loss is
+    already divided by the pairs of the whole step, as in the data-parallel path."""
+    mesh = init_device_mesh(device.type, (world,))
+    layers = getattr(logps.model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise SystemExit(f"--fsdp: {type(logps.model).__name__} has no decoder .layers to shard")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(logps, mesh=mesh, reshard_after_forward=True)  # also the root: outside a pass, every parameter is a shard
+    for unit in logps.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    return logps
+
+
+def full_state(policy, optimizer):
+    """FSDP: gather the full weights and optimiser state on rank 0's CPU (a collective: every rank calls it)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(policy, options=options), get_optimizer_state_dict(policy, optimizer, options=options)
 
 
 def all_reduce_grads(params):
@@ -352,12 +396,17 @@ def train(cfg):
     if found and not cfg.resume:
         raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
     resume_from = found[-1][1] if cfg.resume and found else None
+    if resume_from:
+        with open(os.path.join(resume_from, "train_config.json")) as f:
+            if json.load(f).get("fsdp", False) != cfg.fsdp:  # the optimiser state is keyed differently
+                raise SystemExit(f"{resume_from} was written with{'out' if cfg.fsdp else ''} --fsdp: resume the same way")
 
     # 2. models
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
     use_triton = {"auto": device.type == "cuda", "triton": True, "torch": False}[cfg.kernels]
     torch.manual_seed(cfg.seed)
-    policy = load_model(cfg.model if cfg.lora_r else resume_from or cfg.model, torch.float32, device)
+    load_device = torch.device("cpu") if cfg.fsdp else device  # FSDP moves each rank's shard to the device
+    policy = load_model(cfg.model if cfg.lora_r else resume_from or cfg.model, torch.float32, load_device)
     check_fusable(policy)
     disable_dropout(policy)
     if cfg.lora_r:
@@ -373,15 +422,20 @@ def train(cfg):
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
+    policy_logps = SequenceLogps(policy, use_triton)
+    if cfg.fsdp:
+        shard(policy_logps, device, world)
+    params = [p for p in policy.parameters() if p.requires_grad]  # before any forward: under FSDP, the shards
     if cfg.packing:
-        check_packing(cfg, policy, pairs, tokenizer.pad_token_id, device, use_triton)
+        check_packing(cfg, policy_logps, pairs, tokenizer.pad_token_id, device)
     ref = None
     if cfg.loss in ("dpo", "ddpo") and cfg.lora_r and not cfg.ref_model:
-        ref = Reference(policy, use_triton, lora=True)
+        ref = Reference(policy_logps, lora=True)
     elif cfg.loss in ("dpo", "ddpo"):  # the reference is always the starting model, also when resuming
-        ref_model = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, device).eval().requires_grad_(False)
-        disable_dropout(ref_model)
-        ref = Reference(ref_model, use_triton)
+        ref_model = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, load_device)
+        disable_dropout(ref_model.eval().requires_grad_(False))
+        ref_logps = SequenceLogps(ref_model, use_triton)
+        ref = Reference(shard(ref_logps, device, world) if cfg.fsdp else ref_logps)
         if cfg.precompute_ref:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, save=rank == 0)
@@ -396,7 +450,6 @@ def train(cfg):
 
     steps_per_epoch = len(plan(0))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
@@ -406,7 +459,10 @@ def train(cfg):
     start_step = 0
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:
+            set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
@@ -435,23 +491,33 @@ def train(cfg):
         n_pairs = sum(len(b) for b in step_batches)
         weights_mean = weights[sum(step_batches, [])].mean().item()  # DORPO (released) over the whole step
         sums, used_weights = {}, []
-        for batch in step_batches[rank::world]:
+        mine = step_batches[rank::world]
+        if cfg.fsdp:  # FSDP's collectives need the same number of passes on every rank: a rank short of
+            mine += [None] * (math.ceil(len(step_batches) / world) - len(mine))  # micro-batches runs one at weight 0
+        for batch in mine:
+            idle = batch is None
+            batch = step_batches[0] if idle else batch
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                losses, chosen_w, metrics = step_losses(cfg, policy, ref, batch, [pairs[j] for j in batch], weights[batch].to(device),
+                losses, chosen_w, metrics = step_losses(cfg, policy_logps, ref, batch, [pairs[j] for j in batch], weights[batch].to(device),
                                                         weights_mean, tokenizer.pad_token_id, device, use_triton,
                                                         deviation(batch) if deviation else None)
-            (losses.sum() / n_pairs).backward()  # sum over pairs / pairs in the step: exact accumulation
+            (losses.sum() / n_pairs * (0.0 if idle else 1.0)).backward()  # sum over pairs / pairs in the step
+            if idle:
+                continue
             metrics["loss"] = losses.detach().sum()
             used_weights.append(chosen_w.float().cpu())
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
         if world > 1:
-            all_reduce_grads(params)
+            if not cfg.fsdp:  # FSDP has already reduce-scattered the gradients in the backward
+                all_reduce_grads(params)
             gathered = [None] * world
             dist.all_gather_object(gathered, (sums, used_weights))
             sums = {key: sum(s.get(key, 0.0) for s, _ in gathered) for key in set().union(*(s for s, _ in gathered))}
             used_weights = [w for _, ws in gathered for w in ws]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -472,8 +538,9 @@ def train(cfg):
                                                       "weights/mean", "lr", "step_time_s", "peak_mem_gb")]))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
             path = os.path.join(cfg.output_dir, f"checkpoint-{step + 1}")
+            model_state, optimizer_state = full_state(policy, optimizer) if cfg.fsdp else (None, optimizer.state_dict())
             if rank == 0:
-                save_checkpoint(cfg, step + 1, policy, tokenizer, optimizer, scheduler)
+                save_checkpoint(cfg, step + 1, policy, tokenizer, optimizer_state, scheduler, model_state)
             if world > 1:
                 dist.barrier()
     log(f"saved {path}", flush=True)

@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun, gloo) equal one process running the same global batch."""
+"""Two CPU processes (torchrun, gloo) equal one process running the same global batch: data parallel, and FSDP2."""
 
 import os
 import subprocess
@@ -12,26 +12,63 @@ from safetensors.torch import load_file
 from test_train import metrics
 
 
+def run(args, tmp_path, ranks=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPO_CACHE": str(tmp_path / "cache")}
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    proc = subprocess.run([sys.executable, *launch, "-m", "ddpo.train", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def assert_same_run(a, b, steps):
+    ra, rb = metrics(a), metrics(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, steps + 1))
+    for x, y in zip(ra, rb):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "weights/mean", "weights/max"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    wa = load_file(a / f"checkpoint-{steps}" / "model.safetensors")
+    wb = load_file(b / f"checkpoint-{steps}" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
 @pytest.mark.parametrize("loss", ["ddpo", "dorpo"])
 def test_two_ranks_equal_one_process(tmp_path, tiny_model, loss):
     data = write_pairs(tmp_path / "pairs.jsonl")
     common = ["--model", tiny_model, "--data", data, "--loss", loss, "--max-steps", "2", "--batch-size", "2",
               "--lr", "1e-3", "--precompute-ref"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPO_CACHE": str(tmp_path / "cache")}
-    single = subprocess.run([sys.executable, "-m", "ddpo.train", *common, "--grad-accum", "2",
-                             "--output-dir", str(tmp_path / "single")], env=env, capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ddpo.train", *common, "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "x 2 ranks" in two.stdout and two.stdout.count("saved ") == 1  # rank 0 alone logs and saves
-    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "two")
-    assert [r["step"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "weights/mean", "weights/max"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
-    wa = load_file(tmp_path / "single" / "checkpoint-2" / "model.safetensors")
-    wb = load_file(tmp_path / "two" / "checkpoint-2" / "model.safetensors")
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-5, msg=key)
+    run([*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "single")], tmp_path)
+    out = run([*common, "--output-dir", str(tmp_path / "two")], tmp_path, ranks=2)
+    assert "x 2 ranks" in out and out.count("saved ") == 1  # rank 0 alone logs and saves
+    assert_same_run(tmp_path / "single", tmp_path / "two", 2)
+
+
+def test_fsdp_two_ranks_equal_one_process_and_resume(tmp_path, tiny_model):
+    """FSDP2 over two ranks, with a sharded live reference: 6 pairs in micro-batches of 2 make steps of 2 and 1
+    micro-batches, so in step 2 one rank has none (it runs one at weight 0). Stopped after step 2 (constant learning
+    rate, so the shorter run takes the same steps) and resumed from the gathered checkpoint (full weights and
+    optimiser state), it equals one process running 3 steps."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    common = ["--model", tiny_model, "--data", data, "--loss", "ddpo", "--batch-size", "2", "--lr", "1e-3",
+              "--save-every", "1", "--keep-checkpoints", "0", "--schedule", "constant"]
+    run([*common, "--grad-accum", "2", "--max-steps", "3", "--output-dir", str(tmp_path / "single")], tmp_path)
+    fsdp = [*common, "--fsdp", "--output-dir", str(tmp_path / "fsdp")]
+    run([*fsdp, "--max-steps", "2"], tmp_path, ranks=2)
+    out = run([*fsdp, "--max-steps", "3", "--resume"], tmp_path, ranks=2)
+    assert "resumed from" in out and "checkpoint-2" in out
+    assert_same_run(tmp_path / "single", tmp_path / "fsdp", 3)
+    for step in (1, 2):  # the gathered checkpoints are full, transformers-loadable weights
+        torch.testing.assert_close(load_file(tmp_path / "single" / f"checkpoint-{step}" / "model.safetensors"),
+                                   load_file(tmp_path / "fsdp" / f"checkpoint-{step}" / "model.safetensors"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_refuses_one_process_and_lora(tmp_path, tiny_model):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    for extra in ([], ["--lora-r", "4"]):
+        proc = subprocess.run([sys.executable, "-m", "ddpo.train", "--model", tiny_model, "--data", data, "--fsdp",
+                               *extra, "--output-dir", str(tmp_path / "x")], capture_output=True, text=True,
+                              env={**os.environ, "WORLD_SIZE": "1"})
+        assert proc.returncode != 0 and "--fsdp" in proc.stderr
+    assert not (tmp_path / "x").exists()
