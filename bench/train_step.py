@@ -6,13 +6,17 @@
 Synthetic pairs with drawn lengths (prompt, chosen and rejected each uniform in [min-len, max-len] / 3 words, so
 pairs span min-len..max-len tokens). Both trainers: same model, data, batch, fp32, dropout off, a live reference
 model (no precomputation), no gradient checkpointing. Each runs in its own subprocess (peak RSS, or CUDA peak
-allocation, is per process); the figure is the median over the timed steps after --warmup steps. tokens/s counts
-the real (non-padding) tokens of chosen and rejected sequences. TRL is skipped with a message when not installed.
-Rows go to bench/results.jsonl.
+allocation, is per process) for two epochs over --steps x --pairs-per-step pairs: the first epoch is the warm-up,
+the second is timed. As each trainer shuffles in its own order, per-step token counts differ between them, but
+every epoch holds the same pairs: tokens/s = the epoch's real (non-padding) tokens of the prompt+chosen and
+prompt+rejected sequences, counted once with our tokenisation, / the summed step times of the timed epoch. The
+median step time is reported beside it. TRL is skipped with a message when not installed. Rows go to
+bench/results.jsonl.
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -47,17 +51,34 @@ def peak_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def epoch_tokens(model, data):
+    """Real tokens of one epoch: prompt+chosen and prompt+rejected of every pair, as ddpo.train tokenises them."""
+    from ddpo.data import load_pairs, tokenize_pairs
+    from ddpo.models import load_tokenizer
+
+    pairs = load_pairs(data)
+    tokenize_pairs(pairs, load_tokenizer(model), 0, 0)
+    return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+
+
+def summary(times, tokens):
+    return {"tokens_per_s": tokens / sum(times), "step_s": statistics.median(times), "epoch_s": sum(times),
+            "peak_gb": peak_gb()}
+
+
 def run_ours(args, data, out):
     from ddpo.train import parse_args, train
 
     cfg = parse_args(["--model", args.model, "--data", data, "--output-dir", out, "--loss", "ddpo",
-                      "--batch-size", str(args.pairs_per_step), "--max-steps", str(args.warmup + args.steps),
-                      "--max-length", "0", "--max-prompt-length", "0", "--lr", "1e-6", "--keep-checkpoints", "1"])
+                      "--batch-size", str(args.pairs_per_step), "--epochs", "2", "--max-length", "0",
+                      "--max-prompt-length", "0", "--lr", "1e-6", "--keep-checkpoints", "1"])
     train(cfg)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f][args.warmup:]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
-            "step_s": statistics.median(r["step_time_s"] for r in rows), "peak_gb": peak_gb()}
+        rows = [json.loads(line) for line in f][args.steps:]  # the second epoch
+    tokens = epoch_tokens(args.model, data)
+    counted = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows)  # the trainer's own count of the epoch
+    assert math.isclose(counted, tokens, rel_tol=1e-6), (counted, tokens)
+    return summary([r["step_time_s"] for r in rows], tokens)
 
 
 def run_trl(args, data, out):
@@ -70,7 +91,7 @@ def run_trl(args, data, out):
     path = resolve(args.model)
     with open(data) as f:
         rows = [json.loads(line) for line in f]
-    times, tokens = [], []
+    times = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -79,7 +100,7 @@ def run_trl(args, data, out):
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
 
-    config = trl.DPOConfig(output_dir=out, per_device_train_batch_size=args.pairs_per_step, max_steps=args.warmup + args.steps,
+    config = trl.DPOConfig(output_dir=out, per_device_train_batch_size=args.pairs_per_step, num_train_epochs=2,
                            learning_rate=1e-6, beta=0.1, logging_steps=1, report_to="none", save_strategy="no",
                            max_length=None, bf16=False, use_cpu=not torch.cuda.is_available(), seed=0)
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=config,
@@ -87,10 +108,8 @@ def run_trl(args, data, out):
                              train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
                              processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Clock()])
     trainer.train()
-    seen = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
-    tokens = [b - a for a, b in zip([0] + seen[:-1], seen)]
-    per_step = [n / t for n, t in zip(tokens, times)][args.warmup:]
-    return {"tokens_per_s": statistics.median(per_step), "step_s": statistics.median(times[args.warmup:]), "peak_gb": peak_gb()}
+    assert len(times) == 2 * args.steps, len(times)
+    return summary(times[args.steps:], epoch_tokens(args.model, data))
 
 
 def main():
@@ -99,8 +118,7 @@ def main():
     ap.add_argument("--pairs-per-step", type=int, default=2)
     ap.add_argument("--min-len", type=int, default=50)
     ap.add_argument("--max-len", type=int, default=400)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4, help="steps per epoch (two epochs: warm-up, timed)")
     ap.add_argument("--impl", choices=["ours", "trl"], help="internal: run one trainer in this process")
     ap.add_argument("--data", help="internal")
     ap.add_argument("--out", default="bench/results.jsonl")
@@ -113,7 +131,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "pairs.jsonl")
         with open(data, "w") as f:
-            for row in synthetic_pairs(args.pairs_per_step * (args.warmup + args.steps), args.min_len, args.max_len, 0):
+            for row in synthetic_pairs(args.pairs_per_step * args.steps, args.min_len, args.max_len, 0):
                 f.write(json.dumps(row) + "\n")
         results = {}
         for impl in ("ours", "trl"):
@@ -129,11 +147,19 @@ def main():
             if line is None:
                 raise SystemExit(f"{impl} failed:\n{proc.stderr[-3000:]}")
             results[impl] = json.loads(line[7:])
+    from ddpo.models import load_model
+
+    params = sum(p.numel() for p in load_model(args.model).parameters())
+    floor_gb = 5 * 4 * params / 2**30  # fp32 policy, reference, gradients, AdamW exp_avg and exp_avg_sq
     rows = [{"bench": "train_step", "impl": impl, "model": args.model, "pairs_per_step": args.pairs_per_step,
-             "lengths": [args.min_len, args.max_len], **r} for impl, r in results.items()]
+             "steps_per_epoch": args.steps, "lengths": [args.min_len, args.max_len], "state_floor_gb": floor_gb, **r}
+            for impl, r in results.items()]
     append_rows(args.out, rows)
     for r in rows:
-        print(f"{r['impl']:>5}: {r['tokens_per_s']:.1f} tokens/s, {r['step_s']:.2f} s/step, peak {r['peak_gb']:.2f} GB")
+        print(f"{r['impl']:>5}: {r['tokens_per_s']:.1f} tokens/s, epoch {r['epoch_s']:.1f} s, median {r['step_s']:.2f} s/step, "
+              f"peak {r['peak_gb']:.2f} GB")
+    print(f"training state alone ({params / 1e6:.1f}M parameters x 4 bytes x 5: policy, reference, gradients, AdamW "
+          f"m and v): {floor_gb:.2f} GB")
     if "trl" in results:
         o, t = results["ours"], results["trl"]
         print(f"ours / trl: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x tokens/s, {o['peak_gb'] / t['peak_gb']:.2f}x peak memory")

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
 from kernels.logprobs import IGNORE_INDEX, fused_logprobs
 
@@ -118,6 +119,46 @@ def check_fusable(model):
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(model.config, key, None) not in (None, 1, 1.0):
             raise NotImplementedError(f"model config sets {key}: the fused log-prob head does not support it")
+
+
+SEGMENT_ATTENTION = "ddpo_segments"
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
+    """Causal attention of packed sequences, one sdpa call per sequence: no FLOPs on the blocks a block-diagonal mask
+    would zero, and no (L, L) mask. query (B, H, T, D), key/value (B, KV, T, D) -> (B, T, H, D), as transformers'
+    attention functions. Packed rows come without a mask and with position ids restarting at 0 at each sequence;
+    padded rows come with the 2D key mask (flash-attention style) and take one masked sdpa call."""
+    gqa = query.shape[1] != key.shape[1]
+    if attention_mask is not None:  # padded rows: causal & key padding, the plain sdpa result
+        T = query.shape[2]
+        mask = torch.ones(T, T, dtype=torch.bool, device=query.device).tril() & attention_mask[:, None, None, :].bool()
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    if query.shape[0] != 1 or position_ids is None:
+        raise ValueError("segment attention takes one packed row with position ids, or padded rows with a mask")
+    starts = (position_ids[0] == 0).nonzero()[:, 0].tolist() + [query.shape[2]]  # sequence boundaries in the row
+    lengths = [e - s for s, e in zip(starts[:-1], starts[1:])]
+    out = torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)  # split,
+                     for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))], dim=2)  # not slices:
+    return out.transpose(1, 2).contiguous(), None  # its backward is one cat, not a zero-filled buffer per sequence
+
+
+def use_segment_attention(model):
+    """For packed rows, switch a model with plain causal attention (no sliding window, soft-capping or per-layer
+    attention types) to segment_attention, whose mask step builds no mask. Returns whether it switched; other
+    models keep their own attention and transformers' block-diagonal mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    config = model.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window or getattr(config, "attn_logit_softcapping", None) or len(set(getattr(config, "layer_types", None) or [])) > 1:
+        return False
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, flash_attention_mask)
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    return True
 
 
 def sequence_logps(model, batch, use_triton=None):

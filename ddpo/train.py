@@ -53,7 +53,7 @@ from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, load_embedder
 from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
 from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, disable_dropout, load_model,
-                         load_tokenizer, resolve)
+                         load_tokenizer, resolve, use_segment_attention)
 from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
 
 
@@ -235,10 +235,13 @@ class Reference:
 
 
 def check_packing(cfg, policy_logps, pairs, pad_token_id, device):
-    """Packed sequences need the model to honour position ids as sequence boundaries: compare with padding once."""
+    """Switch the policy to segment attention where it fits (models.use_segment_attention), then compare packed
+    log-probs with padded ones under the model's own attention, once: packing needs the model to honour position
+    ids as sequence boundaries."""
     sample = pairs[:2]
     with torch.no_grad():
         padded, _ = policy_logps(tuple(t.to(device) for t in collate(sample, pad_token_id)))
+        use_segment_attention(policy_logps.model)
         packed, _ = policy_logps(tuple(t.to(device) for t in collate_packed(sample)))
     if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):
         raise SystemExit(f"packed and padded log-probs differ on {cfg.model} ({packed.tolist()} vs {padded.tolist()}): "
@@ -433,6 +436,8 @@ def train(cfg):
         ref = Reference(policy_logps, lora=True)
     elif cfg.loss in ("dpo", "ddpo"):  # the reference is always the starting model, also when resuming
         ref_model = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, load_device)
+        if cfg.packing:
+            use_segment_attention(ref_model)
         disable_dropout(ref_model.eval().requires_grad_(False))
         ref_logps = SequenceLogps(ref_model, use_triton)
         ref = Reference(shard(ref_logps, device, world) if cfg.fsdp else ref_logps)
@@ -450,7 +455,7 @@ def train(cfg):
 
     steps_per_epoch = len(plan(0))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one pass per tensor
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
     if rank == 0:

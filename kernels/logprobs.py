@@ -95,16 +95,19 @@ def _logprobs_bwd_triton(logits, labels, lse, grad_logps):
 
 
 def _logprobs_fwd_torch(logits, labels):
+    """Consumes the tile: in-place ops, so no (C, V) temporary is allocated (on CPU each fresh tile is page faults)."""
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    row_max = logits.amax(-1, keepdim=True)  # (C, 1)
+    lse = logits.sub_(row_max).exp_().sum(-1).log_() + row_max.squeeze(-1)  # logsumexp, in place
     return torch.where(labels != IGNORE_INDEX, target - lse, torch.zeros_like(lse)), lse
 
 
 def _logprobs_bwd_torch(logits, labels, lse, grad_logps):
+    """Overwrites the tile (when fp32) with dlogits = grad * (onehot - softmax)."""
     valid = labels != IGNORE_INDEX
     g = torch.where(valid, grad_logps.float(), torch.zeros_like(lse)).unsqueeze(-1)  # (C, 1)
-    dlogits = -g * torch.exp(logits.float() - lse.unsqueeze(-1))  # (C, V)
+    dlogits = logits.float().sub_(lse.unsqueeze(-1)).exp_().mul_(-g)  # -g * softmax, in place
     dlogits.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), g)
     return dlogits.to(logits.dtype)
 
@@ -147,15 +150,17 @@ class FusedLogprobs(torch.autograd.Function):
         bwd = _logprobs_bwd_triton if ctx.use_triton else _logprobs_bwd_torch
         grad_logps = grad_logps.contiguous().float()
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_weight = None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             logits = hidden[rows] @ weight.t()  # (C, V), recomputed rather than saved
             dlogits = bwd(logits, labels[rows], lse[rows], grad_logps[rows])
             if need_hidden:
                 grad_hidden[rows] = dlogits @ weight  # (C, H)
-            if need_weight:
-                grad_weight += dlogits.t() @ hidden[rows]  # (V, H), summed over chunks in fp32
+            if need_weight and grad_weight is None:
+                grad_weight = (dlogits.t() @ hidden[rows]).float()  # (V, H), summed over chunks in fp32
+            elif need_weight:
+                grad_weight += dlogits.t() @ hidden[rows]
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None

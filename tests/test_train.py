@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import ddpo.train as train_mod
 from ddpo.data import collate, collate_packed, load_pairs, tokenize_pairs
-from ddpo.models import load_model, load_tokenizer, sequence_logps
+from ddpo.models import SEGMENT_ATTENTION, load_model, load_tokenizer, segment_attention, sequence_logps, use_segment_attention
 from ddpo.train import main, parse_args, train
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -46,6 +46,38 @@ def test_sequence_logps_equal_full_logits(tiny_model):
     assert collate_packed(pairs)[0].numel() == attention_mask.sum()
     torch.testing.assert_close(packed, logps, rtol=1e-5, atol=1e-4)
     assert packed_counts.tolist() == counts.tolist()
+
+
+def test_segment_attention_equals_padded_sdpa(tiny_model):
+    """Packed rows under segment attention (one sdpa call per sequence, no mask) give the padded sdpa log-probs and
+    the same parameter gradients; padded rows under it (the masked branch) too. The mask step builds no mask."""
+    tok = load_tokenizer(tiny_model)
+    pairs = load_pairs(write_pairs(os.path.join(os.path.dirname(tiny_model), "p.jsonl")))[:3]
+    tokenize_pairs(pairs, tok)
+    padded_batch, packed_batch = collate(pairs, tok.pad_token_id), collate_packed(pairs)
+    results = []
+    for attention, batch in (("sdpa", padded_batch), ("segments", packed_batch), ("segments", padded_batch)):
+        model = load_model(tiny_model)
+        assert model.config._attn_implementation == "sdpa"
+        if attention == "segments":
+            assert use_segment_attention(model) and model.config._attn_implementation == SEGMENT_ATTENTION
+        logps, _ = sequence_logps(model, batch, use_triton=False)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((logps.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    for logps, grads in results[1:]:
+        torch.testing.assert_close(logps, results[0][0], rtol=1e-5, atol=1e-4)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, results[0][1][name], rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="packed row"):  # two packed rows: not a layout it takes
+        segment_attention(None, *torch.randn(3, 2, 4, 5, 8).unbind(), None, position_ids=torch.zeros(2, 5))
+
+
+def test_segment_attention_only_for_plain_causal_attention(tiny_model):
+    model = load_model(tiny_model)
+    model.config.sliding_window = 4  # a window packed segments would ignore: keep transformers' own attention
+    assert not use_segment_attention(model) and model.config._attn_implementation == "sdpa"
+    model.config.use_sliding_window = False  # Qwen2 style: the window is switched off
+    assert use_segment_attention(model)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ddpo", "orpo", "dorpo"])
