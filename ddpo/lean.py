@@ -1,14 +1,17 @@
-"""Activation-lean SwiGLU MLP: the same arithmetic as Llama-style MLPs, a third of their saved activations.
+"""Activation-lean SwiGLU MLP and RMSNorm: the same arithmetic as Llama-style layers, fewer saved activations.
 
 A Hugging Face MLP computes down(silu(gate(x)) * up(x)) and autograd keeps four (tokens, intermediate) tensors
 per layer for the backward: gate(x) for silu, silu(gate(x)) and up(x) for the product, and the product for down's
 weight gradient. In fp32 that is 4 x 4 x intermediate bytes per token and layer, the largest share of a decoder's
 activations (SmolLM2: 24 KB of the ~47 KB per token and layer). `LeanMLP` keeps only gate(x) and up(x) (the input x
 is kept by the layer's norm anyway) and recomputes silu and the product in the backward: two elementwise passes,
-no extra matmul. `use_lean_mlp(model)` switches every MLP whose shape it recognises (plain bias-free Linear
-gate_proj / up_proj / down_proj and a SiLU activation: Llama, Qwen2/3, Mistral, SmolLM2...) and leaves the others.
-Under autocast the Function casts as autocast would (inputs and weights to the autocast dtype) and returns
-gradients in the inputs' dtypes.
+no extra matmul. Likewise an RMSNorm keeps its input, its normalised input and its output (the next layer's input);
+`LeanRMSNorm` keeps the input and the (tokens, 1) reciprocal RMS and recomputes the normalised input.
+`use_lean(model)` switches every MLP (plain bias-free Linear gate_proj / up_proj / down_proj and a SiLU
+activation) and every RMSNorm (weight * x / rms(x), as in Llama, Qwen2/3, Mistral, SmolLM2...) after checking once
+per class, on a random input, that its own forward computes the same; others (Gemma's 1 + weight, LoRA-wrapped
+projections) keep their forward. Under autocast LeanMLP casts as autocast would (inputs and weights to the autocast
+dtype) and returns gradients in the inputs' dtypes.
 """
 
 import types
@@ -66,27 +69,66 @@ def _lean_forward(self, x):
     return lean_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
-def _fits(module):
+class LeanRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)  # as LlamaRMSNorm, op for op
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        h = x.float() * rstd  # recomputed
+        grad_weight = (grad_out * h.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_h = (grad_out * weight).float()
+        grad_x = rstd * (grad_h - h * (grad_h * h).mean(-1, keepdim=True))  # d(x / rms(x)) / dx
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def lean_rms_norm(x, weight, eps):
+    """weight * x / sqrt(mean(x^2) + eps), saving x and the reciprocal RMS only."""
+    return LeanRMSNorm.apply(x, weight, eps)
+
+
+def _lean_norm_forward(self, x):
+    return lean_rms_norm(x, self.weight, self.variance_epsilon)
+
+
+def _mlp_fits(module):
     projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     return (all(type(p) is torch.nn.Linear and p.bias is None for p in projections)
             and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
 
 
+def _norm_fits(module):
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter) and weight.dim() == 1
+            and isinstance(getattr(module, "variance_epsilon", None), float))
+
+
 @torch.no_grad()
-def _same(module):
-    """The module's own forward and lean_mlp agree on a random input (its class computes what we assume)."""
-    x = torch.randn(2, 3, module.gate_proj.in_features, device=module.gate_proj.weight.device,
-                    dtype=module.gate_proj.weight.dtype)
-    return torch.allclose(module(x), _lean_forward(module, x), rtol=1e-3, atol=1e-5)
+def _same(module, lean_forward, width):
+    """The module's own forward and the lean one agree on a random input (its class computes what we assume)."""
+    weight = next(module.parameters())
+    x = torch.randn(2, 3, width, device=weight.device, dtype=weight.dtype)
+    return torch.allclose(module(x), lean_forward(module, x), rtol=1e-3, atol=1e-5)
 
 
-def use_lean_mlp(model):
-    """Switch every recognised SwiGLU MLP of `model` to lean_mlp, after checking once per class that it computes
-    the same; returns how many were switched. Call it after adapters are added: an MLP whose projections are
-    wrapped (LoRA) is not a plain Linear and keeps its own forward."""
-    checked, switched = {}, 0
+def use_lean(model):
+    """Switch every recognised SwiGLU MLP and RMSNorm of `model` to the lean Functions, after checking once per
+    class that they compute the same; returns (MLPs, norms) switched. Call it after adapters are added: an MLP whose
+    projections are wrapped (LoRA) is not a plain Linear and keeps its own forward."""
+    checked, switched = {}, {_lean_forward: 0, _lean_norm_forward: 0}
     for module in model.modules():
-        if _fits(module) and checked.setdefault(type(module), _same(module)):
-            module.forward = types.MethodType(_lean_forward, module)
-            switched += 1
-    return switched
+        if _mlp_fits(module):
+            lean, width = _lean_forward, module.gate_proj.in_features
+        elif _norm_fits(module):
+            lean, width = _lean_norm_forward, module.weight.shape[0]
+        else:
+            continue
+        if checked.setdefault(type(module), _same(module, lean, width)):
+            module.forward = types.MethodType(lean, module)
+            switched[lean] += 1
+    return switched[_lean_forward], switched[_lean_norm_forward]

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from ddpo.data import DataError, atomic_write, collate, collate_packed, load_pairs, micro_batches, response_pools, tokenize_pairs
 from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, load_embedder
-from ddpo.lean import use_lean_mlp
+from ddpo.lean import use_lean
 from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
 from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, disable_dropout, load_model,
@@ -98,9 +98,9 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard parameters, gradients and optimiser "
                                                         "state over the ranks (FSDP2, one unit per decoder layer), for "
                                                         "models that do not fit one device; full fine-tuning only"})
-    lean_mlp: bool = field(default=True, metadata={"help": "policy SwiGLU MLPs keep 2 of their 4 activation tensors "
-                                                            "and recompute the rest in the backward (ddpo/lean.py; "
-                                                            "same arithmetic)"})
+    lean: bool = field(default=True, metadata={"help": "policy SwiGLU MLPs and RMSNorms save fewer activations and "
+                                                        "recompute the rest in the backward (ddpo/lean.py; same "
+                                                        "arithmetic)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning; paper: 128); the reference "
                                                       "is then the base weights with adapters off"})
@@ -422,8 +422,8 @@ def train(cfg):
             load_adapter(policy, resume_from)
         log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {len(wrapped)} layers: "
             f"{sum(p.numel() for p in policy.parameters() if p.requires_grad):,} trainable parameters")
-    if cfg.lean_mlp:
-        log(f"lean MLP on {use_lean_mlp(policy)} layers")
+    if cfg.lean:
+        log("lean activations: {} MLPs, {} RMSNorms".format(*use_lean(policy)))
     policy.train()
     if cfg.gradient_checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
