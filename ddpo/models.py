@@ -127,18 +127,19 @@ SEGMENT_ATTENTION = "ddpo_segments"
 def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
     """Causal attention of packed sequences, one sdpa call per sequence: no FLOPs on the blocks a block-diagonal mask
     would zero, and no (L, L) mask. query (B, H, T, D), key/value (B, KV, T, D) -> (B, T, H, D), as transformers'
-    attention functions. Packed rows come without a mask and with position ids restarting at 0 at each sequence;
-    padded rows come with the 2D key mask (flash-attention style) and take one masked sdpa call."""
+    attention functions. A packed row comes without a mask and with position ids restarting at 0 at each sequence;
+    padded rows come with the 2D key mask (flash-attention style) and take one masked sdpa call; rows of equal
+    length come without a mask and are one sequence each."""
     gqa = query.shape[1] != key.shape[1]
     if attention_mask is not None:  # padded rows: causal & key padding, the plain sdpa result
         T = query.shape[2]
         mask = torch.ones(T, T, dtype=torch.bool, device=query.device).tril() & attention_mask[:, None, None, :].bool()
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
-    if query.shape[0] != 1 or position_ids is None:
-        raise ValueError("segment attention takes one packed row with position ids, or padded rows with a mask")
-    starts = (position_ids[0] == 0).nonzero()[:, 0].tolist() + [query.shape[2]]  # sequence boundaries in the row
-    lengths = [e - s for s, e in zip(starts[:-1], starts[1:])]
+    lengths = [query.shape[2]]  # rows without padding: each row is one sequence
+    if query.shape[0] == 1 and position_ids is not None:  # one row, maybe packed: sequences restart at position 0
+        bounds = [0] + (position_ids[0, 1:] == 0).nonzero()[:, 0].add(1).tolist() + [query.shape[2]]
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     out = torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)  # split,
                      for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))], dim=2)  # not slices:
     return out.transpose(1, 2).contiguous(), None  # its backward is one cat, not a zero-filled buffer per sequence

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import write_pairs
 from transformers import AutoModelForCausalLM
 
@@ -68,8 +69,9 @@ def test_segment_attention_equals_padded_sdpa(tiny_model):
         torch.testing.assert_close(logps, results[0][0], rtol=1e-5, atol=1e-4)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, results[0][1][name], rtol=1e-4, atol=1e-5, msg=name)
-    with pytest.raises(ValueError, match="packed row"):  # two packed rows: not a layout it takes
-        segment_attention(None, *torch.randn(3, 2, 4, 5, 8).unbind(), None, position_ids=torch.zeros(2, 5))
+    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind()  # rows of equal length, no mask: plain causal attention per row
+    out, _ = segment_attention(None, q, k, v, None, position_ids=torch.arange(5).expand(2, 5))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
 
 
 def test_segment_attention_only_for_plain_causal_attention(tiny_model):
