@@ -124,10 +124,12 @@ def check_fusable(model):
 SEGMENT_ATTENTION = "ddpo_segments"
 
 
-def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
+def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                      segment_lengths=None, **kwargs):
     """Causal attention of packed sequences, one sdpa call per sequence: no FLOPs on the blocks a block-diagonal mask
     would zero, and no (L, L) mask. query (B, H, T, D), key/value (B, KV, T, D) -> (B, T, H, D), as transformers'
-    attention functions. A packed row comes without a mask and with position ids restarting at 0 at each sequence;
+    attention functions. A packed row comes without a mask, with its sequences' lengths (segment_lengths, which
+    sequence_logps passes down once per forward) or else position ids restarting at 0 at each sequence;
     padded rows come with the 2D key mask (flash-attention style) and take one masked sdpa call; rows of equal
     length come without a mask and are one sequence each."""
     gqa = query.shape[1] != key.shape[1]
@@ -136,10 +138,13 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         mask = torch.ones(T, T, dtype=torch.bool, device=query.device).tril() & attention_mask[:, None, None, :].bool()
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
-    lengths = [query.shape[2]]  # rows without padding: each row is one sequence
-    if query.shape[0] == 1 and position_ids is not None:  # one row, maybe packed: sequences restart at position 0
+    if segment_lengths is not None:
+        lengths = segment_lengths
+    elif query.shape[0] == 1 and position_ids is not None:  # one row: sequences restart at position 0
         bounds = [0] + (position_ids[0, 1:] == 0).nonzero()[:, 0].add(1).tolist() + [query.shape[2]]
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    else:  # rows without padding: each row is one sequence
+        lengths = [query.shape[2]]
     out = torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)  # split,
                      for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))], dim=2)  # not slices:
     return out.transpose(1, 2).contiguous(), None  # its backward is one cat, not a zero-filled buffer per sequence
@@ -170,14 +175,17 @@ def sequence_logps(model, batch, use_triton=None):
     Returns (logps (S,) fp32, counts (S,) long). The backbone's hidden states are gathered at completion positions
     only, so the output layer never runs over prompts or padding.
     """
+    extra = {}
     if len(batch) == 3:
         input_ids, attention_mask, labels = batch
         position_ids, seq_ids = None, torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
     else:
         input_ids, position_ids, labels, seq_ids = batch
         attention_mask = None
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state  # (R, T, H)
+        if model.config._attn_implementation == SEGMENT_ATTENTION:  # the boundaries once, not in every layer
+            extra["segment_lengths"] = torch.bincount(seq_ids[0]).tolist()
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False, **extra).last_hidden_state  # (R, T, H)
     targets = labels[:, 1:]  # token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX  # (R, T-1)
     token_logps = fused_logprobs(hidden[:, :-1][mask], model.get_output_embeddings().weight, targets[mask],

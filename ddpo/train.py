@@ -367,7 +367,6 @@ def shard(logps, device, world):
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-    return logps
 
 
 def full_state(policy, optimizer):
@@ -446,7 +445,9 @@ def train(cfg):
             use_segment_attention(ref_model)
         disable_dropout(ref_model.eval().requires_grad_(False))
         ref_logps = SequenceLogps(ref_model, use_triton)
-        ref = Reference(shard(ref_logps, device, world) if cfg.fsdp else ref_logps)
+        if cfg.fsdp:
+            shard(ref_logps, device, world)
+        ref = Reference(ref_logps)
         if cfg.precompute_ref:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, save=rank == 0)

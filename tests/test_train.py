@@ -69,6 +69,12 @@ def test_segment_attention_equals_padded_sdpa(tiny_model):
         torch.testing.assert_close(logps, results[0][0], rtol=1e-5, atol=1e-4)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, results[0][1][name], rtol=1e-4, atol=1e-5, msg=name)
+    q, k, v = torch.randn(3, 1, 4, 9, 8).unbind()  # boundaries from position ids == the lengths sequence_logps passes
+    by_positions, _ = segment_attention(None, q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]]))
+    by_lengths, _ = segment_attention(None, q, k, v, None, segment_lengths=[4, 2, 3])
+    torch.testing.assert_close(by_positions, by_lengths)
+    torch.testing.assert_close(by_lengths[:, 4:6], F.scaled_dot_product_attention(
+        q[:, :, 4:6], k[:, :, 4:6], v[:, :, 4:6], is_causal=True).transpose(1, 2))  # the middle sequence alone
     q, k, v = torch.randn(3, 2, 4, 5, 8).unbind()  # rows of equal length, no mask: plain causal attention per row
     out, _ = segment_attention(None, q, k, v, None, position_ids=torch.arange(5).expand(2, 5))
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
