@@ -31,9 +31,20 @@ def ddpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     return chosen_weights * losses, chosen_rewards, rejected_rewards  # Chung et al. 2025, DDPO objective: delta_w * L_DPO
 
 
+LN2 = 0.6931471805599453
+
+
 def log1mexp(x):
-    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012): expm1 near 0, log1p far from it."""
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012): expm1 near 0, log1p far from it.
+
+    Each branch gets only the inputs it is used for (torch.where differentiates both branches, and the unused one
+    would be inf at x -> 0 and poison the gradient with NaN), and x is capped at -eps of its dtype: a response whose
+    mean token log-prob rounds to 0 has finite log-odds (about 16 in fp32) and finite gradients.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    near_zero = x > -LN2
+    return torch.where(near_zero, torch.log(-torch.expm1(torch.where(near_zero, x, -LN2))),
+                       torch.log1p(-torch.exp(torch.where(near_zero, -LN2, x))))
 
 
 def at_least_fp32(x):

