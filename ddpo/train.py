@@ -133,8 +133,8 @@ def parse_args(argv=None):
 
 def lr_lambda(cfg, total_steps):
     def f(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+        if step < cfg.warmup_steps:  # from 0, as Hugging Face's schedules: the first step's lr is 0
+            return step / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         if cfg.schedule == "linear":
             return max(0.0, 1.0 - progress)

@@ -27,7 +27,7 @@ from kernels.logprobs import use_triton_for
 
 def deviation_loss_ref(logits, embeddings, group, chosen_index, min_weight=0.0, weight_inside=False):
     """logits (B,), embeddings [K x (M, D_k)], group (M,), chosen_index (B,) -> (losses (B,), weights (M,), w_b (B,))."""
-    weights, _ = deviation_weights(embeddings, group)
+    weights, _ = deviation_weights([e.detach() for e in embeddings], group)  # frozen embedder: no gradient, as in Triton
     w = chosen_weights(weights, chosen_index, min_weight).to(logits.dtype)
     losses = -F.logsigmoid(w * logits) if weight_inside else -w * F.logsigmoid(logits)
     return losses, weights.to(logits.dtype), w

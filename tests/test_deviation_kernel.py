@@ -96,3 +96,14 @@ def test_shape_mismatch_is_a_clear_error():
         deviation_loss(logits[:-1], embs, group, chosen)
     with pytest.raises(ValueError, match="one row per response"):
         deviation_loss(logits, [embs[0][:-1]], group, chosen)
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "reference"])
+def test_embeddings_get_no_gradient(use_triton):
+    """The embedder is frozen: neither path sends a gradient into the embeddings."""
+    logits, embs, group, chosen = ragged([3, 5], (8,), seed=2)
+    embs = [e.clone().requires_grad_() for e in embs]
+    z = logits.clone().requires_grad_()
+    losses, _, _ = deviation_loss(z, embs, group, chosen, use_triton=use_triton)
+    losses.sum().backward()
+    assert z.grad is not None and all(e.grad is None for e in embs)

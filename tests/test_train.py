@@ -232,3 +232,20 @@ def test_gradient_checkpointing_and_padding_give_the_same_step(tmp_path, tiny_mo
     for a, b in zip(metrics(base.output_dir), metrics(other.output_dir)):
         for key in ("loss", "grad_norm", "rewards/margins"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_lr_schedule_equals_hugging_face(schedule, warmup):
+    """Warm-up starts at 0 (so --warmup-steps 1 is a real warm-up step), then decays as transformers' schedules."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    cfg = parse_args(["--data", "x", "--warmup-steps", str(warmup), "--schedule", schedule])
+    hf = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}[schedule]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = hf(opt, warmup, 10)
+    ours = train_mod.lr_lambda(cfg, 10)
+    for step in range(10):
+        assert ours(step) == pytest.approx(theirs.lr_lambdas[0](step), abs=1e-12), step
+    if warmup:
+        assert ours(0) == 0.0
