@@ -244,23 +244,27 @@ def text_of(value):
 
 
 def response_pools(pairs):
-    """The pool of each prompt: its distinct chosen and rejected texts (as ddpo.prepare builds it from pairs).
+    """The pool of each prompt: its distinct chosen and rejected texts, prompt by prompt in order of first appearance
+    (the order ddpo.prepare embeds them in, so both paths embed the same list of texts and get the same weights).
 
     Returns texts (M strings), text_prompt (M,) prompt id of each text, pair_prompt (P,) prompt id of each pair and
     pair_chosen (P,) the text index of each pair's chosen response.
     """
-    prompts, index, texts, text_prompt, pair_prompt, pair_chosen = {}, {}, [], [], [], []
+    pools, pair_slot = {}, []  # pools: prompt key -> {text: its slot in the pool}
     for pair in pairs:
-        g = prompts.setdefault(json.dumps(pair.prompt), len(prompts))
-        for i, value in enumerate((pair.chosen, pair.rejected)):
-            key = (g, text_of(value))
-            if key not in index:
-                index[key] = len(texts)
-                texts.append(key[1])
-                text_prompt.append(g)
-            if i == 0:
-                pair_chosen.append(index[key])
-        pair_prompt.append(g)
+        key = json.dumps(pair.prompt)
+        pool = pools.setdefault(key, {})
+        for value in (pair.chosen, pair.rejected):
+            pool.setdefault(text_of(value), len(pool))
+        pair_slot.append((key, pool[text_of(pair.chosen)]))
+    prompt_id = {key: g for g, key in enumerate(pools)}
+    offsets, texts, text_prompt = {}, [], []
+    for key, pool in pools.items():
+        offsets[key] = len(texts)
+        texts += list(pool)
+        text_prompt += [prompt_id[key]] * len(pool)
+    pair_chosen = [offsets[key] + slot for key, slot in pair_slot]
+    pair_prompt = [prompt_id[key] for key, _ in pair_slot]
     return texts, torch.tensor(text_prompt), torch.tensor(pair_prompt), torch.tensor(pair_chosen)
 
 

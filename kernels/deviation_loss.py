@@ -8,6 +8,8 @@ One program per prompt (group) does all of DESIGN.md 2 and the loss of the group
        DDPO  (weight outside):  loss_b = w_b * softplus(-z_b),   d loss_b / d z_b = -w_b * sigmoid(-z_b)
        DORPO (weight inside):   loss_b = softplus(-w_b z_b),     d loss_b / d z_b = -w_b * sigmoid(-w_b z_b)
      where z_b = beta * DPO margin (DDPO) or the ORPO log-odds ratio Delta_b (DORPO's odds term).
+Step 1 runs in fp64, as ddpo.deviation does: near-duplicate responses have deviations that differ by about 1e-6,
+and fp32 rounding there would move weights by up to 0.2 between this path and the offline one (ddpo.prepare).
 The forward stores d loss / d z, so the backward is one multiply. Embeddings come from a frozen embedder and get
 no gradient. softplus and sigmoid are evaluated in forms that cannot overflow for any |z|.
 
@@ -60,26 +62,26 @@ def _deviation_loss_kernel(emb_ptr, stride_k, stride_m, offsets_ptr, logits_ptr,
     is_zero = local < 0  # p_i = 0 once response i is the least deviating (d = -1) under some metric
     for k in range(K):
         base = emb_ptr + k * stride_k + (start + local)[:, None].to(tl.int64) * stride_m
-        sq = tl.zeros([BLOCK_N], tl.float32)
+        sq = tl.zeros([BLOCK_N], tl.float64)
         for d0 in range(0, D, BLOCK_D):
-            x = tl.load(base + d0 + cols[None, :], mask=valid[:, None] & (d0 + cols[None, :] < D), other=0.0).to(tl.float32)
+            x = tl.load(base + d0 + cols[None, :], mask=valid[:, None] & (d0 + cols[None, :] < D), other=0.0).to(tl.float64)
             sq += tl.sum(x * x, axis=1)
-        inv_norm = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)  # F.normalize(e, dim=-1)
-        dots = tl.zeros([BLOCK_N], tl.float32)
+        inv_norm = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)  # F.normalize(e.double(), dim=-1)
+        dots = tl.zeros([BLOCK_N], tl.float64)
         for d0 in range(0, D, BLOCK_D):
-            x = tl.load(base + d0 + cols[None, :], mask=valid[:, None] & (d0 + cols[None, :] < D), other=0.0).to(tl.float32)
+            x = tl.load(base + d0 + cols[None, :], mask=valid[:, None] & (d0 + cols[None, :] < D), other=0.0).to(tl.float64)
             x = x * inv_norm[:, None]
             s = tl.sum(x, axis=0)  # S[d0:d0+BLOCK_D] = e[group].sum(0)
             dots += tl.sum(x * s[None, :], axis=1)  # e_i . S
         self_dot = sq * inv_norm * inv_norm  # e_i . e_i (1, or 0 for a zero vector)
-        dev = 1.0 - (dots - self_dot) / tl.maximum(n - 1, 1).to(tl.float32)
+        dev = 1.0 - (dots - self_dot) / tl.maximum(n - 1, 1).to(tl.float64)
         dev = tl.where(n > 1, dev, 0.0)
         lo = tl.min(tl.where(valid, dev, float("inf")), axis=0)
         hi = tl.max(tl.where(valid, dev, float("-inf")), axis=0)
         spread = hi - lo
         d = tl.where(spread > equal_tol, 2.0 * (dev - lo) / tl.maximum(spread, equal_tol) - 1.0, 0.0)
         is_zero = is_zero | (d <= -1.0)
-        log_p += tl.log(tl.maximum((d + 1.0) * 0.5, 1e-30))
+        log_p += tl.log(tl.maximum((d.to(tl.float32) + 1.0) * 0.5, 1e-30))  # the rest in fp32
     p = tl.where(valid & ~is_zero, tl.exp(log_p / K), 0.0)  # geometric mean over the K metrics
     mean_p = tl.sum(p, axis=0) / n.to(tl.float32)
     w = tl.where(mean_p > 0, p / tl.maximum(mean_p, 1e-30), 1.0)

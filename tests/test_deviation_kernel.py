@@ -107,3 +107,20 @@ def test_embeddings_get_no_gradient(use_triton):
     losses, _, _ = deviation_loss(z, embs, group, chosen, use_triton=use_triton)
     losses.sum().backward()
     assert z.grad is not None and all(e.grad is None for e in embs)
+
+
+@pytest.mark.parametrize("scale", [4e-3, 5e-3, 8e-3])
+def test_near_duplicate_pools_give_the_reference_weights(scale):
+    """Responses that are near-duplicates in embedding space: deviations differ by about 1e-6, just above the
+    equality tolerance. The kernel and the offline path (ddpo.deviation, float64) must give the same weights."""
+    g = torch.Generator().manual_seed(11)
+    sizes = [4, 5, 7, 3]
+    group = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    base = torch.randn(len(sizes), 384, generator=g)[group]
+    embs = [(base + scale * torch.randn(len(group), 384, generator=g)).to(DEVICE)]
+    chosen = torch.tensor([0, 4, 9, 16], device=DEVICE)
+    logits = torch.randn(4, generator=g).to(DEVICE)
+    _, weights, _ = deviation_loss(logits, embs, group.to(DEVICE), chosen, use_triton=True)
+    _, want, _ = deviation_loss_ref(logits.double(), [e.double() for e in embs], group.to(DEVICE), chosen)
+    assert (want != 1).any()  # the spreads are real (above the tolerance), so weights are not all 1
+    torch.testing.assert_close(weights.double(), want, atol=1e-5, rtol=1e-5)
