@@ -126,21 +126,34 @@ def use_triton_for(tensor):
     return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def compute_dtype(hidden, weight):
+    """The dtype of the logits: autocast's when it is on (bf16 logits, as the model's own head would give), else the
+    inputs'. The backward recomputes the logits in this same dtype, so that they agree with the saved log-sum-exp
+    (recomputed in fp32 instead, the implied softmax rows would sum to 0.9-1.1 and the gradients would be off)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size, use_triton):
         N, H = hidden.shape
         V = weight.shape[0]
         chunk = chunk_size or default_chunk_size(N, V, H)
+        dtype = compute_dtype(hidden, weight)
         fwd = _logprobs_fwd_triton if use_triton else _logprobs_fwd_torch
         logps = torch.empty(N, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        for start in range(0, N, chunk):
-            rows = slice(start, start + chunk)
-            logits = hidden[rows] @ weight.t()  # (C, V) in the input dtype; reduced in fp32 below
-            logps[rows], lse[rows] = fwd(logits, labels[rows])
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit, in forward and backward
+            w = weight.to(dtype)
+            for start in range(0, N, chunk):
+                rows = slice(start, start + chunk)
+                logits = hidden[rows].to(dtype) @ w.t()  # (C, V) in the compute dtype; reduced in fp32 below
+                logps[rows], lse[rows] = fwd(logits, labels[rows])
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk, ctx.use_triton = chunk, use_triton
+        ctx.chunk, ctx.use_triton, ctx.dtype = chunk, use_triton, dtype
         return logps
 
     @staticmethod
@@ -151,16 +164,18 @@ class FusedLogprobs(torch.autograd.Function):
         grad_logps = grad_logps.contiguous().float()
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            logits = hidden[rows] @ weight.t()  # (C, V), recomputed rather than saved
-            dlogits = bwd(logits, labels[rows], lse[rows], grad_logps[rows])
-            if need_hidden:
-                grad_hidden[rows] = dlogits @ weight  # (C, H)
-            if need_weight and grad_weight is None:
-                grad_weight = (dlogits.t() @ hidden[rows]).float()  # (V, H), summed over chunks in fp32
-            elif need_weight:
-                grad_weight += dlogits.t() @ hidden[rows]
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(ctx.dtype)
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                h = hidden[rows].to(ctx.dtype)
+                dlogits = bwd(h @ w.t(), labels[rows], lse[rows], grad_logps[rows])  # logits (C, V) recomputed
+                if need_hidden:
+                    grad_hidden[rows] = dlogits @ w  # (C, H)
+                if need_weight and grad_weight is None:
+                    grad_weight = (dlogits.t() @ h).float()  # (V, H), summed over chunks in fp32
+                elif need_weight:
+                    grad_weight += dlogits.t() @ h
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
