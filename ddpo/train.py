@@ -440,7 +440,8 @@ def train(cfg):
     if cfg.loss in ("dpo", "ddpo") and cfg.lora_r and not cfg.ref_model:
         ref = Reference(policy_logps, lora=True)
     elif cfg.loss in ("dpo", "ddpo"):  # the reference is always the starting model, also when resuming
-        ref_model = load_model(cfg.ref_model or cfg.model, autocast_dtype or torch.float32, load_device)
+        # the policy's weight dtype (fp32) under the same autocast: the same model gives the same log-probs
+        ref_model = load_model(cfg.ref_model or cfg.model, torch.float32, load_device)
         if cfg.packing:
             use_segment_attention(ref_model)
         disable_dropout(ref_model.eval().requires_grad_(False))

@@ -249,3 +249,14 @@ def test_lr_schedule_equals_hugging_face(schedule, warmup):
         assert ours(step) == pytest.approx(theirs.lr_lambdas[0](step), abs=1e-12), step
     if warmup:
         assert ours(0) == 0.0
+
+
+@pytest.mark.parametrize("path", ["live", "precompute", "lora"])
+def test_bf16_policy_and_reference_agree_at_step_one(tmp_path, tiny_model, monkeypatch, path):
+    """Same starting model => same log-probs under --dtype bfloat16 on every reference path: step-1 rewards are 0."""
+    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
+    extra = {"live": [], "precompute": ["--precompute-ref"], "lora": ["--lora-r", "4", "--lora-alpha", "8"]}[path]
+    cfg, _ = run(tmp_path, tiny_model, "--loss", "dpo", "--max-steps", "1", "--dtype", "bfloat16", *extra)
+    first = metrics(cfg.output_dir)[0]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
