@@ -288,3 +288,22 @@ def micro_batches(n_pairs, batch_size, seed, epoch, pair_prompt=None):
             current = []
         current += members[g]
     return batches + [current] if current else batches
+
+
+def optimizer_steps(n_pairs, batch_size, per_step, seed, epochs=0.0, max_steps=0, pair_prompt=None):
+    """Every optimiser step of a run, in order: (epoch position, micro-batches), per_step micro-batches a step.
+
+    Epochs are planned one by one because their lengths differ when micro-batches hold whole prompts (the shuffle of
+    prompts changes how they pack), so every pair is trained exactly once per epoch. max_steps > 0 runs that many
+    steps (over as many epochs as needed); else `epochs`, whose fractional last epoch is cut to its first steps.
+    The epoch position of a step is epoch + (steps done in it) / (its steps), e.g. 1.5 halfway through the second.
+    """
+    steps, epoch = [], 0
+    while (len(steps) < max_steps) if max_steps else (epoch < epochs):
+        batches = micro_batches(n_pairs, batch_size, seed, epoch, pair_prompt)
+        epoch_steps = [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
+        if not max_steps and epoch + 1 > epochs:
+            epoch_steps = epoch_steps[:math.ceil((epochs - epoch) * len(epoch_steps))]
+        steps += [(epoch + (k + 1) / len(epoch_steps), step) for k, step in enumerate(epoch_steps)]
+        epoch += 1
+    return steps[:max_steps] if max_steps else steps

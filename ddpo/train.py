@@ -48,8 +48,9 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from ddpo.data import DataError, atomic_write, collate, collate_packed, load_pairs, micro_batches, response_pools, tokenize_pairs
-from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, load_embedder
+from ddpo.data import (DataError, atomic_write, collate, collate_packed, load_pairs, optimizer_steps, response_pools,
+                       tokenize_pairs)
+from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, chosen_weights, deviation_weights, load_embedder
 from ddpo.lean import use_lean
 from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
@@ -182,7 +183,7 @@ def step_losses(cfg, policy_logps, ref, index, pairs, weights, weights_mean, pad
         else:
             losses, chosen_rewards, rejected_rewards, log_odds, weights = deviation_dorpo_loss(
                 chosen_mean, rejected_mean, -chosen_mean, cfg.orpo_lambda, *deviation, form=cfg.dorpo_form,
-                min_weight=cfg.min_weight, use_triton=use_triton)
+                min_weight=cfg.min_weight, weights_mean=weights_mean, use_triton=use_triton)
         policy_chosen_logps, policy_rejected_logps = chosen_mean, rejected_mean
         metrics["nll_loss"] = -chosen_mean.detach().sum()
         metrics["log_odds_ratio"] = log_odds.sum()
@@ -260,7 +261,10 @@ class InStepDeviation:
         names = {"semantic": cfg.semantic_embedder, "style": cfg.style_embedder}
         print(f"embedding {len(texts)} responses of {int(self.pair_prompt.max()) + 1} prompts "
               f"({', '.join(names[m] for m in METRICS[cfg.deviation])})", flush=True)
-        self.embeddings = [load_embedder(names[m])(texts).to(device) for m in METRICS[cfg.deviation]]
+        embeddings = [load_embedder(names[m])(texts) for m in METRICS[cfg.deviation]]
+        weights, _ = deviation_weights(embeddings, self.text_prompt)  # what the kernel computes, for DORPO's step mean
+        self.chosen_weights = chosen_weights(weights, self.pair_chosen, cfg.min_weight).float()
+        self.embeddings = [e.to(device) for e in embeddings]
         self.device = device
 
     def __call__(self, batch):
@@ -455,14 +459,13 @@ def train(cfg):
 
     deviation = InStepDeviation(cfg, pairs, device) if cfg.deviation != "none" and cfg.loss in ("ddpo", "dorpo") else None
     pair_prompt = deviation.pair_prompt if deviation else None
+    if deviation:  # the in-step weights, known ahead: DORPO (released) takes their mean over the whole step
+        weights = deviation.chosen_weights
 
-    def plan(epoch):  # the optimiser steps of an epoch, each a list of micro-batches (lists of pair indices)
-        batches = micro_batches(len(pairs), cfg.batch_size, cfg.seed, epoch, pair_prompt)
-        per_step = cfg.grad_accum * world
-        return [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
-
-    steps_per_epoch = len(plan(0))
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    plan = optimizer_steps(len(pairs), cfg.batch_size, cfg.grad_accum * world, cfg.seed, cfg.epochs, cfg.max_steps,
+                           pair_prompt)  # [(epoch position, [micro-batch of pair indices, ...]), ...]
+    total_steps = len(plan)
+    steps_per_epoch = sum(position <= 1 for position, _ in plan)  # of the first epoch, for the log
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one pass per tensor
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
@@ -499,8 +502,7 @@ def train(cfg):
                disable=rank != 0)
     for step in bar:
         t0 = time.perf_counter()
-        epoch, k = divmod(step, steps_per_epoch)
-        step_batches = plan(epoch)[k]
+        epoch, step_batches = plan[step]
         n_pairs = sum(len(b) for b in step_batches)
         weights_mean = weights[sum(step_batches, [])].mean().item()  # DORPO (released) over the whole step
         sums, used_weights = {}, []
@@ -538,7 +540,7 @@ def train(cfg):
 
         if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
             dt = time.perf_counter() - t0
-            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4)}
+            row = {"step": step + 1, "epoch": round(epoch, 4)}
             row.update({key: value / n_pairs for key, value in sums.items() if key != "tokens"})
             used_weights = torch.cat(used_weights)
             row.update({"weights/mean": used_weights.mean().item(), "weights/min": used_weights.min().item(),

@@ -182,11 +182,13 @@ def deviation_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
 
 
 def deviation_dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam, embeddings, group,
-                         chosen_index, form="released", min_weight=0.0, use_triton=None):
+                         chosen_index, form="released", min_weight=0.0, weights_mean=None, use_triton=None):
     """DORPO with in-step deviation (ddpo.losses.dorpo_loss with the weights computed here, the odds term fused).
 
     logps are mean per-token log-probs. released: mean(w) * NLL_b + lam * softplus(-w_b Delta_b), mean(w) over the
-    pairs given; per-example: w_b * NLL_b + lam * w_b * softplus(-Delta_b).
+    pairs given, or `weights_mean` (the mean chosen weight of the whole optimiser step, as ddpo.losses.dorpo_loss
+    takes it, so that the objective does not depend on how a step is cut into micro-batches);
+    per-example: w_b * NLL_b + lam * w_b * softplus(-Delta_b).
     Returns (losses, chosen_rewards, rejected_rewards, log_odds, chosen_weights).
     """
     log_odds = log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
@@ -194,6 +196,6 @@ def deviation_dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chos
         raise ValueError(f"unknown DORPO form {form!r}: expected 'released' or 'per-example'")
     odds_losses, _, w = deviation_loss(log_odds, embeddings, group, chosen_index, min_weight,
                                        weight_inside=form == "released", use_triton=use_triton)
-    nll_weight = w.mean() if form == "released" else w
+    nll_weight = (w.mean() if weights_mean is None else weights_mean) if form == "released" else w
     losses = nll_weight * policy_chosen_nll.float() + lam * odds_losses
     return (losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach(), w)

@@ -1,6 +1,7 @@
 """ddpo.train end to end on tiny models: metrics, checkpoints, resume equality, exact accumulation, bad input."""
 
 import json
+import math
 import os
 
 import pytest
@@ -260,3 +261,58 @@ def test_bf16_policy_and_reference_agree_at_step_one(tmp_path, tiny_model, monke
     first = metrics(cfg.output_dir)[0]
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
     assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+RAGGED = [1, 1, 3, 1, 3, 1, 1, 2, 3]  # pairs per prompt: prompt-grouped micro-batches pack differently every epoch
+
+
+def ragged_pairs(path):
+    rows, marks = [], [".", "!", "?", ";", "...", ","]
+    for g, k in enumerate(RAGGED):
+        texts = [f"Tale {g}{marks[j % 6]} " + "word " * (j + 1) + marks[(j + g) % 6] * (j % 3 + 1) for j in range(k + 1)]
+        rows += [{"prompt": f"Write tale {g}.", "chosen": texts[j + 1], "rejected": texts[j]} for j in range(k)]
+    return write_pairs(path, rows)
+
+
+def test_optimizer_steps_train_every_pair_once_per_epoch():
+    from ddpo.data import optimizer_steps
+
+    pair_prompt = torch.tensor([g for g, k in enumerate(RAGGED) for _ in range(k)])
+    lengths = set()
+    for per_step in (1, 2):
+        plan = optimizer_steps(len(pair_prompt), 4, per_step, seed=42, epochs=2, pair_prompt=pair_prompt)
+        for epoch in (0, 1):
+            steps = [batches for position, batches in plan if epoch < position <= epoch + 1]
+            lengths.add(len(steps))
+            assert sorted(i for batches in steps for b in batches for i in b) == list(range(len(pair_prompt)))
+        assert plan[-1][0] == 2.0
+    assert len(lengths) > 1  # the two epochs differ in length: the old plan took epoch 0's for both
+    half = optimizer_steps(len(pair_prompt), 4, 1, seed=42, epochs=1.5, pair_prompt=pair_prompt)
+    first = sum(position <= 1 for position, _ in half)
+    assert len(half) - first == math.ceil(0.5 * (len(optimizer_steps(len(pair_prompt), 4, 1, 42, 2, 0, pair_prompt)) - first))
+    assert len(optimizer_steps(16, 4, 1, seed=0, max_steps=11)) == 11  # three epochs of 4 steps, cut at 11
+
+
+def test_in_step_deviation_over_epochs_of_different_lengths(tmp_path, tiny_model):
+    """The audit's case: ragged pools, --batch-size 4 --seed 42 --epochs 2 raised IndexError at step 10."""
+    from ddpo.data import optimizer_steps
+
+    cfg, path = run(tmp_path, tiny_model, "--loss", "ddpo", "--deviation", "style", "--batch-size", "4", "--seed", "42",
+                    "--epochs", "2", data=ragged_pairs(tmp_path / "ragged.jsonl"))
+    rows = metrics(cfg.output_dir)
+    pair_prompt = torch.tensor([g for g, k in enumerate(RAGGED) for _ in range(k)])
+    assert len(rows) == len(optimizer_steps(len(pair_prompt), 4, 1, 42, 2, 0, pair_prompt))
+    assert rows[-1]["epoch"] == 2.0 and path.endswith(f"checkpoint-{len(rows)}")
+
+
+@pytest.mark.parametrize("loss", ["ddpo", "dorpo"])
+def test_in_step_accumulation_is_exact(tmp_path, tiny_model, loss):
+    """One step over 3 prompts (3, 2 and 4 pairs) as one micro-batch or as three: the same loss and gradient.
+    DORPO (released) takes the mean weight of the whole step, also when weights are computed in-step."""
+    data = pool_pairs(tmp_path / "pool_pairs.jsonl")
+    common = ("--loss", loss, "--deviation", "style", "--max-steps", "1", "--kernels", "triton")
+    one, _ = run(tmp_path, tiny_model, *common, "--batch-size", "16", name="one", data=data)
+    acc, _ = run(tmp_path, tiny_model, *common, "--batch-size", "4", "--grad-accum", "3", name="acc", data=data)
+    a, b = metrics(one.output_dir)[0], metrics(acc.output_dir)[0]
+    for key in ("loss", "grad_norm", "weights/mean", "weights/max"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
