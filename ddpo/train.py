@@ -54,8 +54,8 @@ from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, chosen_weights, deviation
 from ddpo.lean import use_lean
 from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
-from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, disable_dropout, load_model,
-                         load_tokenizer, resolve, use_segment_attention)
+from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, disable_dropout, files_digest,
+                         load_model, load_tokenizer, use_segment_attention)
 from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
 
 
@@ -216,9 +216,7 @@ class Reference:
         return logps.chunk(2)
 
     def precompute(self, cfg, pairs, pad_token_id, device, save=True):
-        files = resolve(cfg.ref_model or cfg.model)
-        stamp = [(f, os.path.getsize(os.path.join(files, f))) for f in sorted(os.listdir(files))] if os.path.isdir(files) else []
-        key = hashlib.sha256(json.dumps({"model": cfg.ref_model or cfg.model, "files": stamp, "dtype": cfg.dtype,
+        key = hashlib.sha256(json.dumps({"files": files_digest(cfg.ref_model or cfg.model), "dtype": cfg.dtype,
                                          "pairs": [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]}
                                         ).encode()).hexdigest()[:20]
         path = os.path.join(cache_dir(), "ref_logps", key + ".pt")

@@ -316,3 +316,18 @@ def test_in_step_accumulation_is_exact(tmp_path, tiny_model, loss):
     a, b = metrics(one.output_dir)[0], metrics(acc.output_dir)[0]
     for key in ("loss", "grad_norm", "weights/mean", "weights/max"):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_precomputed_reference_is_keyed_by_the_weights_not_the_path(tmp_path, monkeypatch, capsys):
+    """A model rebuilt at the same path with the same shapes (same file names and sizes) is a new reference."""
+    from conftest import make_tiny_model
+
+    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_model(tmp_path / "model", seed=0)
+    args = ("--loss", "dpo", "--max-steps", "1", "--precompute-ref")
+    run(tmp_path, model, *args, name="first")
+    assert "computed and cached" in capsys.readouterr().out
+    make_tiny_model(tmp_path / "model", seed=1)  # retrained in place
+    second, _ = run(tmp_path, model, *args, name="second")
+    assert "computed and cached" in capsys.readouterr().out
+    assert metrics(second.output_dir)[0]["rewards/margins"] == 0.0  # policy == reference at step 1
