@@ -192,14 +192,14 @@ def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
     return stats
 
 
-def collate(pairs, pad_token_id):
-    """Stack [chosen; rejected] of a micro-batch, right-padded.
+def collate(pairs, pad_token_id, rejected=True):
+    """Stack [chosen; rejected] of a micro-batch (the chosen alone when not `rejected`), right-padded.
 
     Returns input_ids, attention_mask, labels, each (2B, T); labels hold the token ids at completion positions and
     IGNORE_INDEX at prompt and padding positions. Rows 0..B-1 are the chosen sequences, B..2B-1 the rejected.
     """
     seqs, labels = [], []
-    for part in ("chosen_ids", "rejected_ids"):
+    for part in ("chosen_ids", "rejected_ids")[:2 if rejected else 1]:
         for p in pairs:
             completion = getattr(p, part)
             seqs.append(p.prompt_ids + completion)
@@ -215,7 +215,7 @@ def collate(pairs, pad_token_id):
     return input_ids, attention_mask, label_ids
 
 
-def collate_packed(pairs):
+def collate_packed(pairs, rejected=True):
     """The same sequences as `collate`, packed into one row without padding (no FLOPs spent on pad tokens).
 
     Returns input_ids, position_ids, labels, seq_ids, each (1, L): positions restart at 0 for every sequence, which
@@ -223,7 +223,7 @@ def collate_packed(pairs):
     the 2B sequences (chosen 0..B-1, then rejected) each position belongs to.
     """
     ids, labels, positions, seq_ids = [], [], [], []
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs if rejected]
     for i, (prompt, completion) in enumerate(sequences):
         ids += prompt + completion
         labels += [IGNORE_INDEX] * len(prompt) + completion

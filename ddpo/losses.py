@@ -1,4 +1,4 @@
-"""Preference losses as pure functions: DPO, DDPO, ORPO, DORPO.
+"""Preference losses as pure functions: DPO, DDPO, ORPO, DORPO, and SFT (the stage before them).
 
 Every function returns *unreduced* per-pair losses plus rewards, so the deviation weight of DDPO/DORPO is one
 visible multiply and the caller decides the reduction. The trainer reduces with sum(losses) / B_global, where
@@ -89,3 +89,8 @@ def dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, la
     else:
         raise ValueError(f"unknown DORPO form {form!r}: expected 'released' or 'per-example'")
     return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach()
+
+
+def sft_loss(policy_chosen_logps):
+    """SFT on the chosen responses: logps (B,) are *mean* per-token log-probs; returns the per-pair NLL (B,)."""
+    return -at_least_fp32(policy_chosen_logps)  # -1/|y| sum_t log pi(y_t | x, y_<t), averaged per response as ORPO's NLL

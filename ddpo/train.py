@@ -53,7 +53,7 @@ from ddpo.data import (DataError, atomic_write, collate, collate_packed, load_pa
 from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, chosen_weights, deviation_weights, load_embedder
 from ddpo.lean import use_lean
 from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
-from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss
+from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss, sft_loss
 from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, disable_dropout, files_digest,
                          load_model, load_tokenizer, use_segment_attention)
 from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
@@ -65,7 +65,9 @@ class TrainConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name, local directory or packaged:<name>"})
     ref_model: str = field(default="", metadata={"help": "reference model for DPO/DDPO (default: --model, frozen)"})
     output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, metrics.jsonl, train_config.json"})
-    loss: str = field(default="ddpo", metadata={"help": "dpo | ddpo | orpo | dorpo", "choices": ["dpo", "ddpo", "orpo", "dorpo"]})
+    loss: str = field(default="ddpo", metadata={"help": "dpo | ddpo | orpo | dorpo | sft (NLL of the chosen responses, "
+                                                         "the paper's stage before DPO)",
+                                                 "choices": ["dpo", "ddpo", "orpo", "dorpo", "sft"]})
     beta: float = field(default=0.1, metadata={"help": "DPO/DDPO inverse temperature (paper: 0.1)"})
     orpo_lambda: float = field(default=0.25, metadata={"help": "weight of the ORPO/DORPO odds-ratio term"})
     dorpo_form: str = field(default="released", metadata={
@@ -87,8 +89,12 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={"help": "optimiser steps; 0 = derive from epochs"})
     batch_size: int = field(default=2, metadata={"help": "pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    max_length: int = field(default=1024, metadata={"help": "max prompt+completion tokens; completions cut at the end (0 = off)"})
-    max_prompt_length: int = field(default=512, metadata={"help": "max prompt tokens; prompts keep their end (0 = off)"})
+    max_length: int = field(default=-1, metadata={"help": "max prompt+completion tokens; completions keep their start "
+                                                           "(0 = off; -1 = as released: off for dpo/ddpo/sft, 512 for "
+                                                           "orpo/dorpo)"})
+    max_prompt_length: int = field(default=-1, metadata={"help": "max prompt tokens; prompts keep their end (0 = off; "
+                                                                  "-1 = as released: off for dpo/ddpo/sft, 128 for "
+                                                                  "orpo/dorpo)"})
     seed: int = field(default=42, metadata={"help": "seed of data order and initialisation"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "float32", "bfloat16"]})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -129,6 +135,11 @@ def parse_args(argv=None):
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if not cfg.data:
         parser.error("--data is required")
+    odds = cfg.loss in ("orpo", "dorpo")  # the released code cut ORPO/DORPO to 512 tokens, the prompt to its last 128
+    cfg.max_length = (512 if odds else 0) if cfg.max_length == -1 else cfg.max_length
+    cfg.max_prompt_length = (128 if odds else 0) if cfg.max_prompt_length == -1 else cfg.max_prompt_length
+    if cfg.max_length and cfg.max_prompt_length >= cfg.max_length:
+        parser.error(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length ({cfg.max_length})")
     return cfg
 
 
@@ -145,8 +156,8 @@ def lr_lambda(cfg, total_steps):
     return f
 
 
-def make_batch(cfg, pairs, pad_token_id, device):
-    batch = collate_packed(pairs) if cfg.packing else collate(pairs, pad_token_id)
+def make_batch(cfg, pairs, pad_token_id, device, rejected=True):
+    batch = collate_packed(pairs, rejected) if cfg.packing else collate(pairs, pad_token_id, rejected)
     return tuple(t.to(device) for t in batch)
 
 
@@ -157,6 +168,12 @@ def step_losses(cfg, policy_logps, ref, index, pairs, weights, weights_mean, pad
     weights; with `deviation` = (embeddings, group, chosen_index) of the micro-batch's pools they are computed here
     instead, by the fused kernel. policy_logps: the policy as a SequenceLogps module.
     """
+    if cfg.loss == "sft":  # the chosen responses alone
+        batch = make_batch(cfg, pairs, pad_token_id, device, rejected=False)
+        logps, counts = policy_logps(batch)  # (B,)
+        chosen_mean = logps / counts
+        metrics = {"logps/chosen": chosen_mean.detach().sum(), "tokens": torch.as_tensor(int(counts.sum()))}
+        return sft_loss(chosen_mean), weights.detach(), metrics
     batch = make_batch(cfg, pairs, pad_token_id, device)
     logps, counts = policy_logps(batch)  # (2B,)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)
@@ -277,7 +294,7 @@ class InStepDeviation:
 
 def pair_weights(cfg, pairs):
     """Chosen weights of the pairs: the data's `weight` (1 when absent) for DDPO/DORPO, 1 for DPO/ORPO."""
-    if cfg.loss in ("dpo", "orpo"):
+    if cfg.loss in ("dpo", "orpo", "sft"):
         return torch.ones(len(pairs))
     w = torch.tensor([1.0 if p.weight is None else p.weight for p in pairs])
     return w.clamp(min=cfg.min_weight)
@@ -548,7 +565,7 @@ def train(cfg):
                 f.write(json.dumps(row) + "\n")
             bar.write(" | ".join([f"step {step + 1}/{total_steps}"] + [
                 f"{key} {row[key]:.4g}" for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                                                      "weights/mean", "lr", "step_time_s", "peak_mem_gb")]))
+                                                      "weights/mean", "lr", "step_time_s", "peak_mem_gb") if key in row]))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
             path = os.path.join(cfg.output_dir, f"checkpoint-{step + 1}")
             model_state, optimizer_state = full_state(policy, optimizer) if cfg.fsdp else (None, optimizer.state_dict())

@@ -331,3 +331,30 @@ def test_precomputed_reference_is_keyed_by_the_weights_not_the_path(tmp_path, mo
     second, _ = run(tmp_path, model, *args, name="second")
     assert "computed and cached" in capsys.readouterr().out
     assert metrics(second.output_dir)[0]["rewards/margins"] == 0.0  # policy == reference at step 1
+
+
+@pytest.mark.parametrize("loss, lengths", [("dpo", (0, 0)), ("ddpo", (0, 0)), ("sft", (0, 0)), ("orpo", (512, 128)),
+                                           ("dorpo", (512, 128))])
+def test_truncation_defaults_follow_the_released_code(loss, lengths):
+    cfg = parse_args(["--data", "x", "--loss", loss])
+    assert (cfg.max_length, cfg.max_prompt_length) == lengths
+    cfg = parse_args(["--data", "x", "--loss", loss, "--max-length", "300", "--max-prompt-length", "0"])
+    assert (cfg.max_length, cfg.max_prompt_length) == (300, 0)
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "x", "--loss", loss, "--max-length", "100", "--max-prompt-length", "100"])
+
+
+def test_sft_is_the_mean_token_nll_of_the_chosen_responses(tmp_path, tiny_model):
+    tok, model = load_tokenizer(tiny_model), load_model(tiny_model)
+    pairs = load_pairs(write_pairs(tmp_path / "pairs.jsonl"))
+    tokenize_pairs(pairs, tok)
+    nll = []
+    for p in pairs:  # from the full logits of each chosen sequence, one at a time
+        ids = torch.tensor([p.prompt_ids + p.chosen_ids])
+        logits = model(input_ids=ids).logits[0, len(p.prompt_ids) - 1:-1]
+        nll.append(F.cross_entropy(logits, torch.tensor(p.chosen_ids)).item())
+    cfg, _ = run(tmp_path, tiny_model, "--loss", "sft", "--max-steps", "4", "--batch-size", "6")
+    rows = metrics(cfg.output_dir)
+    assert rows[0]["loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert rows[0]["logps/chosen"] == pytest.approx(-rows[0]["loss"], rel=1e-6)
+    assert rows[-1]["loss"] < rows[0]["loss"] and "rewards/margins" not in rows[0]
