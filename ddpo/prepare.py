@@ -101,7 +101,10 @@ def pair_gap(scores, rng, gap):
         pairs.append((i, j) if scores[i] > scores[j] else (j, i))
 
 
-def pair_divpo(scores, dev, rng, rho, m_pairs):
+def pair_divpo(scores, deviation_within, rng, rho, m_pairs):
+    """DivPO (released): k = int(min(max(M, N rho), N / 2)); chosen = the min(M, k) most deviating of the top-k by
+    score, rejected = the least deviating of the bottom-k, deviation computed *within* each of the two sets
+    (deviation_within(indices) -> one combined deviation per index); shuffled and zipped. Equal scores are kept."""
     n = len(scores)
     k = int(min(max(m_pairs, n * rho), n / 2))
     if k < 1:
@@ -109,11 +112,12 @@ def pair_divpo(scores, dev, rng, rho, m_pairs):
     by_score = sorted(range(n), key=lambda i: -scores[i])
     high, low = by_score[:k], by_score[-k:]
     m = min(m_pairs, k)
-    chosen = sorted(high, key=lambda i: -dev[i])[:m]
-    rejected = sorted(low, key=lambda i: dev[i])[:m]
+    dev_high, dev_low = deviation_within(high), deviation_within(low)
+    chosen = [high[i] for i in sorted(range(k), key=lambda i: -dev_high[i])[:m]]
+    rejected = [low[i] for i in sorted(range(k), key=lambda i: dev_low[i])[:m]]
     rng.shuffle(chosen)
     rng.shuffle(rejected)
-    return [(c, r) for c, r in zip(chosen, rejected) if c != r and scores[c] > scores[r]]
+    return list(zip(chosen, rejected))
 
 
 def pair_diverse_ns(texts, scores, dev, eps, tolerance):
@@ -137,6 +141,10 @@ def parse_args(argv=None):
     p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"], help="hub name, path or packaged:<name> (paper: jinaai/jina-embeddings-v3)")
     p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"], help="hub name, path, or 'stylometric' (paper: AnnaWegmann/Style-Embedding)")
     p.add_argument("--pairing", default="gap", choices=["gap", "divpo", "diverse-ns"], help="how pools become pairs")
+    p.add_argument("--pool", default="pairs", choices=["pairs", "all"],
+                   help="the responses of a prompt that deviation is computed over. pairs (released): weights over the "
+                        "texts of the pairs kept (after --max-per-prompt), DivPO over the responses the gap pairing "
+                        "used; all: every response of the prompt (the paper's prose)")
     p.add_argument("--gap", type=float, default=5.0, help="gap pairing: minimum score gap before falling back")
     p.add_argument("--rho", type=float, default=0.25, help="divpo: share of the pool taken as high and low")
     p.add_argument("--pairs-per-prompt", type=int, default=2, help="divpo: M, pairs per prompt")
@@ -151,6 +159,44 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class Deviation:
+    """Deviation of any subset of a prompt's responses taken as one pool (DESIGN.md 2), from embeddings made once."""
+
+    def __init__(self, embeddings):
+        self.embeddings = embeddings  # {metric: (M, D) over every response of the input}
+
+    def __call__(self, pools, metrics):
+        """pools: lists of global response indices -> per pool (weights, {metric: raw deviations}), one batched call."""
+        if not metrics:
+            return [([1.0] * len(rows), {}) for rows in pools]
+        rows = torch.tensor([i for pool in pools for i in pool])
+        group = torch.tensor([g for g, pool in enumerate(pools) for _ in pool])
+        weights, devs = deviation_weights([self.embeddings[m][rows] for m in metrics], group)
+        out, start = [], 0
+        for pool in pools:
+            end = start + len(pool)
+            out.append((weights[start:end].tolist(), {m: d[start:end].tolist() for m, d in zip(metrics, devs)}))
+            start = end
+        return out
+
+
+def pair_prompt(args, kind, g, start, deviation, rng, ranking):
+    """The pairs of one prompt as (chosen, rejected, meta) with indices local to its responses, before any cutoff."""
+    s, n = g["scores"], len(g["responses"])
+    if kind == "pairs":
+        return [(c, r, {}) for c, r in g["pairs"]]
+    if args.pairing == "gap":
+        return [(c, r, {}) for c, r in pair_gap(s, rng, args.gap)]
+    if args.pairing == "divpo":
+        pool = sorted({i for pair in pair_gap(s, rng, args.gap) for i in pair}) if args.pool == "pairs" else list(range(n))
+        within = lambda local: deviation([[start + pool[i] for i in local]], ranking)[0][0]  # noqa: E731
+        return [(pool[c], pool[r], {}) for c, r in pair_divpo([s[i] for i in pool], within, rng, args.rho,
+                                                             args.pairs_per_prompt)]
+    weights, devs = deviation([list(range(start, start + n))], ranking)[0]
+    return [(c, r, {"diversity_gain": gain, "deviation": {m: [d[c], d[r]] for m, d in devs.items()}})
+            for c, r, gain in pair_diverse_ns(g["responses"], s, weights, args.quality_eps, args.length_tolerance)]
+
+
 def prepare(args):
     kind, groups, dropped = read_input(args.input, scored_later=args.score != "none")
     texts = [t for g in groups.values() for t in g["responses"]]
@@ -160,51 +206,45 @@ def prepare(args):
         it = iter(scores)
         for g in groups.values():
             g["scores"] = [next(it) for _ in g["responses"]]
-    group = torch.tensor([gi for gi, g in enumerate(groups.values()) for _ in g["responses"]])
-    metrics = METRICS[args.deviation] or (["semantic"] if args.pairing in ("divpo", "diverse-ns") else [])
-    embedders = {"semantic": args.semantic_embedder, "style": args.style_embedder}
-    if metrics:
-        weights, devs = deviation_weights([load_embedder(embedders[m])(texts) for m in metrics], group)
-    else:
-        weights, devs = torch.ones(len(texts)), []
-    rank = weights.tolist()  # DivPO and Diverse-NS rank by deviation: w = p / mean(p) keeps p's order in a group
-    if not METRICS[args.deviation]:
-        weights = torch.ones(len(texts))
+    plain = kind == "pool" and args.pairing != "gap"  # DivPO and Diverse-NS pairs are trained with plain DPO: weight 1
+    weighting = [] if plain else METRICS[args.deviation]
+    default_ranking = ["semantic", "style"] if args.pairing == "divpo" else ["semantic"]  # the released baselines'
+    ranking = (METRICS[args.deviation] or default_ranking) if plain else []
+    names = {"semantic": args.semantic_embedder, "style": args.style_embedder}
+    deviation = Deviation({m: load_embedder(names[m])(texts) for m in dict.fromkeys(weighting + ranking)})
 
+    # 1. pair every prompt, then cut it to --max-per-prompt (released order: deviation comes after both)
     rng = random.Random(args.seed)
-    plain = args.pairing in ("divpo", "diverse-ns") and kind == "pool"  # trained with plain DPO: weight 1
-    rows, offset = [], 0
+    kept, offset = [], 0  # kept: (group, first response index, pairs)
     counts = {"prompts": len(groups), "responses": len(texts), "single_response_prompts": 0, "no_pair_prompts": 0}
     for g in groups.values():
-        n = len(g["responses"])
-        start, offset = offset, offset + n  # this prompt's rows in texts, weights and devs
-        if n < 2:
+        start, offset = offset, offset + len(g["responses"])
+        if len(g["responses"]) < 2:
             counts["single_response_prompts"] += 1
             continue
-        s, dev = g["scores"], rank[start:offset]
-        if kind == "pairs":
-            pairs = [(c, r, None) for c, r in g["pairs"]]
-        elif args.pairing == "gap":
-            pairs = [(c, r, None) for c, r in pair_gap(s, rng, args.gap)]
-        elif args.pairing == "divpo":
-            pairs = [(c, r, None) for c, r in pair_divpo(s, dev, rng, args.rho, args.pairs_per_prompt)]
-        else:
-            pairs = pair_diverse_ns(g["responses"], s, dev, args.quality_eps, args.length_tolerance)
+        pairs = pair_prompt(args, kind, g, start, deviation, rng, ranking)
         if args.max_per_prompt and len(pairs) > args.max_per_prompt:
             if args.sort_by_score:
-                pairs = sorted(pairs, key=lambda x: -(s[x[0]] if s[x[0]] is not None else -math.inf))
+                pairs = sorted(pairs, key=lambda x: -(g["scores"][x[0]] if g["scores"][x[0]] is not None else -math.inf))
             pairs = pairs[:args.max_per_prompt]
         if not pairs:
             counts["no_pair_prompts"] += 1
-        for c, r, gain in pairs:
-            w = 1.0 if plain else max(weights[start + c].item(), args.min_weight)
-            meta = {"group_size": n, "pairing": "input" if kind == "pairs" else args.pairing,
-                    "deviation": {m: [devs[k][start + c].item(), devs[k][start + r].item()]
-                                  for k, m in enumerate(metrics)}}
-            if gain is not None:
-                meta["diversity_gain"] = gain
+            continue
+        kept.append((g, start, pairs))
+
+    # 2. deviation weights over each prompt's pool: the texts of its kept pairs, or all its responses (--pool all)
+    pools = [sorted({i for c, r, _ in pairs for i in (c, r)}) if args.pool == "pairs" else list(range(len(g["responses"])))
+             for g, _, pairs in kept]
+    weighted = deviation([[start + i for i in pool] for pool, (_, start, _) in zip(pools, kept)], weighting)
+    rows = []
+    for (g, _, pairs), pool, (weights, devs) in zip(kept, pools, weighted):
+        at = {i: k for k, i in enumerate(pool)}
+        for c, r, meta in pairs:
+            w = 1.0 if plain else max(weights[at[c]], args.min_weight)
+            meta = {"group_size": len(pool), "pairing": "input" if kind == "pairs" else args.pairing,
+                    "deviation": {m: [d[at[c]], d[at[r]]] for m, d in devs.items()}, **meta}
             rows.append({"prompt": g["prompt"], "chosen": g["responses"][c], "rejected": g["responses"][r], "weight": w,
-                         "chosen_score": s[c], "rejected_score": s[r], "meta": meta})
+                         "chosen_score": g["scores"][c], "rejected_score": g["scores"][r], "meta": meta})
     if args.pairing == "diverse-ns" and args.budget and len(rows) > args.budget:
         rows = sorted(rows, key=lambda row: -row["meta"]["diversity_gain"])[:args.budget]
     if not rows:

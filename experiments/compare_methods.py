@@ -15,7 +15,7 @@ ARMS = {
     "ddpo-sem": Arm("ddpo", ["--deviation", "semantic"]),
     "ddpo-sty": Arm("ddpo", ["--deviation", "style"]),
     "ddpo-both": Arm("ddpo", ["--deviation", "both"]),
-    "divpo": Arm("dpo", ["--deviation", "semantic", "--pairing", "divpo"]),
+    "divpo": Arm("dpo", ["--deviation", "both", "--pairing", "divpo"]),  # the released baseline: both metrics
 }
 
 if __name__ == "__main__":

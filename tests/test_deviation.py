@@ -24,15 +24,16 @@ def test_worked_example(embs, expected):
 
 
 def released_weights(pools_per_metric):
-    """The released code's arithmetic, per prompt, with Python loops: pairwise distances, min-max, geometric mean,
-    score = p / mean(p) - 1; the loss multiplies by score + 1."""
+    """The released code's arithmetic, per prompt, with Python loops: pairwise distances, min-max (0 when max == min,
+    exactly as released: callers use pools whose deviations differ), geometric mean, score = p / mean(p) - 1; the loss
+    multiplies by score + 1."""
     K = len(pools_per_metric)
     n = len(pools_per_metric[0])
     p = np.ones(n)
     for embs in pools_per_metric:
         e = [v / np.linalg.norm(v) for v in np.asarray(embs, dtype=np.float64)]
         dev = np.array([np.mean([1 - e[i] @ e[j] for j in range(n) if j != i]) if n > 1 else 0.0 for i in range(n)])
-        d = np.zeros(n) if np.ptp(dev) <= 1e-6 else 2 * (dev - dev.min()) / (dev.max() - dev.min()) - 1
+        d = np.zeros(n) if dev.max() == dev.min() else 2 * (dev - dev.min()) / (dev.max() - dev.min()) - 1
         p *= ((d + 1) / 2) ** (1 / K)
     score = p / p.mean() - 1 if p.mean() > 0 else np.zeros(n)
     return score + 1

@@ -8,7 +8,8 @@ import torch
 import ddpo.prepare as prep
 from ddpo.quality import proxy_score
 from conftest import read_jsonl, write_jsonl
-from test_deviation import SEM, STY
+from ddpo.deviation import mean_cosine_distance
+from test_deviation import SEM, STY, released_weights
 
 
 def run(tmp_path, rows, *extra):
@@ -63,30 +64,112 @@ def test_gap_pairing_is_seeded_and_uses_each_response_once(tmp_path):
     assert sum(p["weight"] for p in a) > 0
 
 
-def test_divpo_picks_deviating_high_and_typical_low(tmp_path, monkeypatch):
-    # 8 responses, rho 0.25, M 2: k = int(min(max(2, 2), 4)) = 2, m = 2
-    rows = pool("p", zip(STORIES, [9, 8, 7, 6, 5, 4, 2, 1]))
-    pairs, _ = run(tmp_path, rows, "--pairing", "divpo", "--deviation", "style")
-    assert len(pairs) == 2 and all(p["weight"] == 1.0 for p in pairs)
-    assert {p["chosen"] for p in pairs} == set(STORIES[:2]) and {p["rejected"] for p in pairs} == set(STORIES[-2:])
-    # N = 12, rho 0.25: k = 3, chosen = the 2 most deviating of the top 3
-    rows = pool("q", zip(STORIES + ["Alpha beta.", "Gamma delta.", "Epsilon zeta eta!", "Theta?"], range(12, 0, -1)))
-    pairs, _ = run(tmp_path, rows, "--pairing", "divpo", "--deviation", "style", "--pairs-per-prompt", "2")
-    dev = {p["chosen"]: p["meta"]["deviation"]["style"][0] for p in pairs}
-    assert len(pairs) == 2 and set(dev) <= set(STORIES[:3])
+def random_pools(tmp_path, monkeypatch, n_prompts, n, seed, score_levels=None):
+    """Pools of n responses with random scores and random 2-metric embeddings, served by FixedEmbedders."""
+    g = torch.Generator().manual_seed(seed)
+    rows, tables = [], {"sem": {}, "sty": {}}
+    for p in range(n_prompts):
+        scores = torch.randint(0, score_levels or 1000, (n,), generator=g).tolist()
+        for i in range(n):
+            text = f"response {i} to prompt {p}"
+            tables["sem"][text], tables["sty"][text] = torch.randn(8, generator=g), torch.randn(5, generator=g)
+            rows.append({"prompt": f"prompt {p}", "response": text, "score": scores[i]})
+    monkeypatch.setattr(prep, "load_embedder", lambda name: FixedEmbedder(tables[name]))
+    return rows, tables
 
 
-def test_diverse_ns_respects_quality_and_length(tmp_path):
-    rows = pool("p", [("a b c d e f g h i j", 5), ("k l m n o p q r s t", 5), ("u v w", 9), ("x y z a b c d e f g h", 1)])
-    pairs, _ = run(tmp_path, rows, "--pairing", "diverse-ns", "--deviation", "style", "--length-tolerance", "0.1")
-    for p in pairs:
-        lc, lr = len(p["chosen"].split()), len(p["rejected"].split())
-        assert abs(lc - lr) / lr <= 0.1 and p["chosen_score"] >= p["rejected_score"]
-        dc, dr = p["meta"]["deviation"]["style"]
-        assert p["meta"]["diversity_gain"] > 0 and dc > dr
-    pairs, _ = run(tmp_path, rows, "--pairing", "diverse-ns", "--deviation", "style", "--length-tolerance", "0.1",
-                   "--budget", "1")
-    assert len(pairs) <= 1
+def released_divpo(texts, scores, tables, pool, rho=0.25, m_pairs=2):
+    """The released DivPO rule with loops: k from the pool's size, top-k and bottom-k by score (stable), the combined
+    deviation of both metrics computed within each set, the m most deviating of the top, the m least of the bottom."""
+    n = len(pool)
+    k = int(min(max(m_pairs, n * rho), n / 2))
+    order = sorted(pool, key=lambda i: -scores[i])
+    high, low = order[:k], order[-k:]
+
+    def within(members):
+        return released_weights([[tables[m][texts[i]].numpy() for i in members] for m in ("sem", "sty")])
+
+    dh, dl = within(high), within(low)
+    m = min(m_pairs, k)
+    return ({high[i] for i in sorted(range(k), key=lambda i: -dh[i])[:m]},
+            {low[i] for i in sorted(range(k), key=lambda i: dl[i])[:m]})
+
+
+@pytest.mark.parametrize("pool", ["pairs", "all"])
+def test_divpo_follows_the_released_rule(tmp_path, monkeypatch, pool):
+    """Chosen: the most deviating of the top-k, deviation *within* the top-k; rejected: the least deviating of the
+    bottom-k, within it; both metrics; the pool is the responses the gap pairing used (or all, --pool all)."""
+    import random
+
+    rows, tables = random_pools(tmp_path, monkeypatch, 20, 16, seed=0, score_levels=6)  # ties: gap pairing leaves some out
+    smaller_pools = 0
+    for p in range(20):  # one prompt per call: its gap pairing is the first draw of the seeded stream
+        mine = [r for r in rows if r["prompt"] == f"prompt {p}"]
+        got, _ = run(tmp_path, mine, "--pairing", "divpo", "--deviation", "both", "--semantic-embedder", "sem",
+                     "--style-embedder", "sty", "--pool", pool, "--gap", "2", "--seed", "0")
+        texts, scores = [r["response"] for r in mine], [r["score"] for r in mine]
+        used = sorted({i for pr in prep.pair_gap(scores, random.Random(0), 2.0) for i in pr})
+        smaller_pools += len(used) < 16
+        want_chosen, want_rejected = released_divpo(texts, scores, tables, used if pool == "pairs" else list(range(16)))
+        assert {texts.index(x["chosen"]) for x in got} == want_chosen, p
+        assert {texts.index(x["rejected"]) for x in got} == want_rejected, p
+        assert all(x["weight"] == 1.0 for x in got)
+    assert smaller_pools > 0 if pool == "pairs" else True
+
+
+def test_divpo_keeps_pairs_with_equal_scores(tmp_path, monkeypatch):
+    rows, _ = random_pools(tmp_path, monkeypatch, 1, 8, seed=1)
+    for r, score in zip(rows, [9, 5, 5, 5, 5, 5, 5, 1]):
+        r["score"] = score  # k = 2: top {9, 5}, bottom {5, 1}
+    pairs, _ = run(tmp_path, rows, "--pairing", "divpo", "--semantic-embedder", "sem", "--style-embedder", "sty",
+                   "--pool", "all")
+    assert len(pairs) == 2
+
+
+def test_weights_are_computed_over_the_kept_pairs(tmp_path, monkeypatch):
+    """Released order: pair, cut to --max-per-prompt (highest winners first), then deviation over the texts of the
+    pairs kept. With 2 pairs kept of 8 responses, each prompt's pool is those 4 texts (weights mean 1 over them)."""
+    rows, tables = random_pools(tmp_path, monkeypatch, 12, 8, seed=2)
+    pairs, _ = run(tmp_path, rows, "--deviation", "both", "--semantic-embedder", "sem", "--style-embedder", "sty",
+                   "--max-per-prompt", "2", "--sort-by-score")
+    chosen_weights = []
+    for p in range(12):
+        got = [x for x in pairs if x["prompt"] == f"prompt {p}"]
+        assert len(got) == 2 and got[0]["chosen_score"] >= got[1]["chosen_score"]
+        texts = [x["chosen"] for x in got] + [x["rejected"] for x in got]
+        want = released_weights([[tables[m][t].numpy() for t in texts] for m in ("sem", "sty")])
+        assert [x["weight"] for x in got] == pytest.approx(want[:2].tolist(), abs=1e-9)
+        assert all(x["meta"]["group_size"] == 4 for x in got)
+        chosen_weights += want[:2].tolist()
+    assert 0.5 < sum(chosen_weights) / len(chosen_weights) < 1.5  # the old whole-pool weights averaged about 0.1
+    whole, _ = run(tmp_path, rows, "--deviation", "both", "--semantic-embedder", "sem", "--style-embedder", "sty",
+                   "--max-per-prompt", "2", "--sort-by-score", "--pool", "all")
+    assert all(x["meta"]["group_size"] == 8 for x in whole)
+
+
+def test_an_unpaired_response_does_not_move_the_weights(tmp_path, monkeypatch):
+    """A pool of 5 with distinct scores: gap pairing uses 4, and the fifth is in no pair and in no weight."""
+    rows, tables = random_pools(tmp_path, monkeypatch, 1, 5, seed=3)
+    pairs, _ = run(tmp_path, rows, "--deviation", "semantic", "--semantic-embedder", "sem")
+    texts = [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs]
+    assert len(pairs) == 2 and len(set(texts)) == 4
+    want = released_weights([[tables["sem"][t].numpy() for t in texts]])
+    assert [x["weight"] for x in pairs] == pytest.approx(want[:2].tolist(), abs=1e-9)
+
+
+def test_diverse_ns_keeps_the_pair_the_rule_selects(tmp_path, monkeypatch):
+    """A (10 words, score 5), B (10 words, 5), C (3 words, 9), D (11 words, 1); semantic deviation A > D > B > C.
+    Candidates (more diverse chosen, quality not lower, lengths within 10%): (A, B) and (A, D); greedy by diversity
+    gain takes (A, B), which uses A: exactly one pair."""
+    texts = ["a b c d e f g h i j", "k l m n o p q r s t", "u v w", "x y z a b c d e f g h"]
+    table = dict(zip(texts, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.25, 0.0], [1.0, 0.6, 0.0]])))
+    monkeypatch.setattr(prep, "load_embedder", lambda name: FixedEmbedder(table))
+    dev = mean_cosine_distance(torch.stack(list(table.values())), torch.zeros(4, dtype=torch.long)).tolist()
+    assert dev[0] > dev[3] > dev[1] > dev[2]
+    rows = pool("p", zip(texts, [5, 5, 9, 1]))
+    pairs, _ = run(tmp_path, rows, "--pairing", "diverse-ns", "--deviation", "semantic", "--semantic-embedder", "x")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(texts[0], texts[1])]
+    assert pairs[0]["weight"] == 1.0 and pairs[0]["meta"]["diversity_gain"] > 0
 
 
 def test_edge_cases_are_counted(tmp_path):
