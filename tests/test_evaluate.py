@@ -1,10 +1,13 @@
-"""ddpo.evaluate: the `diversity` package's README values, ROUGE-L by hand, skipped prompts, outputs."""
+"""ddpo.evaluate: the `diversity` package's README values, ROUGE-L by hand and against the DP, skipped prompts,
+outputs."""
 
 import json
+import random
 
 import pytest
 
-from ddpo.evaluate import compression_ratio, distinct_n, homogenization, main, ngram_diversity, rouge_l
+from ddpo.evaluate import (MAX_ROUGE_TOKENS, compression_ratio, distinct_n, homogenization, lcs_length, main,
+                           ngram_diversity, rouge_l)
 
 README = [
     "I enjoy walking with my cute dog for the rest of the day, but this time it was hard for me to figure out what to "
@@ -27,6 +30,36 @@ def test_rouge_l_and_distinct_by_hand():
     assert homogenization(["the same text", "the same text"]) == 1.0
     assert distinct_n(["a b a", "b a"], 1) == pytest.approx(2 / 5)
     assert distinct_n(["a b a", "b a"], 2) == pytest.approx(2 / 3)
+
+
+def lcs_dp(a, b):
+    """The reference: the textbook O(len a * len b) dynamic programme."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def test_bit_parallel_lcs_equals_dp():
+    rng = random.Random(0)
+    for _ in range(300):
+        vocab = rng.choice([2, 3, 5, 50])
+        a = [rng.randrange(vocab) for _ in range(rng.randrange(0, 80))]
+        b = [rng.randrange(vocab) for _ in range(rng.randrange(0, 80))]
+        assert lcs_length(a, b) == lcs_dp(a, b)
+    assert lcs_length(list("abcabba"), list("cbabac")) == 4  # CLRS's example
+
+
+def test_rouge_l_on_long_responses():
+    rng = random.Random(1)
+    a = [rng.randrange(1000) for _ in range(20_000)]
+    b = a[::2] + [rng.randrange(1000, 2000) for _ in range(10_000)]  # every other token of a, then new ones
+    assert lcs_length(a, b) == 10_000 and rouge_l(a, b) == pytest.approx(0.5)
+    long = " ".join(f"w{i}" for i in range(MAX_ROUGE_TOKENS + 5_000))
+    assert homogenization([long, long + " tail"]) == 1.0  # capped: the tokens past the cap are not compared
 
 
 def test_report_files_and_single_sample_prompts(tmp_path, capsys):
