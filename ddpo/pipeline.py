@@ -9,7 +9,7 @@
    pairs them (released gap rule), each pair weighted by the deviation of its chosen story
 3. ddpo.train trains DPO and DDPO from the same start, same pairs, seed and steps
 4. both write --n stories for each of the first --eval-prompts held-out prompts of ddpo/data/prompts_eval.jsonl
-5. ddpo.evaluate prints the comparison table and writes the plot
+5. ddpo.evaluate prints the comparison table, DDPO's paired differences to DPO, and writes the plot
 Every stage writes into --work-dir and is skipped when its output is already there, so a stopped run resumes.
 experiments/ builds its comparisons from the same functions (`run_arms`).
 """
@@ -95,8 +95,9 @@ def train_arm(cfg, arm, pairs, output_dir):
     return final
 
 
-def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False):
-    """Train every arm from the same start on pairs built from the same responses, sample, evaluate.
+def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, baseline="dpo"):
+    """Train every arm from the same start on pairs built from the same responses, sample, evaluate (with paired
+    differences to the arm named baseline, when there is one).
 
     Returns the evaluation results {name: metrics}; outputs under cfg.work_dir."""
     os.makedirs(cfg.work_dir, exist_ok=True)
@@ -112,7 +113,8 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False):
         checkpoint = train_arm(cfg, arm, pairs, os.path.join(cfg.work_dir, name))
         samples[name] = sample(cfg, checkpoint, eval_prompts, os.path.join(cfg.work_dir, name, "samples.jsonl"))
     return evaluate.run(evaluate.parse_args([*samples.values(), "--names", *samples, "--semantic-embedder",
-                                             cfg.semantic_embedder, "--output-dir", os.path.join(cfg.work_dir, "eval")]))
+                                             cfg.semantic_embedder, "--output-dir", os.path.join(cfg.work_dir, "eval"),
+                                             *(["--baseline", baseline] if baseline in samples else [])]))
 
 
 def parse_args(argv=None):

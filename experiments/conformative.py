@@ -4,7 +4,8 @@
 The instruct model is the DPO arm of the pipeline in the same work dir (trained first if missing; run after
 compare_methods.py with the same --work-dir to reuse its responses and DPO checkpoint); the base model is the
 starting model (--model), as the offline default has no separate pre-trained base.
-Results: <work-dir>/eval-conformative/ (report.md, plot.png, <run>.metrics.json).
+Results: <work-dir>/eval-conformative/ (report.md, plot.png, <run>.metrics.json), with paired differences to w=0
+(the DPO model alone) when 0 is among the weights.
 """
 
 import argparse
@@ -32,4 +33,5 @@ if __name__ == "__main__":
         runs[f"w={w:g}"] = sample(cfg, instruct, eval_prompts, os.path.join(cfg.work_dir, f"samples-w{w:g}.jsonl"),
                                   extra=["--base-model", cfg.model, "--conform-weight", str(w)])
     evaluate.run(evaluate.parse_args([*runs.values(), "--names", *runs, "--semantic-embedder", cfg.semantic_embedder,
-                                      "--output-dir", os.path.join(cfg.work_dir, "eval-conformative")]))
+                                      "--output-dir", os.path.join(cfg.work_dir, "eval-conformative"),
+                                      *(["--baseline", "w=0"] if "w=0" in runs else [])]))  # w = 0: DPO alone

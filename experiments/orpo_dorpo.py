@@ -1,6 +1,7 @@
 """ORPO vs DORPO in both forms (released: weight inside the sigmoid; per-example: weight on both terms).
 
     python experiments/orpo_dorpo.py --work-dir runs/exp-orpo
+Results: <work-dir>/eval/, with both DORPO forms' paired differences to ORPO.
 """
 
 from ddpo.pipeline import Arm, parse_args, run_arms
@@ -15,4 +16,4 @@ if __name__ == "__main__":
     cfg = parse_args()
     if cfg.work_dir == "runs/pipeline":
         cfg.work_dir = "runs/exp-orpo"
-    run_arms(cfg, ARMS)
+    run_arms(cfg, ARMS, baseline="orpo")

@@ -21,4 +21,4 @@ if __name__ == "__main__":
         out.writelines(line for line in f if json.loads(line)["sample"] < 4)
     for n, pool in ((4, pool4), (8, pool8)):
         sub = dataclasses.replace(cfg, work_dir=os.path.join(cfg.work_dir, f"n{n}"))
-        run_arms(sub, {f"dpo-n{n}": Arm("dpo"), f"ddpo-both-n{n}": Arm("ddpo")}, responses=pool)
+        run_arms(sub, {f"dpo-n{n}": Arm("dpo"), f"ddpo-both-n{n}": Arm("ddpo")}, responses=pool, baseline=f"dpo-n{n}")

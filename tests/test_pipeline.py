@@ -11,9 +11,11 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model, capsys):
     main(args)
     out = capsys.readouterr().out
     assert "| dpo |" in out and "| ddpo |" in out and "plot:" in out
+    assert "difference to dpo" in out and "\nddpo - dpo: semantic diversity " in out  # the reading, after the tables
     for name in ("dpo", "ddpo"):
         metrics = json.load(open(tmp_path / "eval" / f"{name}.metrics.json"))
         assert metrics["prompts"] == 2 and metrics["samples"] == 6
+        assert ("vs_baseline" in metrics) == (name == "ddpo")
         assert os.path.isdir(tmp_path / name / "checkpoint-2")
     pairs = [json.loads(line) for line in open(tmp_path / "pairs-deviation_both.jsonl")]
     assert pairs and all("weight" in p and p["meta"]["group_size"] == 3 for p in pairs)
