@@ -1,9 +1,12 @@
 """ddpo.generate: sampling processors, conformative mixing, w = 0 equals plain sampling, resume, bad input."""
 
+import os
+
 import pytest
 import torch
 from conftest import make_tiny_model, read_jsonl, write_jsonl
 
+from ddpo import generate
 from ddpo.generate import Sampling, main, next_token_probs, penalise, truncation_mask
 
 
@@ -72,6 +75,97 @@ def test_resume_skips_finished_batches_and_drops_a_torn_line(tmp_path, tiny_mode
     (tmp_path / "part.jsonl").write_text("".join(full[:2]) + full[2][:10])  # batch 0 done, batch 1 torn
     main(common + ["--output", str(tmp_path / "part.jsonl")])
     assert (tmp_path / "part.jsonl").read_text() == "".join(full)
+
+
+def test_long_prompts_keep_their_end(tmp_path, tiny_model, monkeypatch, capsys):
+    rows = []
+
+    class Recording(generate.Stream):
+        def __init__(self, model, prompt_rows, pad_id):
+            rows.extend(prompt_rows)
+            super().__init__(model, prompt_rows, pad_id)
+
+    monkeypatch.setattr(generate, "Stream", Recording)
+    long = "a story " * 100 + "THE END"  # 800 bytes: over 512 - 8 tokens of the tiny model
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": long}, {"prompt": "short"}])
+    common = ["--model", tiny_model, "--prompts", prompts, "--n", "1"]
+    main(common + ["--max-new-tokens", "8", "--output", str(tmp_path / "o.jsonl")])
+    assert "1 of 2 prompts are longer than 504 tokens" in capsys.readouterr().out
+    tokenizer = generate.load_tokenizer(tiny_model)
+    assert rows[0] == generate.render_prompt(tokenizer, long)[-504:] and len(read_jsonl(tmp_path / "o.jsonl")) == 2
+    with pytest.raises(SystemExit, match="--max-new-tokens 512 leaves no room for a prompt in a context of 512"):
+        main(common + ["--max-new-tokens", "512", "--output", str(tmp_path / "none.jsonl")])
+    assert not os.path.exists(tmp_path / "none.jsonl")
+
+
+BAD_FLAGS = [("--n", "0"), ("--temperature", "0"), ("--temperature", "-1"), ("--temperature", "nan"),
+             ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-k", "-1"), ("--min-p", "-0.1"),
+             ("--min-p", "1.5"), ("--min-p", "nan"), ("--repetition-penalty", "0"), ("--repetition-penalty", "-1"),
+             ("--repetition-penalty", "nan"), ("--batch-prompts", "0"), ("--conform-weight", "1.5"),
+             ("--conform-weight", "-0.5"), ("--conform-weight", "nan"), ("--max-new-tokens", "0"),
+             ("--seed", "-1"), ("--temperature", "inf")]
+
+
+@pytest.mark.parametrize("flag, value", BAD_FLAGS)
+def test_bad_flags_are_refused_at_parse_time(tmp_path, monkeypatch, capsys, flag, value):
+    monkeypatch.setattr(generate, "load_tokenizer", no_model)
+    monkeypatch.setattr(generate, "load_model", no_model)
+    with pytest.raises(SystemExit) as e:
+        main(["--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--output", str(tmp_path / "o.jsonl"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+GOOD = '{"prompt": "Tell a tale."}\n'
+BAD_INPUTS = [  # files under tmp_path (p.jsonl is the prompts file, o.jsonl the output), extra flags, the error
+    pytest.param({"p.jsonl": '{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n'}, [],
+                 r"p.jsonl:2: duplicate prompt id 'x' \(also .*p.jsonl:1\)", id="equal explicit ids"),
+    pytest.param({"p.jsonl": '{"prompt": "a", "id": "1"}\n{"prompt": "b"}\n'}, [],
+                 r"p.jsonl:2: duplicate prompt id '1'", id="explicit id equals a default id"),
+    pytest.param({"p.jsonl": '{"prompt": "a", "id": 7}\n{"prompt": "b", "id": "7"}\n'}, [],
+                 r"p.jsonl:2: duplicate prompt id '7'", id="integer and string ids"),
+    pytest.param({"p.jsonl": '{"prompt": "a", "id": null}\n'}, [], r"p.jsonl:1: 'id' must be a string or an integer",
+                 id="null id"),
+    pytest.param({"p.jsonl": GOOD.encode() + b'{"prompt": "caf\xe9"}\n'}, [], r"p.jsonl:2: invalid UTF-8",
+                 id="invalid utf-8"),
+    pytest.param({"p.jsonl": GOOD + '{"prompt": "a\\ud800b"}\n'}, [], r"p.jsonl:2: lone surrogate", id="lone surrogate"),
+    pytest.param({}, ["--output", "{tmp}"], r"--output .*: is a directory", id="output is a directory"),
+    pytest.param({}, ["--output", "{tmp}/p.jsonl/o.jsonl"], r"--output .*p.jsonl/o.jsonl: cannot write there",
+                 id="output's directory is a file"),
+    pytest.param({}, ["--model", "./no/such/model"], r"--model ./no/such/model: no such directory", id="missing model"),
+    pytest.param({}, ["--base-model", "{tmp}/base"], r"--base-model .*/base: no such directory", id="missing base"),
+    pytest.param({"m/notes.txt": ""}, ["--model", "{tmp}/m"], r"--model .*/m: not a model directory \(no config.json\)",
+                 id="model directory without config"),
+    pytest.param({}, ["--model", "packaged:nope"], r"--model packaged:nope: unknown packaged model", id="unknown packaged"),
+]
+
+
+@pytest.mark.parametrize("files, flags, error", BAD_INPUTS)
+def test_bad_input_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch, files, flags, error):
+    monkeypatch.setattr(generate, "load_tokenizer", no_model)
+    monkeypatch.setattr(generate, "load_model", no_model)
+    files = {"p.jsonl": GOOD, **files}
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    argv = ["--model", tiny_model, "--prompts", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match=error):
+        main(argv + [f.format(tmp=tmp_path) for f in flags])
+    assert sorted(os.listdir(tmp_path)) == sorted({name.split("/")[0] for name in files})  # nothing written
+    for name, content in files.items():  # nothing rewritten
+        assert (tmp_path / name).read_bytes() == (content if isinstance(content, bytes) else content.encode())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_directory_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(generate, "load_model", no_model)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit, match="cannot write there"):
+        main(["--model", tiny_model, "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS),
+              "--output", str(tmp_path / "ro" / "o.jsonl")])
 
 
 def test_mismatched_tokenizers_and_bad_prompts(tmp_path, tiny_model):
