@@ -6,8 +6,10 @@
 
 Prompts JSONL: {"prompt": str | [messages], "id": optional string or integer, else the prompt's index}; ids are
 unique. Samples JSONL: one line per sample with "prompt_id", "prompt", "response", "sample", "model" and every
-sampling setting. Defaults are the paper's evaluation: N 4, temperature 1.0, top-k 50, top-p 0.95, repetition
-penalty 1.1. Temperature must be > 0 (greedy is --top-k 1).
+sampling setting; beside it, <output>.meta.json records what the samples depend on: the model, base model, conform
+weight, every sampling setting, --batch-prompts, and the sha256 of the prompts (with the prompts file's path, for
+reading only). Defaults are the paper's evaluation: N 4, temperature 1.0, top-k 50, top-p 0.95, repetition penalty
+1.1. Temperature must be > 0 (greedy is --top-k 1).
 
 Each step: repetition penalty (HF's rule, on the tokens of the prompt and the response so far), temperature, then
 the instruct model's truncation set (top-k, then top-p, then min-p, each on what the previous kept). Conformative
@@ -20,11 +22,19 @@ its last tokens, as training keeps a prompt's end; how many were cut is printed 
 prompt). No room at all for a prompt is an error.
 
 Prompts are processed in fixed batches of --batch-prompts (x N sequences, left-padded); each batch has its own seeded
-generator and is appended to the output (flushed) when done, so an interrupted run resumes where it stopped
-(finished batches are skipped, a half-written last line is dropped) and gives the samples of an uninterrupted run.
+generator and is appended to the output (flushed) when done. Rerunning into an existing output resumes it if it is
+ours (it has our <output>.meta.json) and was written with the same settings and prompts (the prompts file may have
+moved); otherwise an error names the settings that differ and nothing is written. Every complete line must be a
+sample of this run (else a file:line error); a torn last line (killed mid-write) is dropped; each batch that misses a
+sample is generated again whole, from its seed, and only its missing (prompt_id, sample) lines are appended, so no
+sample is written twice. Seeded reproducibility per (prompt, sample) holds across resume: a sample depends on the
+seed and its batch (index and prompts), not on interruptions, so a resumed run ends with the file of an uninterrupted
+one (tested on CPU; on a GPU as far as its kernels are deterministic, else a resumed batch may differ in the samples
+it adds).
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -35,8 +45,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from ddpo.data import DataError, check_text, read_jsonl
+from ddpo.data import DataError, atomic_write, check_text, read_jsonl
 from ddpo.models import check_model_path, load_model, load_tokenizer
+
+WRITTEN_BY = "ddpo.generate"
 
 
 @dataclass
@@ -199,6 +211,15 @@ def read_prompts(path):
     return prompts
 
 
+def prompts_sha256(prompts):
+    text = json.dumps([[p["id"], p["prompt"]] for p in prompts], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def meta_path(output):
+    return output + ".meta.json"
+
+
 def check_writable(output):
     """Refuse an output that cannot be written, before any model loads; creates nothing."""
     if os.path.isdir(output):
@@ -215,22 +236,64 @@ def check_writable(output):
         raise DataError(f"--output {output}: cannot write there ({e.strerror})") from None
 
 
-def finished_prompt_ids(path, n):
-    """Prompt ids with all n samples in an existing output; a half-written last line is cut off first."""
+def read_meta(path):
+    """Our settings file, {} when there is none; a file there that is not ours is refused."""
     if not os.path.exists(path):
-        return set()
-    with open(path, "rb") as f:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("written_by") != WRITTEN_BY:
+        raise DataError(f"{path}: not a ddpo.generate settings file; choose another --output or remove it")
+    return meta
+
+
+def sample_problem(rec, prompts_by_id, settings):
+    """Why a line of an existing output is not a sample of this run, or None."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):
+        return "not a sample line of ddpo.generate"
+    if not (isinstance(rec.get("prompt_id"), str) and rec["prompt_id"] in prompts_by_id):
+        return f"prompt_id {rec.get('prompt_id')!r} is not in --prompts"
+    if rec.get("prompt") != prompts_by_id[rec["prompt_id"]]:
+        return f"the prompt of {rec['prompt_id']!r} differs from the one in --prompts"
+    if type(rec.get("sample")) is not int or not 0 <= rec["sample"] < settings["n"]:
+        return f"sample {rec.get('sample')!r} is not in 0..{settings['n'] - 1}"
+    differ = [k for k in settings if rec.get(k) != settings[k]]
+    return f"written with other settings: {', '.join(differ)}" if differ else None
+
+
+def written_samples(output, meta, prompts, settings):
+    """The (prompt_id, sample) pairs already in the output, and the byte length of its complete lines. Refuses an
+    output that is not ours, was written with other settings, or holds a line that is not a sample of this run."""
+    old = read_meta(meta_path(output))
+    if not os.path.exists(output):
+        return set(), 0
+    if not old:
+        raise DataError(f"{output}: exists and was not written by ddpo.generate (no {meta_path(output)}); "
+                        "choose another --output or remove it")
+    if (differ := [k for k in meta if old.get(k) != meta[k]]):
+        raise DataError(f"{output}: holds samples with other settings: "
+                        + ", ".join(f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in differ)
+                        + "; choose another --output")
+    with open(output, "rb") as f:
         data = f.read()
-    if data and not data.endswith(b"\n"):
-        with open(path, "wb") as f:
-            f.write(data[: data.rfind(b"\n") + 1])
-    counts = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                pid = json.loads(line)["prompt_id"]
-                counts[pid] = counts.get(pid, 0) + 1
-    return {pid for pid, c in counts.items() if c >= n}
+    complete = data[: data.rfind(b"\n") + 1]  # a torn last line (killed mid-write) is no sample
+    by_id = {p["id"]: p["prompt"] for p in prompts}
+    lines = {}
+    for lineno, raw in enumerate(complete.split(b"\n")[:-1], 1):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if (problem := sample_problem(rec, by_id, settings)):
+            raise DataError(f"{output}:{lineno}: {problem}")
+        key = (rec["prompt_id"], rec["sample"])
+        if key in lines:
+            raise DataError(f"{output}:{lineno}: sample {key[1]} of prompt {key[0]!r} is already on line {lines[key]}")
+        lines[key] = lineno
+    return set(lines), len(complete)
 
 
 def prompt_limit(models, max_new_tokens):
@@ -245,7 +308,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="packaged:smollm2-135m-instruct", help="hub name, local path or packaged:<name>")
     p.add_argument("--prompts", required=True, help="prompts JSONL")
-    p.add_argument("--output", required=True, help="samples JSONL (appended; finished prompts are skipped)")
+    p.add_argument("--output", required=True, help="samples JSONL, with <output>.meta.json; rerun to resume it")
     p.add_argument("--base-model", default="", help="conformative decoding: the base model to mix in")
     p.add_argument("--conform-weight", type=in_range(float, 0, 1), default=0.0,
                    help="w in p = (1 - w) p_instruct + w p_base")
@@ -267,6 +330,9 @@ def generate(args):
     settings = {"model": args.model, **asdict(s), "base_model": args.base_model or None,
                 "conform_weight": args.conform_weight,
                 "base_prompt_format": args.base_prompt_format if args.base_model else None}
+    meta = {"written_by": WRITTEN_BY, **settings, "batch_prompts": args.batch_prompts,
+            "prompts_sha256": prompts_sha256(prompts)}
+    done, complete = written_samples(args.output, meta, prompts, settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=device).eval()
@@ -282,14 +348,16 @@ def generate(args):
     if (long := sum(max(len(a), len(b)) > limit for a, b in zip(rows, base_rows))):
         print(f"{long} of {len(prompts)} prompts are longer than {limit} tokens (the context less --max-new-tokens): "
               f"each keeps its last {limit}", flush=True)
-    done = finished_prompt_ids(args.output, s.n)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     size = args.batch_prompts
     todo = [(index, start) for index, start in enumerate(range(0, len(prompts), size))
-            if not all(p["id"] in done for p in prompts[start:start + size])]
+            if any((p["id"], j) not in done for p in prompts[start:start + size] for j in range(s.n))]
     print(f"generating {s.n} samples for {sum(len(prompts[i:i + size]) for _, i in todo)} prompts "
-          f"({len(done)} done before) with {args.model}"
+          f"({len(done)} samples written before) with {args.model}"
           + (f" + {args.conform_weight} x {args.base_model}" if base else ""), flush=True)
+    if not os.path.exists(args.output):
+        atomic_write(meta_path(args.output), json.dumps({**meta, "prompts": args.prompts}, indent=1) + "\n")
+    elif complete < os.path.getsize(args.output):
+        os.truncate(args.output, complete)  # the torn last line of our own output
     for index, start in tqdm(todo, desc="generate", dynamic_ncols=True):
         end = start + size
         generator = torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + index)
@@ -297,7 +365,7 @@ def generate(args):
                                    [r[-limit:] for r in base_rows[start:end]], args.conform_weight)
         lines = [json.dumps({"prompt_id": p["id"], "prompt": p["prompt"], "response": r, "sample": j, **settings},
                             ensure_ascii=False) + "\n"
-                 for p, rs in zip(prompts[start:end], responses) for j, r in enumerate(rs)]
+                 for p, rs in zip(prompts[start:end], responses) for j, r in enumerate(rs) if (p["id"], j) not in done]
         with open(args.output, "a", encoding="utf-8") as f:
             f.write("".join(lines))
             f.flush()

@@ -1,6 +1,7 @@
 """ddpo.generate: sampling processors, conformative mixing, w = 0 equals plain sampling, resume, bad input."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -67,14 +68,65 @@ def test_w0_equals_plain_sampling_and_w_changes_it(tmp_path, tiny_model):
     assert w1[0]["conform_weight"] == 1.0 and w1[0]["top_k"] == 50 and w1[0]["repetition_penalty"] == 1.1
 
 
-def test_resume_skips_finished_batches_and_drops_a_torn_line(tmp_path, tiny_model):
+def cut(full, part, lines, torn):
+    """part = the first `lines` lines of full and `torn` characters of the next, as a kill -9 mid-write leaves it."""
+    rows = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(rows[:lines]) + rows[lines][:torn] if torn else "".join(rows[:lines]))
+    shutil.copy(str(full) + ".meta.json", str(part) + ".meta.json")
+
+
+@pytest.mark.parametrize("batch_prompts, lines, torn", [
+    (1, 2, 10),  # batch 0 done, batch 1 torn in its first line
+    (3, 3, 10),  # one batch of 6 lines: 3 written, the 4th torn
+    (3, 1, 0),   # 1 line written, no torn line
+    (3, 5, -1),  # all but the last newline written
+])
+def test_resume_writes_exactly_the_missing_samples(tmp_path, tiny_model, batch_prompts, lines, torn):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    common = ["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "8", "--n", "2", "--batch-prompts", "1"]
+    common = ["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "8", "--n", "2",
+              "--batch-prompts", str(batch_prompts)]
     main(common + ["--output", str(tmp_path / "full.jsonl")])
-    full = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
-    (tmp_path / "part.jsonl").write_text("".join(full[:2]) + full[2][:10])  # batch 0 done, batch 1 torn
-    main(common + ["--output", str(tmp_path / "part.jsonl")])
-    assert (tmp_path / "part.jsonl").read_text() == "".join(full)
+    cut(tmp_path / "full.jsonl", tmp_path / "part.jsonl", lines, torn)
+    moved = shutil.copy(prompts, str(tmp_path / "moved.jsonl"))  # the prompts file may move
+    main(common + ["--prompts", moved, "--output", str(tmp_path / "part.jsonl")])
+    assert (tmp_path / "part.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flags, differing", [
+    (["--n", "3"], "n"), (["--seed", "1"], "seed"), (["--top-p", "0.9"], "top_p"),
+    (["--batch-prompts", "1"], "batch_prompts"), (["--model", "OTHER"], "model"),
+    (["--prompts", "EDITED"], "prompts_sha256"),
+])
+def test_rerun_with_other_settings_is_refused(tmp_path, tiny_model, flags, differing):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    output = tmp_path / "o.jsonl"
+    common = ["--model", tiny_model, "--prompts", prompts, "--output", str(output), "--max-new-tokens", "4", "--n", "2"]
+    main(common)
+    before = output.read_bytes()
+    other = {"OTHER": lambda: make_tiny_model(tmp_path / "other", seed=1),
+             "EDITED": lambda: write_jsonl(tmp_path / "edited.jsonl", PROMPTS[:2] + [{"prompt": "Why not?", "id": "q"}])}
+    flags = [other[f]() if f in other else f for f in flags]
+    with pytest.raises(SystemExit, match=f"o.jsonl: holds samples with other settings: {differing}: "):
+        main(common + flags)
+    assert output.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, error", [
+    ('{"note": "mine"}\n', "o.jsonl:7: not a sample"),
+    ("FIRST", "o.jsonl:7: sample 0 of prompt '0' is already on line 1"),
+    ('not json\n', "o.jsonl:7: not a sample"),
+])
+def test_our_output_with_foreign_lines_is_refused(tmp_path, tiny_model, extra, error):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    output = tmp_path / "o.jsonl"
+    common = ["--model", tiny_model, "--prompts", prompts, "--output", str(output), "--max-new-tokens", "4", "--n", "2"]
+    main(common)
+    with open(output, "a") as f:
+        f.write(output.read_text().splitlines(keepends=True)[0] if extra == "FIRST" else extra)
+    before = output.read_bytes()
+    with pytest.raises(SystemExit, match=error):
+        main(common)
+    assert output.read_bytes() == before
 
 
 def test_long_prompts_keep_their_end(tmp_path, tiny_model, monkeypatch, capsys):
@@ -95,7 +147,7 @@ def test_long_prompts_keep_their_end(tmp_path, tiny_model, monkeypatch, capsys):
     assert rows[0] == generate.render_prompt(tokenizer, long)[-504:] and len(read_jsonl(tmp_path / "o.jsonl")) == 2
     with pytest.raises(SystemExit, match="--max-new-tokens 512 leaves no room for a prompt in a context of 512"):
         main(common + ["--max-new-tokens", "512", "--output", str(tmp_path / "none.jsonl")])
-    assert not os.path.exists(tmp_path / "none.jsonl")
+    assert not os.path.exists(tmp_path / "none.jsonl.meta.json")
 
 
 BAD_FLAGS = [("--n", "0"), ("--temperature", "0"), ("--temperature", "-1"), ("--temperature", "nan"),
@@ -140,6 +192,11 @@ BAD_INPUTS = [  # files under tmp_path (p.jsonl is the prompts file, o.jsonl the
     pytest.param({"m/notes.txt": ""}, ["--model", "{tmp}/m"], r"--model .*/m: not a model directory \(no config.json\)",
                  id="model directory without config"),
     pytest.param({}, ["--model", "packaged:nope"], r"--model packaged:nope: unknown packaged model", id="unknown packaged"),
+    pytest.param({"o.jsonl": '{"note": 1}\n{"note": 2}'}, [], r"o.jsonl: exists and was not written by ddpo.generate",
+                 id="foreign output with a torn last line"),
+    pytest.param({"o.jsonl": ""}, [], r"o.jsonl: exists and was not written by ddpo.generate", id="foreign empty output"),
+    pytest.param({"o.jsonl.meta.json": "{}"}, [], r"o.jsonl.meta.json: not a ddpo.generate settings file",
+                 id="foreign sidecar"),
 ]
 
 
