@@ -65,10 +65,14 @@ def jsonl_files(path):
 
 
 def read_jsonl(path):
-    """Yield (source, record) for every non-blank line of a JSONL file or directory; DataError on bad JSON."""
+    """Yield (source, record) for every non-blank line of a JSONL file or directory; DataError on bad UTF-8 or JSON."""
     for file in jsonl_files(path):
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(file, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{file}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start + 1})") from None
                 if not line.strip():
                     continue
                 try:

@@ -4,9 +4,12 @@
     python -m ddpo.generate --model packaged:smollm2-135m-instruct --prompts prompts.jsonl --output conf.jsonl \
         --base-model path/to/base --conform-weight 0.3 --base-prompt-format completion
 
-Prompts JSONL: {"prompt": str | [messages], "id": optional}. Samples JSONL: one line per sample with "prompt_id",
-"prompt", "response", "sample", "model" and every sampling setting. Defaults are the paper's evaluation: N 4,
-temperature 1.0, top-k 50, top-p 0.95, repetition penalty 1.1.
+Prompts JSONL: {"prompt": str | [messages], "id": optional string or integer, else the prompt's index}; ids are
+unique. Samples JSONL: one line per sample with "prompt_id", "prompt", "response", "sample", "model" and every
+sampling setting; beside it, <output>.meta.json records what the samples depend on: the model, base model, conform
+weight, every sampling setting, --batch-prompts, and the sha256 of the prompts (with the prompts file's path, for
+reading only). Defaults are the paper's evaluation: N 4, temperature 1.0, top-k 50, top-p 0.95, repetition penalty
+1.1. Temperature must be > 0 (greedy is --top-k 1).
 
 Each step: repetition penalty (HF's rule, on the tokens of the prompt and the response so far), temperature, then
 the instruct model's truncation set (top-k, then top-p, then min-p, each on what the previous kept). Conformative
@@ -14,22 +17,38 @@ decoding mixes the distributions, p = (1 - w) p_instruct + w p_base, keeps only 
 and renormalises; each model keeps its own KV cache and may read its own prompt format. With w = 0 the tokens are
 those of plain sampling with the same seed.
 
+A prompt longer than the context (the smaller max_position_embeddings of the models, minus --max-new-tokens) keeps
+its last tokens, as training keeps a prompt's end; how many were cut is printed (the sample lines keep the whole
+prompt). No room at all for a prompt is an error.
+
 Prompts are processed in fixed batches of --batch-prompts (x N sequences, left-padded); each batch has its own seeded
-generator and is appended to the output (flushed) when done, so an interrupted run resumes where it stopped
-(finished batches are skipped, a half-written last line is dropped) and gives the samples of an uninterrupted run.
+generator and is appended to the output (flushed) when done. Rerunning into an existing output resumes it if it is
+ours (it has our <output>.meta.json) and was written with the same settings and prompts (the prompts file may have
+moved); otherwise an error names the settings that differ and nothing is written. Every complete line must be a
+sample of this run (else a file:line error); a torn last line (killed mid-write) is dropped; each batch that misses a
+sample is generated again whole, from its seed, and only its missing (prompt_id, sample) lines are appended, so no
+sample is written twice. Seeded reproducibility per (prompt, sample) holds across resume: a sample depends on the
+seed and its batch (index and prompts), not on interruptions, so a resumed run ends with the file of an uninterrupted
+one (tested on CPU; on a GPU as far as its kernels are deterministic, else a resumed batch may differ in the samples
+it adds).
 """
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from ddpo.data import DataError, check_text, read_jsonl
-from ddpo.models import load_model, load_tokenizer
+from ddpo.data import DataError, atomic_write, check_text, read_jsonl
+from ddpo.models import check_model_path, load_model, load_tokenizer
+
+WRITTEN_BY = "ddpo.generate"
 
 
 @dataclass
@@ -42,6 +61,24 @@ class Sampling:
     repetition_penalty: float = 1.1
     max_new_tokens: int = 256
     seed: int = 0
+
+
+def in_range(cast, low, high=math.inf, above=False):
+    """An argparse type: `cast`, then >= low (> low when `above`), <= high and finite; NaN fails every comparison."""
+    def parse(text):
+        x = cast(text)
+        if not ((x > low if above else x >= low) and x <= high and x != math.inf):
+            bounds = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return x
+    parse.__name__ = cast.__name__  # argparse's "invalid float value" names it
+    return parse
+
+
+FLAG_TYPES = {"n": in_range(int, 1), "temperature": in_range(float, 0, above=True), "top_k": in_range(int, 0),
+              "top_p": in_range(float, 0, 1, above=True), "min_p": in_range(float, 0, 1),
+              "repetition_penalty": in_range(float, 0, above=True), "max_new_tokens": in_range(int, 1),
+              "seed": in_range(int, 0, 2**32 - 1)}
 
 
 def penalise(logits, seen, penalty):
@@ -119,15 +156,15 @@ def stop_ids(model, tokenizer):
     return {tokenizer.eos_token_id} | set(ids if isinstance(ids, list) else [] if ids is None else [ids])
 
 
-def generate_batch(model, tokenizer, prompts, s, generator, base=None, w=0.0, base_completion=False):
-    """N samples for each prompt: returns a list (per prompt) of N response strings."""
+def generate_batch(model, tokenizer, rows, s, generator, base=None, base_rows=None, w=0.0):
+    """N samples for each prompt, given its token ids (rows; base_rows for the base model): a list (per prompt) of N
+    response strings."""
     pad = tokenizer.pad_token_id
-    rows = [r for p in prompts for r in [render_prompt(tokenizer, p)] * s.n]
-    instruct = Stream(model, rows, pad)
-    other = Stream(base, [r for p in prompts for r in [render_prompt(tokenizer, p, base_completion)] * s.n], pad) if base else None
+    instruct = Stream(model, [r for r in rows for _ in range(s.n)], pad)
+    other = Stream(base, [r for r in base_rows for _ in range(s.n)], pad) if base else None
     eos = stop_ids(model, tokenizer)
     eos_ids = torch.tensor(sorted(eos), device=instruct.ids.device)
-    B, V = len(rows), model.get_output_embeddings().weight.shape[0]
+    B, V = len(rows) * s.n, model.get_output_embeddings().weight.shape[0]
     seen = torch.zeros(B, V, device=instruct.ids.device).scatter_add_(1, instruct.ids, instruct.mask.float()) > 0
     done = torch.zeros(B, dtype=torch.bool, device=instruct.ids.device)
     out = []
@@ -143,65 +180,159 @@ def generate_batch(model, tokenizer, prompts, s, generator, base=None, w=0.0, ba
             break
         logits_i = instruct.logits(token)
         logits_b = other.logits(token) if other else None
-    tokens = torch.stack(out, 1).tolist() if out else [[] for _ in rows]
+    tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
     texts = []
     for seq in tokens:
         cut = next((i for i, t in enumerate(seq) if t in eos), len(seq))
         texts.append(tokenizer.decode(seq[:cut], skip_special_tokens=True).strip())
-    return [texts[i * s.n:(i + 1) * s.n] for i in range(len(prompts))]
+    return [texts[i * s.n:(i + 1) * s.n] for i in range(len(rows))]
 
 
 def read_prompts(path):
-    prompts = []
+    prompts, sources = [], {}
     for source, rec in read_jsonl(path):
         if "prompt" not in rec:
             raise DataError(f"{source}: missing field 'prompt'")
         if (problem := check_text(rec["prompt"], "prompt")):
             raise DataError(f"{source}: {problem}")
-        prompts.append({"id": str(rec.get("id", len(prompts))), "prompt": rec["prompt"]})
+        try:
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{source}: lone surrogate (an unpaired \\ud800-\\udfff escape): not text") from None
+        pid = rec.get("id", len(prompts))
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise DataError(f"{source}: 'id' must be a string or an integer, got {pid!r}")
+        if str(pid) in sources:
+            raise DataError(f"{source}: duplicate prompt id {str(pid)!r} (also {sources[str(pid)]})")
+        sources[str(pid)] = source
+        prompts.append({"id": str(pid), "prompt": rec["prompt"]})
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty)")
     return prompts
 
 
-def finished_prompt_ids(path, n):
-    """Prompt ids with all n samples in an existing output; a half-written last line is cut off first."""
+def prompts_sha256(prompts):
+    text = json.dumps([[p["id"], p["prompt"]] for p in prompts], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def meta_path(output):
+    return output + ".meta.json"
+
+
+def check_writable(output):
+    """Refuse an output that cannot be written, before any model loads; creates nothing."""
+    if os.path.isdir(output):
+        raise DataError(f"--output {output}: is a directory")
+    directory = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(directory):  # the nearest existing ancestor is where the first write goes
+        directory = os.path.dirname(directory)
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+        if os.path.exists(output):
+            open(output, "ab").close()
+    except OSError as e:
+        raise DataError(f"--output {output}: cannot write there ({e.strerror})") from None
+
+
+def read_meta(path):
+    """Our settings file, {} when there is none; a file there that is not ours is refused."""
     if not os.path.exists(path):
-        return set()
-    with open(path, "rb") as f:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("written_by") != WRITTEN_BY:
+        raise DataError(f"{path}: not a ddpo.generate settings file; choose another --output or remove it")
+    return meta
+
+
+def sample_problem(rec, prompts_by_id, settings):
+    """Why a line of an existing output is not a sample of this run, or None."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):
+        return "not a sample line of ddpo.generate"
+    if not (isinstance(rec.get("prompt_id"), str) and rec["prompt_id"] in prompts_by_id):
+        return f"prompt_id {rec.get('prompt_id')!r} is not in --prompts"
+    if rec.get("prompt") != prompts_by_id[rec["prompt_id"]]:
+        return f"the prompt of {rec['prompt_id']!r} differs from the one in --prompts"
+    if type(rec.get("sample")) is not int or not 0 <= rec["sample"] < settings["n"]:
+        return f"sample {rec.get('sample')!r} is not in 0..{settings['n'] - 1}"
+    differ = [k for k in settings if rec.get(k) != settings[k]]
+    return f"written with other settings: {', '.join(differ)}" if differ else None
+
+
+def written_samples(output, meta, prompts, settings):
+    """The (prompt_id, sample) pairs already in the output, and the byte length of its complete lines. Refuses an
+    output that is not ours, was written with other settings, or holds a line that is not a sample of this run."""
+    old = read_meta(meta_path(output))
+    if not os.path.exists(output):
+        return set(), 0
+    if not old:
+        raise DataError(f"{output}: exists and was not written by ddpo.generate (no {meta_path(output)}); "
+                        "choose another --output or remove it")
+    if (differ := [k for k in meta if old.get(k) != meta[k]]):
+        raise DataError(f"{output}: holds samples with other settings: "
+                        + ", ".join(f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in differ)
+                        + "; choose another --output")
+    with open(output, "rb") as f:
         data = f.read()
-    if data and not data.endswith(b"\n"):
-        with open(path, "wb") as f:
-            f.write(data[: data.rfind(b"\n") + 1])
-    counts = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                pid = json.loads(line)["prompt_id"]
-                counts[pid] = counts.get(pid, 0) + 1
-    return {pid for pid, c in counts.items() if c >= n}
+    complete = data[: data.rfind(b"\n") + 1]  # a torn last line (killed mid-write) is no sample
+    by_id = {p["id"]: p["prompt"] for p in prompts}
+    lines = {}
+    for lineno, raw in enumerate(complete.split(b"\n")[:-1], 1):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if (problem := sample_problem(rec, by_id, settings)):
+            raise DataError(f"{output}:{lineno}: {problem}")
+        key = (rec["prompt_id"], rec["sample"])
+        if key in lines:
+            raise DataError(f"{output}:{lineno}: sample {key[1]} of prompt {key[0]!r} is already on line {lines[key]}")
+        lines[key] = lineno
+    return set(lines), len(complete)
+
+
+def prompt_limit(models, max_new_tokens):
+    """Prompt tokens that fit: the smallest context (max_position_embeddings) of the models minus max_new_tokens."""
+    context = min(getattr(m.config, "max_position_embeddings", None) or sys.maxsize for m in models)
+    if context - max_new_tokens < 1:
+        raise DataError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in a context of {context}")
+    return context - max_new_tokens
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="packaged:smollm2-135m-instruct", help="hub name, local path or packaged:<name>")
     p.add_argument("--prompts", required=True, help="prompts JSONL")
-    p.add_argument("--output", required=True, help="samples JSONL (appended; finished prompts are skipped)")
+    p.add_argument("--output", required=True, help="samples JSONL, with <output>.meta.json; rerun to resume it")
     p.add_argument("--base-model", default="", help="conformative decoding: the base model to mix in")
-    p.add_argument("--conform-weight", type=float, default=0.0, help="w in p = (1 - w) p_instruct + w p_base")
+    p.add_argument("--conform-weight", type=in_range(float, 0, 1), default=0.0,
+                   help="w in p = (1 - w) p_instruct + w p_base")
     p.add_argument("--base-prompt-format", default="chat", choices=["chat", "completion"],
                    help="how the base model reads the prompt: the chat template, or the plain prompt text")
-    p.add_argument("--batch-prompts", type=int, default=4, help="prompts per batch (x n sequences)")
+    p.add_argument("--batch-prompts", type=in_range(int, 1), default=4, help="prompts per batch (x n sequences)")
     for f, v in asdict(Sampling()).items():
-        p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v, help=f"sampling: {f}")
+        p.add_argument("--" + f.replace("_", "-"), type=FLAG_TYPES[f], default=v, help=f"sampling: {f}")
     return p.parse_args(argv)
 
 
 def generate(args):
     prompts = read_prompts(args.prompts)
+    check_writable(args.output)
+    check_model_path(args.model)
+    if args.base_model:
+        check_model_path(args.base_model, "--base-model")
     s = Sampling(**{k: getattr(args, k) for k in asdict(Sampling())})
-    if not 0.0 <= args.conform_weight <= 1.0:
-        raise ValueError(f"--conform-weight must be in [0, 1], got {args.conform_weight}")
+    settings = {"model": args.model, **asdict(s), "base_model": args.base_model or None,
+                "conform_weight": args.conform_weight,
+                "base_prompt_format": args.base_prompt_format if args.base_model else None}
+    meta = {"written_by": WRITTEN_BY, **settings, "batch_prompts": args.batch_prompts,
+            "prompts_sha256": prompts_sha256(prompts)}
+    done, complete = written_samples(args.output, meta, prompts, settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=device).eval()
@@ -210,21 +341,31 @@ def generate(args):
         if tokenizer.get_vocab() != load_tokenizer(args.base_model).get_vocab():
             raise ValueError(f"conformative decoding needs one vocabulary: {args.model} and {args.base_model} differ")
         base = load_model(args.base_model, device=device).eval()
-    done = finished_prompt_ids(args.output, s.n)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    batches = [prompts[i:i + args.batch_prompts] for i in range(0, len(prompts), args.batch_prompts)]
-    settings = {**asdict(s), "base_model": args.base_model or None, "conform_weight": args.conform_weight,
-                "base_prompt_format": args.base_prompt_format if base else None}
-    todo = [(i, b) for i, b in enumerate(batches) if not all(p["id"] in done for p in b)]
-    print(f"generating {s.n} samples for {sum(len(b) for _, b in todo)} prompts ({len(done)} done before) with {args.model}"
+    limit = prompt_limit([m for m in (model, base) if m is not None], s.max_new_tokens)
+    rows = [render_prompt(tokenizer, p["prompt"]) for p in prompts]
+    completion = args.base_prompt_format == "completion"
+    base_rows = [render_prompt(tokenizer, p["prompt"], completion) for p in prompts] if base else rows
+    if (long := sum(max(len(a), len(b)) > limit for a, b in zip(rows, base_rows))):
+        print(f"{long} of {len(prompts)} prompts are longer than {limit} tokens (the context less --max-new-tokens): "
+              f"each keeps its last {limit}", flush=True)
+    size = args.batch_prompts
+    todo = [(index, start) for index, start in enumerate(range(0, len(prompts), size))
+            if any((p["id"], j) not in done for p in prompts[start:start + size] for j in range(s.n))]
+    print(f"generating {s.n} samples for {sum(len(prompts[i:i + size]) for _, i in todo)} prompts "
+          f"({len(done)} samples written before) with {args.model}"
           + (f" + {args.conform_weight} x {args.base_model}" if base else ""), flush=True)
-    for index, batch in tqdm(todo, desc="generate", dynamic_ncols=True):
+    if not os.path.exists(args.output):
+        atomic_write(meta_path(args.output), json.dumps({**meta, "prompts": args.prompts}, indent=1) + "\n")
+    elif complete < os.path.getsize(args.output):
+        os.truncate(args.output, complete)  # the torn last line of our own output
+    for index, start in tqdm(todo, desc="generate", dynamic_ncols=True):
+        end = start + size
         generator = torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + index)
-        responses = generate_batch(model, tokenizer, [p["prompt"] for p in batch], s, generator, base,
-                                   args.conform_weight, args.base_prompt_format == "completion")
-        lines = [json.dumps({"prompt_id": p["id"], "prompt": p["prompt"], "response": r, "sample": k, "model": args.model,
-                             **settings}, ensure_ascii=False) + "\n"
-                 for p, rs in zip(batch, responses) for k, r in enumerate(rs)]
+        responses = generate_batch(model, tokenizer, [r[-limit:] for r in rows[start:end]], s, generator, base,
+                                   [r[-limit:] for r in base_rows[start:end]], args.conform_weight)
+        lines = [json.dumps({"prompt_id": p["id"], "prompt": p["prompt"], "response": r, "sample": j, **settings},
+                            ensure_ascii=False) + "\n"
+                 for p, rs in zip(prompts[start:end], responses) for j, r in enumerate(rs) if (p["id"], j) not in done]
         with open(args.output, "a", encoding="utf-8") as f:
             f.write("".join(lines))
             f.flush()

@@ -18,6 +18,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+from ddpo.data import DataError
 from kernels.logprobs import IGNORE_INDEX, fused_logprobs
 
 PACKAGED = {
@@ -60,12 +61,28 @@ def convert_gguf(gguf_path, out_dir):
     os.replace(tmp, out_dir)
 
 
+def check_model_path(name, flag="--model"):
+    """A one-line DataError for a name that is a local path but no model directory (transformers would call it a
+    malformed repo id) or an unknown packaged name. Hub names (org/name) pass: only loading can tell if they exist."""
+    if name.startswith("packaged:"):
+        if name not in PACKAGED:
+            raise DataError(f"{flag} {name}: unknown packaged model; known: {', '.join(sorted(PACKAGED))}")
+        return
+    path = os.path.expanduser(name)
+    if not (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.path.exists(path)):
+        return
+    if not os.path.isdir(path):
+        raise DataError(f"{flag} {name}: {'not a directory' if os.path.exists(path) else 'no such directory'}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise DataError(f"{flag} {name}: not a model directory (no config.json)")
+
+
 def resolve(name_or_path):
-    """A hub name or local path is returned unchanged; a packaged name becomes a local directory."""
+    """A hub name or local path is returned unchanged (~ expanded); a packaged name becomes a local directory."""
     if name_or_path not in PACKAGED:
         if name_or_path.startswith("packaged:"):
             raise ValueError(f"unknown packaged model {name_or_path!r}; known: {sorted(PACKAGED)}")
-        return name_or_path
+        return os.path.expanduser(name_or_path)
     module, filename = PACKAGED[name_or_path]
     path = os.path.join(package_dir(module), filename)
     if not filename.endswith(".gguf"):

@@ -1,9 +1,13 @@
 """ddpo.generate: sampling processors, conformative mixing, w = 0 equals plain sampling, resume, bad input."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from conftest import make_tiny_model, read_jsonl, write_jsonl
 
+from ddpo import generate
 from ddpo.generate import Sampling, main, next_token_probs, penalise, truncation_mask
 
 
@@ -64,14 +68,161 @@ def test_w0_equals_plain_sampling_and_w_changes_it(tmp_path, tiny_model):
     assert w1[0]["conform_weight"] == 1.0 and w1[0]["top_k"] == 50 and w1[0]["repetition_penalty"] == 1.1
 
 
-def test_resume_skips_finished_batches_and_drops_a_torn_line(tmp_path, tiny_model):
+def cut(full, part, lines, torn):
+    """part = the first `lines` lines of full and `torn` characters of the next, as a kill -9 mid-write leaves it."""
+    rows = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(rows[:lines]) + rows[lines][:torn] if torn else "".join(rows[:lines]))
+    shutil.copy(str(full) + ".meta.json", str(part) + ".meta.json")
+
+
+@pytest.mark.parametrize("batch_prompts, lines, torn", [
+    (1, 2, 10),  # batch 0 done, batch 1 torn in its first line
+    (3, 3, 10),  # one batch of 6 lines: 3 written, the 4th torn
+    (3, 1, 0),   # 1 line written, no torn line
+    (3, 5, -1),  # all but the last newline written
+])
+def test_resume_writes_exactly_the_missing_samples(tmp_path, tiny_model, batch_prompts, lines, torn):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    common = ["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "8", "--n", "2", "--batch-prompts", "1"]
+    common = ["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "8", "--n", "2",
+              "--batch-prompts", str(batch_prompts)]
     main(common + ["--output", str(tmp_path / "full.jsonl")])
-    full = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
-    (tmp_path / "part.jsonl").write_text("".join(full[:2]) + full[2][:10])  # batch 0 done, batch 1 torn
-    main(common + ["--output", str(tmp_path / "part.jsonl")])
-    assert (tmp_path / "part.jsonl").read_text() == "".join(full)
+    cut(tmp_path / "full.jsonl", tmp_path / "part.jsonl", lines, torn)
+    moved = shutil.copy(prompts, str(tmp_path / "moved.jsonl"))  # the prompts file may move
+    main(common + ["--prompts", moved, "--output", str(tmp_path / "part.jsonl")])
+    assert (tmp_path / "part.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flags, differing", [
+    (["--n", "3"], "n"), (["--seed", "1"], "seed"), (["--top-p", "0.9"], "top_p"),
+    (["--batch-prompts", "1"], "batch_prompts"), (["--model", "OTHER"], "model"),
+    (["--prompts", "EDITED"], "prompts_sha256"),
+])
+def test_rerun_with_other_settings_is_refused(tmp_path, tiny_model, flags, differing):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    output = tmp_path / "o.jsonl"
+    common = ["--model", tiny_model, "--prompts", prompts, "--output", str(output), "--max-new-tokens", "4", "--n", "2"]
+    main(common)
+    before = output.read_bytes()
+    other = {"OTHER": lambda: make_tiny_model(tmp_path / "other", seed=1),
+             "EDITED": lambda: write_jsonl(tmp_path / "edited.jsonl", PROMPTS[:2] + [{"prompt": "Why not?", "id": "q"}])}
+    flags = [other[f]() if f in other else f for f in flags]
+    with pytest.raises(SystemExit, match=f"o.jsonl: holds samples with other settings: {differing}: "):
+        main(common + flags)
+    assert output.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, error", [
+    ('{"note": "mine"}\n', "o.jsonl:7: not a sample"),
+    ("FIRST", "o.jsonl:7: sample 0 of prompt '0' is already on line 1"),
+    ('not json\n', "o.jsonl:7: not a sample"),
+])
+def test_our_output_with_foreign_lines_is_refused(tmp_path, tiny_model, extra, error):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    output = tmp_path / "o.jsonl"
+    common = ["--model", tiny_model, "--prompts", prompts, "--output", str(output), "--max-new-tokens", "4", "--n", "2"]
+    main(common)
+    with open(output, "a") as f:
+        f.write(output.read_text().splitlines(keepends=True)[0] if extra == "FIRST" else extra)
+    before = output.read_bytes()
+    with pytest.raises(SystemExit, match=error):
+        main(common)
+    assert output.read_bytes() == before
+
+
+def test_long_prompts_keep_their_end(tmp_path, tiny_model, monkeypatch, capsys):
+    rows = []
+
+    class Recording(generate.Stream):
+        def __init__(self, model, prompt_rows, pad_id):
+            rows.extend(prompt_rows)
+            super().__init__(model, prompt_rows, pad_id)
+
+    monkeypatch.setattr(generate, "Stream", Recording)
+    long = "a story " * 100 + "THE END"  # 800 bytes: over 512 - 8 tokens of the tiny model
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": long}, {"prompt": "short"}])
+    common = ["--model", tiny_model, "--prompts", prompts, "--n", "1"]
+    main(common + ["--max-new-tokens", "8", "--output", str(tmp_path / "o.jsonl")])
+    assert "1 of 2 prompts are longer than 504 tokens" in capsys.readouterr().out
+    tokenizer = generate.load_tokenizer(tiny_model)
+    assert rows[0] == generate.render_prompt(tokenizer, long)[-504:] and len(read_jsonl(tmp_path / "o.jsonl")) == 2
+    with pytest.raises(SystemExit, match="--max-new-tokens 512 leaves no room for a prompt in a context of 512"):
+        main(common + ["--max-new-tokens", "512", "--output", str(tmp_path / "none.jsonl")])
+    assert not os.path.exists(tmp_path / "none.jsonl.meta.json")
+
+
+BAD_FLAGS = [("--n", "0"), ("--temperature", "0"), ("--temperature", "-1"), ("--temperature", "nan"),
+             ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-k", "-1"), ("--min-p", "-0.1"),
+             ("--min-p", "1.5"), ("--min-p", "nan"), ("--repetition-penalty", "0"), ("--repetition-penalty", "-1"),
+             ("--repetition-penalty", "nan"), ("--batch-prompts", "0"), ("--conform-weight", "1.5"),
+             ("--conform-weight", "-0.5"), ("--conform-weight", "nan"), ("--max-new-tokens", "0"),
+             ("--seed", "-1"), ("--temperature", "inf")]
+
+
+@pytest.mark.parametrize("flag, value", BAD_FLAGS)
+def test_bad_flags_are_refused_at_parse_time(tmp_path, monkeypatch, capsys, flag, value):
+    monkeypatch.setattr(generate, "load_tokenizer", no_model)
+    monkeypatch.setattr(generate, "load_model", no_model)
+    with pytest.raises(SystemExit) as e:
+        main(["--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--output", str(tmp_path / "o.jsonl"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+GOOD = '{"prompt": "Tell a tale."}\n'
+BAD_INPUTS = [  # files under tmp_path (p.jsonl is the prompts file, o.jsonl the output), extra flags, the error
+    pytest.param({"p.jsonl": '{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n'}, [],
+                 r"p.jsonl:2: duplicate prompt id 'x' \(also .*p.jsonl:1\)", id="equal explicit ids"),
+    pytest.param({"p.jsonl": '{"prompt": "a", "id": "1"}\n{"prompt": "b"}\n'}, [],
+                 r"p.jsonl:2: duplicate prompt id '1'", id="explicit id equals a default id"),
+    pytest.param({"p.jsonl": '{"prompt": "a", "id": 7}\n{"prompt": "b", "id": "7"}\n'}, [],
+                 r"p.jsonl:2: duplicate prompt id '7'", id="integer and string ids"),
+    pytest.param({"p.jsonl": '{"prompt": "a", "id": null}\n'}, [], r"p.jsonl:1: 'id' must be a string or an integer",
+                 id="null id"),
+    pytest.param({"p.jsonl": GOOD.encode() + b'{"prompt": "caf\xe9"}\n'}, [], r"p.jsonl:2: invalid UTF-8",
+                 id="invalid utf-8"),
+    pytest.param({"p.jsonl": GOOD + '{"prompt": "a\\ud800b"}\n'}, [], r"p.jsonl:2: lone surrogate", id="lone surrogate"),
+    pytest.param({}, ["--output", "{tmp}"], r"--output .*: is a directory", id="output is a directory"),
+    pytest.param({}, ["--output", "{tmp}/p.jsonl/o.jsonl"], r"--output .*p.jsonl/o.jsonl: cannot write there",
+                 id="output's directory is a file"),
+    pytest.param({}, ["--model", "./no/such/model"], r"--model ./no/such/model: no such directory", id="missing model"),
+    pytest.param({}, ["--base-model", "{tmp}/base"], r"--base-model .*/base: no such directory", id="missing base"),
+    pytest.param({"m/notes.txt": ""}, ["--model", "{tmp}/m"], r"--model .*/m: not a model directory \(no config.json\)",
+                 id="model directory without config"),
+    pytest.param({}, ["--model", "packaged:nope"], r"--model packaged:nope: unknown packaged model", id="unknown packaged"),
+    pytest.param({"o.jsonl": '{"note": 1}\n{"note": 2}'}, [], r"o.jsonl: exists and was not written by ddpo.generate",
+                 id="foreign output with a torn last line"),
+    pytest.param({"o.jsonl": ""}, [], r"o.jsonl: exists and was not written by ddpo.generate", id="foreign empty output"),
+    pytest.param({"o.jsonl.meta.json": "{}"}, [], r"o.jsonl.meta.json: not a ddpo.generate settings file",
+                 id="foreign sidecar"),
+]
+
+
+@pytest.mark.parametrize("files, flags, error", BAD_INPUTS)
+def test_bad_input_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch, files, flags, error):
+    monkeypatch.setattr(generate, "load_tokenizer", no_model)
+    monkeypatch.setattr(generate, "load_model", no_model)
+    files = {"p.jsonl": GOOD, **files}
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    argv = ["--model", tiny_model, "--prompts", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match=error):
+        main(argv + [f.format(tmp=tmp_path) for f in flags])
+    assert sorted(os.listdir(tmp_path)) == sorted({name.split("/")[0] for name in files})  # nothing written
+    for name, content in files.items():  # nothing rewritten
+        assert (tmp_path / name).read_bytes() == (content if isinstance(content, bytes) else content.encode())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_directory_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(generate, "load_model", no_model)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit, match="cannot write there"):
+        main(["--model", tiny_model, "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS),
+              "--output", str(tmp_path / "ro" / "o.jsonl")])
 
 
 def test_mismatched_tokenizers_and_bad_prompts(tmp_path, tiny_model):
