@@ -14,15 +14,17 @@ pairing method), written to a temporary file and renamed; a summary of what was 
 Pairing of pools:
   gap         (released) per prompt, repeatedly pick a seeded random pair of unused responses whose scores differ by
               at least --gap, else any pair with unequal scores; chosen = higher score; each response used once.
-  divpo       k = int(min(max(M, N rho), N / 2)), M = --pairs-per-prompt; chosen = the min(M, k) most deviating of the
-              top-k by score, rejected = the least deviating of the bottom-k; shuffled (seeded) and zipped.
+  divpo       (released) the pool is the responses the gap pairing used (--pool all: every response);
+              k = int(min(max(M, N rho), N / 2)), M = --pairs-per-prompt; chosen = the min(M, k) most deviating of the
+              top-k by score, rejected = the least deviating of the bottom-k, deviation computed within each set
+              (both metrics unless --deviation names one); shuffled (seeded) and zipped; equal scores are kept.
   diverse-ns  every pair (i, j) of one prompt with dev_i > dev_j, score_i >= score_j - --quality-eps and
               |len_i - len_j| / len_j <= --length-tolerance (words); greedily by diversity gain, each response once,
               up to --budget pairs overall.
 DivPO and Diverse-NS pairs are trained with plain DPO: their weight is 1. Gap pairs and input pairs get the
-deviation weight of their chosen response within the prompt's pool (all responses; for pairs input, all distinct
-chosen and rejected texts of the prompt), clamped from below by --min-weight. --sort-by-score keeps, when
---max-per-prompt caps a prompt, the pairs with the highest chosen scores rather than the first ones drawn.
+deviation weight of their chosen response, clamped from below by --min-weight, computed in the released order: pair
+every prompt, cut it to --max-per-prompt (--sort-by-score: the highest chosen scores first, else the first drawn),
+then compute deviation over the texts of the pairs kept (--pool all: over every response of the prompt).
 """
 
 import argparse
