@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from ddpo.pipeline import main
 
 
@@ -23,3 +25,36 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model, capsys):
     main(args)  # everything is there: no stage runs again
     assert os.path.getmtime(tmp_path / "ddpo" / "checkpoint-2" / "model.safetensors") == stamp
     assert "generating 3 samples for 0 prompts" in capsys.readouterr().out
+
+
+def load_experiment(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "experiments",
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mechanism_correlations_by_hand():
+    import torch
+
+    mechanism = load_experiment("mechanism")
+    weights = torch.tensor([0.0, 1.0, 3.0, 0.5, 1.5, 1.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    r = mechanism.correlations(torch.tensor([1.0, 2.0, 4.0, -1.0, -3.0, -2.0]), weights, group)
+    assert r.tolist() == pytest.approx([1.0, -1.0], abs=1e-12)  # delta an increasing / decreasing linear function of the weight
+    r = mechanism.correlations(torch.tensor([5.0, 5.0, 5.0, 1.0, 1.0, 0.0]), weights, group)
+    assert r[0] != r[0] and abs(r[1].item()) < 1e-12  # constant delta: NaN; orthogonal: 0
+
+
+def test_mechanism_check_runs_on_pipeline_arms(tmp_path, tiny_model):
+    mechanism = load_experiment("mechanism")
+    main(["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "stylometric"])
+    results = mechanism.run(mechanism.parse_args(["--work-dir", str(tmp_path), "--model", tiny_model, "--n", "3",
+                                                  "--pool-prompts", "3", "--max-new-tokens", "8",
+                                                  "--semantic-embedder", "stylometric"]))
+    assert results["responses"] == 9 and set(results["arms"]) == {"dpo", "ddpo"}
+    assert "vs_baseline" in results["arms"]["ddpo"] and "vs_baseline" not in results["arms"]["dpo"]
+    assert os.path.exists(tmp_path / "mechanism" / "report.md")
