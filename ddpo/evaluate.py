@@ -42,7 +42,7 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, jsonl_files, read_jsonl
+from ddpo.data import DataError, atomic_write, read_jsonl
 from ddpo.deviation import DEFAULT_EMBEDDERS, load_embedder, mean_cosine_distance
 from ddpo.quality import load_scorer
 
@@ -112,32 +112,17 @@ def homogenization(texts):
 
 def read_samples(path):
     prompts = OrderedDict()
-    try:
-        for source, rec in read_jsonl(path):
-            for key in ("prompt", "response"):
-                if key not in rec:
-                    raise DataError(f"{source}: missing field {key!r}")
-            if not isinstance(rec["response"], str):
-                raise DataError(f"{source}: 'response' must be a string")
-            key = str(rec.get("prompt_id", json.dumps(rec["prompt"])))
-            prompts.setdefault(key, {"prompt": rec["prompt"], "responses": []})["responses"].append(rec["response"])
-    except UnicodeDecodeError:
-        raise DataError(utf8_error(path)) from None
+    for source, rec in read_jsonl(path):
+        for key in ("prompt", "response"):
+            if key not in rec:
+                raise DataError(f"{source}: missing field {key!r}")
+        if not isinstance(rec["response"], str):
+            raise DataError(f"{source}: 'response' must be a string")
+        key = str(rec.get("prompt_id", json.dumps(rec["prompt"])))
+        prompts.setdefault(key, {"prompt": rec["prompt"], "responses": []})["responses"].append(rec["response"])
     if not prompts:
         raise DataError(f"{path}: no samples (the file is empty)")
     return prompts
-
-
-def utf8_error(path):
-    """file:line of the first line that is not UTF-8 (the text decoder of read_jsonl does not say where)."""
-    for file in jsonl_files(path):
-        with open(file, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    return f"{file}:{lineno}: not UTF-8 ({e.reason} at byte {e.start + 1} of the line)"
-    return f"{path}: not UTF-8"
 
 
 def resample_means(values, n=1000, seed=0):

@@ -221,7 +221,7 @@ BAD_INPUTS = {  # id: tmp_path -> (arguments, the error)
                                        r"--output-dir .*a.jsonl is not a directory"),
     "invalid utf-8": lambda t: ([a(t), write_samples(t / "u.jsonl", "", data=b'{"prompt": "p", "response": "r"}\n'
                                                      b'{"prompt": "p", "response": "caf\xe9"}\n')],
-                                r"u.jsonl:2: not UTF-8 \(invalid continuation byte at byte 33 of the line\)"),
+                                r"u.jsonl:2: invalid UTF-8 \(invalid continuation byte at byte 33\)"),
 }
 
 
