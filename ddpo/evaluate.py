@@ -229,7 +229,8 @@ def evaluate(runs, semantic, style, quality, baseline=None):
         results[name] = {"prompts": len(kept[name]), "samples": sum(len(v["responses"]) for v in kept[name].values()),
                          "skipped_prompts": sorted(set(runs[name]) - set(kept[name])),
                          **{m: {"mean": sum(r.values()) / len(r), "ci95": bootstrap(list(r.values()))}
-                            for m, r in rows.items()}}
+                            for m, r in rows.items()},
+                         "per_prompt": rows}  # {metric: {prompt key: value}}: for pooled and power analyses
         if name in shared:
             results[name].update(baseline=baseline, vs_baseline=paired(rows, values[baseline], shared[name]))
     return results

@@ -34,6 +34,7 @@ class PipelineConfig:
     train_prompts: int = 24
     eval_prompts: int = 12
     n: int = 4
+    eval_n: int = 0  # samples per held-out prompt (0 = n)
     max_new_tokens: int = 100
     steps: int = 10
     batch_size: int = 4
@@ -106,12 +107,14 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
     responses = responses or sample(cfg, cfg.model, train_prompts, os.path.join(cfg.work_dir, "responses.jsonl"))
     samples = {}
     if include_start:
-        samples["start"] = sample(cfg, cfg.model, eval_prompts, os.path.join(cfg.work_dir, "start_samples.jsonl"))
+        samples["start"] = sample(cfg, cfg.model, eval_prompts, os.path.join(cfg.work_dir, "start_samples.jsonl"),
+                                  cfg.eval_n)
     for name, arm in arms.items():
         pairs = make_pairs(cfg, responses, arm.prepare, os.path.join(cfg.work_dir, "pairs-" + "_".join(
             a.lstrip("-") for a in arm.prepare) + ".jsonl"))
         checkpoint = train_arm(cfg, arm, pairs, os.path.join(cfg.work_dir, name))
-        samples[name] = sample(cfg, checkpoint, eval_prompts, os.path.join(cfg.work_dir, name, "samples.jsonl"))
+        samples[name] = sample(cfg, checkpoint, eval_prompts, os.path.join(cfg.work_dir, name, "samples.jsonl"),
+                               cfg.eval_n)
     return evaluate.run(evaluate.parse_args([*samples.values(), "--names", *samples, "--semantic-embedder",
                                              cfg.semantic_embedder, "--output-dir", os.path.join(cfg.work_dir, "eval"),
                                              *(["--baseline", baseline] if baseline in samples else [])]))

@@ -74,9 +74,12 @@ def run(args):
     out_dir = os.path.join(args.work_dir, "mechanism")
     os.makedirs(out_dir, exist_ok=True)
     checkpoints = {arm: checkpoint_of(args.work_dir, arm) for arm in args.arms}
-    prompts = first_prompts("eval", args.pool_prompts, os.path.join(out_dir, "prompts.jsonl"))
-    cfg = argparse.Namespace(n=args.n, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    rows = [rec for _, rec in read_jsonl(sample(cfg, args.model, prompts, os.path.join(out_dir, "pool.jsonl")))]
+    if args.pool:
+        rows = [rec for _, rec in read_jsonl(args.pool)]
+    else:
+        prompts = first_prompts("eval", args.pool_prompts, os.path.join(out_dir, "prompts.jsonl"))
+        cfg = argparse.Namespace(n=args.n, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        rows = [rec for _, rec in read_jsonl(sample(cfg, args.model, prompts, os.path.join(out_dir, "pool.jsonl")))]
     weights, group = pool_weights(rows, args.semantic_embedder)
     start = per_token_logps(args.model, rows)
     r = {arm: correlations(per_token_logps(path, rows) - start, weights, group) for arm, path in checkpoints.items()}
@@ -94,7 +97,7 @@ def run(args):
         d = e.get("vs_baseline")
         lines.append(f"| {arm} | {e['mean_r']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}] | "
                      + (f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['p_value']:.3g} |" if d else "| |"))
-    report = "\n".join(lines) + f"\n\n{results['prompts']} held-out prompts x {args.n} responses of the start model\n"
+    report = "\n".join(lines) + f"\n\n{results['prompts']} held-out prompts, {len(rows)} responses of the start model\n"
     atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2))
     atomic_write(os.path.join(out_dir, "report.md"), report)
     print(report, flush=True)
@@ -107,6 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--arms", nargs="+", default=["dpo", "ddpo"], help="trained arms (subdirectories of --work-dir)")
     p.add_argument("--baseline", default="dpo", help="the arm the others are compared with, paired over prompts")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the start model the arms were trained from")
+    p.add_argument("--pool", help="samples JSONL of the start model on held-out prompts (default: sample one)")
     p.add_argument("--pool-prompts", type=int, default=32, help="held-out prompts (the first of the eval split)")
     p.add_argument("--n", type=int, default=8, help="responses per prompt in the pool")
     p.add_argument("--max-new-tokens", type=int, default=100, help="length of the pool's responses")

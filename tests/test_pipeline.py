@@ -61,3 +61,18 @@ def test_mechanism_check_runs_on_pipeline_arms(tmp_path, tiny_model):
     assert results["responses"] == 9 and set(results["arms"]) == {"dpo", "ddpo"}
     assert "vs_baseline" in results["arms"]["ddpo"] and "vs_baseline" not in results["arms"]["dpo"]
     assert os.path.exists(tmp_path / "mechanism" / "report.md")
+
+
+def test_evidence_runs_every_arm_and_pools_the_seeds(tmp_path, tiny_model):
+    evidence = load_experiment("evidence")
+    evidence.main(["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "stylometric",
+                   "--train-seeds", "0", "1"])
+    results = json.load(open(tmp_path / "evidence.json"))
+    assert set(results) == {"ddpo-both", "ddpo-sem", "ddpo-sty", "divpo", "start", "power", "mechanism"}
+    both = results["ddpo-both"]["semantic_diversity"]
+    runs = {n: evidence.per_prompt(tmp_path / "eval", n) for n in ("dpo-s0", "dpo-s1", "ddpo-both-s0", "ddpo-both-s1")}
+    keys = list(runs["dpo-s0"]["semantic_diversity"])
+    by_hand = sum(sum(runs[f"ddpo-both-s{s}"]["semantic_diversity"][k] - runs[f"dpo-s{s}"]["semantic_diversity"][k]
+                      for s in (0, 1)) / 2 for k in keys) / len(keys)
+    assert both["diff"] == pytest.approx(by_hand, abs=1e-12) and both["prompts"] == len(keys) == 2
+    assert "## Mechanism" in open(tmp_path / "evidence.md").read()
