@@ -129,8 +129,9 @@ def _deviation_loss_triton(logits, embeddings, group, chosen_index, min_weight, 
     _deviation_loss_kernel[(offsets.shape[0] - 1,)](
         stacked, stacked.stride(0), stacked.stride(1), offsets, logits.float()[pair_order].contiguous(), chosen_sorted,
         pair_offsets, weights_sorted, losses, chosen_w, dlogits, D, float(min_weight), EQUAL_TOL,
-        K=K, WEIGHT_INSIDE=weight_inside, BLOCK_N=max(16, triton.next_power_of_2(max_n)),
-        BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
+        K=K, WEIGHT_INSIDE=weight_inside, BLOCK_N=(block_n := max(16, triton.next_power_of_2(max_n))),
+        BLOCK_D=min(128, max(16, triton.next_power_of_2(D)), max(16, 2048 // block_n)))  # fp64 tiles of <= 2048
+        # elements: larger ones spill registers on sm_80/sm_90 (tests/test_kernels_compile.py prints the counts)
     unsort = torch.empty_like(pair_order)
     unsort[pair_order] = torch.arange(B, device=logits.device)
     weights = torch.empty_like(weights_sorted)
