@@ -1,7 +1,7 @@
 """Evidence that DDPO works: DDPO-both against DPO on held-out prompts, same pairs and training seeds, sized by a
 power analysis; DDPO-sem, DDPO-sty, DivPO and the start model beside them; and the mechanism check.
 
-    python experiments/evidence.py                               # runs/evidence: the sized run, 2 CPU cores
+    python experiments/evidence.py                               # ~/ddpo-runs/evidence: the sized run, 2 CPU cores
     python experiments/evidence.py --power runs/pilot/eval --arm ddpo --baseline dpo    # power from a finished eval
     python experiments/evidence.py --model meta-llama/Llama-3.1-8B-Instruct --train-prompts 130 --eval-prompts 32 \
         --n 8 --eval-n 8 --steps 200 --lr 5e-6 --max-new-tokens 512 --work-dir runs/evidence-8b \
@@ -12,6 +12,8 @@ its log-probs) writes into --work-dir and is skipped when its output is there: s
 command again (also in a later session), and it goes on. Flags are ddpo.pipeline's; the defaults below are the
 sized settings (experiments/LOG.md has the power analysis that chose them).
 
+Held-out prompts: the 32 of the eval split, then (for --eval-prompts > 32) training-split prompts from the end,
+which the run never trains on. The mechanism check's pool is the first 32 eval prompts x --n responses.
 Primary reading: per held-out prompt, DDPO-both minus DPO in semantic diversity, averaged over the training seeds
 (--train-seeds), with a paired bootstrap 95% interval over prompts and a sign-flip p-value; proxy quality the same,
 also relative to DPO's. Written to <work-dir>/evidence.md with the evaluation table and the mechanism table.
@@ -27,13 +29,13 @@ import torch
 
 from ddpo.data import atomic_write
 from ddpo.evaluate import interval, resample_means, sign_flip_p
-from ddpo.pipeline import Arm, parse_args, run_arms
+from ddpo.pipeline import Arm, packaged_prompts, parse_args, run_arms
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mechanism  # noqa: E402
 
-SIZED = ["--work-dir", "runs/evidence", "--train-prompts", "48", "--n", "8", "--eval-prompts", "32", "--eval-n", "4",
-         "--steps", "40", "--lr", "3e-5", "--batch-size", "4"]
+SIZED = ["--work-dir", os.path.join(os.path.expanduser("~"), "ddpo-runs", "evidence"), "--train-prompts", "48",
+         "--n", "8", "--eval-prompts", "64", "--eval-n", "4", "--steps", "32", "--lr", "3e-5", "--batch-size", "4"]
 KEY_METRICS = ("semantic_diversity", "style_diversity", "quality", "length")
 
 
@@ -48,6 +50,22 @@ def arms(seeds):
     out[f"ddpo-sty-s{s}"] = Arm("ddpo", ["--deviation", "style"], ["--seed", str(s)])
     out[f"divpo-s{s}"] = Arm("dpo", ["--deviation", "both", "--pairing", "divpo"], ["--seed", str(s)])
     return out
+
+
+def heldout_prompts(cfg, path):
+    """--eval-prompts prompts never trained on: the 32 of the eval split, then training-split prompts from the end
+    (the run trains on the first --train-prompts)."""
+    with open(packaged_prompts("eval")) as f:
+        lines = [line for line in f if line.strip()]
+    with open(packaged_prompts("train")) as f:
+        unused = [line for line in f if line.strip()][cfg.train_prompts:]
+    if cfg.eval_prompts > len(lines) + len(unused):
+        raise SystemExit(f"error: --eval-prompts {cfg.eval_prompts}: only {len(lines) + len(unused)} prompts are "
+                         f"held out with --train-prompts {cfg.train_prompts}")
+    lines = (lines + unused[::-1])[:cfg.eval_prompts]
+    if not os.path.exists(path):
+        atomic_write(path, "".join(lines))
+    return path
 
 
 def per_prompt(eval_dir, name):
@@ -105,7 +123,9 @@ def main(argv=None):
         return
     cfg = parse_args(SIZED + rest)
     seeds = own.train_seeds
-    run_arms(cfg, arms(seeds), include_start=True, baseline=f"dpo-s{seeds[0]}")
+    os.makedirs(cfg.work_dir, exist_ok=True)
+    heldout = heldout_prompts(cfg, os.path.join(cfg.work_dir, "prompts_heldout.jsonl"))
+    run_arms(cfg, arms(seeds), eval_prompts=heldout, include_start=True, baseline=f"dpo-s{seeds[0]}")
     eval_dir = os.path.join(cfg.work_dir, "eval")
     comparisons = {name: [(f"{name}-s{s}", f"dpo-s{s}") for s in (seeds if name == "ddpo-both" else seeds[:1])]
                    for name in ("ddpo-both", "ddpo-sem", "ddpo-sty", "divpo")}
@@ -117,7 +137,7 @@ def main(argv=None):
     check = mechanism.run(mechanism.parse_args(
         ["--work-dir", cfg.work_dir, "--model", cfg.model, "--arms", *[f"dpo-s{s}" for s in seeds],
          *[f"ddpo-both-s{s}" for s in seeds], f"ddpo-sem-s{seeds[0]}", f"ddpo-sty-s{seeds[0]}", f"divpo-s{seeds[0]}",
-         "--baseline", f"dpo-s{seeds[0]}", "--pool-prompts", str(cfg.eval_prompts), "--n", str(cfg.n),
+         "--baseline", f"dpo-s{seeds[0]}", "--pool-prompts", str(min(cfg.eval_prompts, 32)), "--n", str(cfg.n),
          "--max-new-tokens", str(cfg.max_new_tokens), "--semantic-embedder", cfg.semantic_embedder,
          *(["--pool", pool] if pool else [])]))
     results["mechanism"] = check
