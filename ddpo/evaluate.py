@@ -42,7 +42,7 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, jsonl_files, read_jsonl
+from ddpo.data import DataError, atomic_write, check_output_dir, jsonl_files, read_jsonl
 from ddpo.deviation import DEFAULT_EMBEDDERS, load_embedder, mean_cosine_distance
 from ddpo.quality import load_scorer
 
@@ -358,17 +358,6 @@ def check_names(names, samples):
             raise DataError(f"--names: {name!r} is not a safe file name (empty, leading '.', '/', '\\' or '..')")
     if len(set(names)) != len(names):
         raise DataError(f"--names: run names must be distinct (default: the file names), got {' '.join(names)}")
-
-
-def check_output_dir(path):
-    """DataError unless path is, or can be created as, a writable directory; creates nothing."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise DataError(f"--output-dir {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"--output-dir {path}: {existing} is not writable")
 
 
 def run(args):
