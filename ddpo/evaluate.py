@@ -343,6 +343,8 @@ def parse_args(argv=None):
     p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"])
     p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"])
     p.add_argument("--quality", default="proxy", help="proxy or reward-model:PATH")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the embedders' own code from their "
+                   "directory or hub repo (jinaai/jina-embeddings-v3 needs it); only for models you trust")
     return p.parse_args(argv)
 
 
@@ -372,7 +374,8 @@ def run(args):
         quality = load_scorer(args.quality)
     except ValueError as e:
         raise DataError(f"--quality: {e}") from None
-    results = evaluate(runs, load_embedder(args.semantic_embedder), load_embedder(args.style_embedder), quality,
+    results = evaluate(runs, load_embedder(args.semantic_embedder, trust_remote_code=args.trust_remote_code),
+                       load_embedder(args.style_embedder, trust_remote_code=args.trust_remote_code), quality,
                        args.baseline)
     os.makedirs(args.output_dir, exist_ok=True)
     for name, r in results.items():
