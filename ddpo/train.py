@@ -509,6 +509,8 @@ def train_locked(cfg, rank, world, device, pairs):
     total_steps = len(plan)
     steps_per_epoch = sum(position <= 1 for position, _ in plan)  # of the first epoch, for the log
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one pass per tensor
+    for group in optimizer.param_groups:  # the schedule's base, which LambdaLR reads when it starts at a resumed step
+        group["initial_lr"] = cfg.lr
 
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start_step = 0
@@ -524,8 +526,7 @@ def train_locked(cfg, rank, world, device, pairs):
         log(f"resumed from {resume_from} at step {start_step}", flush=True)
     elif rank == 0:
         open(metrics_path, "w").close()
-    for group in optimizer.param_groups:  # the schedule's lambda for this run's total, from the resumed step on
-        group["initial_lr"] = cfg.lr
+    # the schedule's lambda for this run's total, from the resumed step on
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps), last_epoch=start_step - 1)
     if rank == 0:
         atomic_write(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(config, indent=2))
