@@ -269,6 +269,14 @@ def test_bad_input_is_refused_before_a_model_loads(tmp_path, monkeypatch, files,
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(files)
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_directory_is_refused_before_a_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "load_embedder", no_model)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit, match="cannot write there"):
+        prep.main(["--input", write_jsonl(tmp_path / "in.jsonl", POOL), "--output", str(tmp_path / "ro" / "o.jsonl")])
+
+
 def test_leftover_temporaries_are_removed_and_the_output_follows_the_umask(tmp_path):
     (tmp_path / ".tmp-pairs.jsonl-k1ll3d").write_text("half")  # what kill -9 during the write leaves
     (tmp_path / ".tmp-other.jsonl-k1ll3d").write_text("not ours to remove")

@@ -443,6 +443,14 @@ def test_bad_input_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeyp
         assert (tmp_path / name).read_bytes() == content
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_dir_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(train_mod, "load_model", no_model)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit, match="ro is not writable"):
+        main(["--model", tiny_model, "--data", write_pairs(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "ro" / "o")])
+
+
 def test_a_stale_lock_is_taken_over_and_the_lock_is_released(tmp_path, tiny_model, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
