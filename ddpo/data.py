@@ -16,9 +16,12 @@ prompt is what the completion continues from); then a completion that does not f
 *first* tokens. Setting either to 0 disables it.
 """
 
+import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 
@@ -43,14 +46,75 @@ class Pair:
     rejected_ids: list = field(default_factory=list)
 
 
+TMP = ".tmp-"  # what atomic writers leave behind when killed: .tmp-<name>-<random>, removed by remove_temporaries
+
+
+def temporary_path(path):
+    """A fresh name beside `path` for writing it atomically: .tmp-<name of path>-<random>."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f"{TMP}{name}-{os.urandom(8).hex()}")
+
+
+def remove_temporaries(directory, name=""):
+    """Remove the leftovers of killed writers from `directory`: its entries named .tmp-<name>*. Returns their names."""
+    left = sorted(e for e in os.listdir(directory) if e.startswith(TMP + name)) if os.path.isdir(directory) else []
+    for entry in left:
+        path = os.path.join(directory, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return left
+
+
 def atomic_write(path, text):
-    """Write text through a temporary file in the same directory and a rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """Write text through a temporary file beside it and a rename: readers never see half a file. The file gets the
+    mode any new file gets (0666 less the umask; the kernel applies it), not mkstemp's private 0600."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temporary_path(path)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def in_range(cast, low, high=math.inf, above=False, below=False):
+    """An argparse type: `cast`, then finite, >= low (> low when `above`) and <= high (< high when `below`); NaN
+    fails every comparison."""
+    def parse(text):
+        x = cast(text)
+        if not (math.isfinite(x) and (x > low if above else x >= low) and (x < high if below else x <= high)):
+            bounds = f"{'>' if above else '>='} {low}" + (f" and {'<' if below else '<='} {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return x
+    parse.__name__ = cast.__name__  # argparse's "invalid float value" names it
+    return parse
+
+
+def check_writable(output, flag="--output"):
+    """Refuse an output file that cannot be written, before any model loads; creates nothing."""
+    if os.path.isdir(output):
+        raise DataError(f"{flag} {output}: is a directory")
+    directory = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(directory):  # the nearest existing ancestor is where the first write goes
+        directory = os.path.dirname(directory)
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+        if os.path.exists(output):
+            open(output, "ab").close()
+    except OSError as e:
+        raise DataError(f"{flag} {output}: cannot write there ({e.strerror})") from None
+
+
+def check_output_dir(path, flag="--output-dir"):
+    """DataError unless path is, or can be created as, a writable directory; creates nothing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{flag} {path}: {existing} is not writable")
 
 
 def jsonl_files(path):
@@ -62,6 +126,15 @@ def jsonl_files(path):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
     return [path]
+
+
+def data_sha256(path):
+    """sha256 of the content of the JSONL file(s) at `path`, in reading order (the path itself may move)."""
+    digest = hashlib.sha256()
+    for file in jsonl_files(path):
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 def read_jsonl(path):

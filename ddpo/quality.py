@@ -57,9 +57,14 @@ class RewardModel:
         return scores
 
 
-def load_scorer(spec):
-    if spec == "proxy":
-        return lambda prompts, responses: [proxy_score(r) for r in responses]
-    if spec.startswith("reward-model:"):
-        return RewardModel(spec.split(":", 1)[1])
+def scorer_spec(spec):
+    """spec itself if it names a scorer (proxy, or reward-model:PATH with a PATH), else ValueError."""
+    if spec == "proxy" or (spec.startswith("reward-model:") and spec.split(":", 1)[1]):
+        return spec
     raise ValueError(f"unknown scorer {spec!r}: use proxy or reward-model:PATH")
+
+
+def load_scorer(spec):
+    if scorer_spec(spec) == "proxy":
+        return lambda prompts, responses: [proxy_score(r) for r in responses]
+    return RewardModel(spec.split(":", 1)[1])

@@ -20,25 +20,35 @@ tensor). DPO/DDPO take reference log-probs from a frozen copy of the starting mo
 Every loss is sum(per-pair losses) / (pairs in the step), so accumulation is exact. Dropout is off.
 
 Outputs in --output-dir: checkpoint-<step>/ (Hugging Face model + tokenizer, trainer_state.pt with optimiser,
-scheduler, step and RNG, train_config.json), metrics.jsonl (one line per log step) and train_config.json.
-Checkpoints are written to a temporary directory and renamed into place.
+scheduler, step and RNG, train_config.json), metrics.jsonl (one line per log step) and train_config.json (every flag
+and the sha256 of the data). Checkpoints are written to a temporary directory and renamed into place
+(ddpo/checkpoint.py); a run holds <output_dir>/.lock while it writes there, so a second run into the same directory
+is refused, and removes the temporaries a killed run left there when it starts.
+
+Flags are checked before anything loads: numeric ranges at parse time, then model paths, the output directory and
+the data. A step whose loss, gradient norm or any logged metric is not finite (NaN or inf: a huge 'weight' in the
+data, a --beta or --lr too large, a model that overflows) stops the run with an error naming the step, before the
+optimiser step and before any checkpoint of it, so no NaN reaches the weights or metrics.jsonl.
+
+--resume continues from the newest checkpoint with its weights, optimiser state, RNG and step. It refuses flags
+that differ from the checkpoint's train_config.json (loss, data content, beta, model, LoRA, seed, ...: the error
+lists them) except checkpoint.MAY_CHANGE: --max-steps / --epochs (the schedule's lambda then uses the new total
+from the resumed step on), logging and saving cadence, --keep-checkpoints, --device, --precompute-ref and other ways
+to run the same arithmetic.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import random
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -48,14 +58,16 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from ddpo.data import (DataError, atomic_write, collate, collate_packed, load_pairs, optimizer_steps, response_pools,
-                       tokenize_pairs)
-from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, chosen_weights, deviation_weights, load_embedder
+from ddpo.checkpoint import (check_resumable, checkpoints, load_state, output_lock, run_config, save_checkpoint,
+                             set_rng_state, trim_metrics)
+from ddpo.data import (DataError, atomic_write, check_output_dir, collate, collate_packed, in_range, load_pairs,
+                       optimizer_steps, remove_temporaries, response_pools, tokenize_pairs)
+from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, check_embedder, chosen_weights, deviation_weights, load_embedder
 from ddpo.lean import use_lean
-from ddpo.lora import adapters_disabled, add_lora, load_adapter, merged_copy, save_adapter
+from ddpo.lora import adapters_disabled, add_lora, load_adapter
 from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss, sft_loss
-from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, disable_dropout, files_digest,
-                         load_model, load_tokenizer, use_segment_attention)
+from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, check_model_path, disable_dropout,
+                         files_digest, load_model, load_tokenizer, use_segment_attention)
 from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
 
 
@@ -68,8 +80,10 @@ class TrainConfig:
     loss: str = field(default="ddpo", metadata={"help": "dpo | ddpo | orpo | dorpo | sft (NLL of the chosen responses, "
                                                          "the paper's stage before DPO)",
                                                  "choices": ["dpo", "ddpo", "orpo", "dorpo", "sft"]})
-    beta: float = field(default=0.1, metadata={"help": "DPO/DDPO inverse temperature (paper: 0.1)"})
-    orpo_lambda: float = field(default=0.25, metadata={"help": "weight of the ORPO/DORPO odds-ratio term"})
+    beta: float = field(default=0.1, metadata={"help": "DPO/DDPO inverse temperature (paper: 0.1)",
+                                             "type": in_range(float, 0, above=True)})
+    orpo_lambda: float = field(default=0.25, metadata={"help": "weight of the ORPO/DORPO odds-ratio term",
+                                                    "type": in_range(float, 0)})
     dorpo_form: str = field(default="released", metadata={
         "help": "released: mean(w)*NLL + lambda*mean(-logsigmoid(w*Delta)); per-example: mean(w*(NLL + lambda*L_OR))",
         "choices": ["released", "per-example"]})
@@ -79,23 +93,25 @@ class TrainConfig:
         "choices": ["none", "semantic", "style", "both"]})
     semantic_embedder: str = field(default=DEFAULT_EMBEDDERS["semantic"], metadata={"help": "for --deviation semantic|both"})
     style_embedder: str = field(default=DEFAULT_EMBEDDERS["style"], metadata={"help": "for --deviation style|both"})
-    min_weight: float = field(default=0.0, metadata={"help": "clamp chosen weights from below, e.g. 0.2 (paper ablation)"})
-    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    min_weight: float = field(default=0.0, metadata={"help": "clamp chosen weights from below, e.g. 0.2 (paper ablation)",
+                                                   "type": in_range(float, 0)})
+    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6)", "type": in_range(float, 0, above=True)})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "type": in_range(float, 0)})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps", "type": in_range(int, 0)})
     schedule: str = field(default="linear", metadata={"help": "decay after warm-up", "choices": ["linear", "cosine", "constant"]})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the pairs (paper: 3); ignored if max_steps > 0"})
-    max_steps: int = field(default=0, metadata={"help": "optimiser steps; 0 = derive from epochs"})
-    batch_size: int = field(default=2, metadata={"help": "pairs per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)", "type": in_range(float, 0)})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the pairs (paper: 3); ignored if max_steps > 0",
+                                               "type": in_range(float, 0, above=True)})
+    max_steps: int = field(default=0, metadata={"help": "optimiser steps; 0 = derive from epochs", "type": in_range(int, 0)})
+    batch_size: int = field(default=2, metadata={"help": "pairs per micro-batch", "type": in_range(int, 1)})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step", "type": in_range(int, 1)})
     max_length: int = field(default=-1, metadata={"help": "max prompt+completion tokens; completions keep their start "
                                                            "(0 = off; -1 = as released: off for dpo/ddpo/sft, 512 for "
-                                                           "orpo/dorpo)"})
+                                                           "orpo/dorpo)", "type": in_range(int, -1)})
     max_prompt_length: int = field(default=-1, metadata={"help": "max prompt tokens; prompts keep their end (0 = off; "
                                                                   "-1 = as released: off for dpo/ddpo/sft, 128 for "
-                                                                  "orpo/dorpo)"})
-    seed: int = field(default=42, metadata={"help": "seed of data order and initialisation"})
+                                                                  "orpo/dorpo)", "type": in_range(int, -1)})
+    seed: int = field(default=42, metadata={"help": "seed of data order and initialisation", "type": in_range(int, 0, 2**32 - 1)})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "float32", "bfloat16"]})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     packing: bool = field(default=True, metadata={"help": "padding-free micro-batches: sequences packed in one row "
@@ -110,17 +126,23 @@ class TrainConfig:
                                                         "arithmetic)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning; paper: 128); the reference "
-                                                      "is then the base weights with adapters off"})
-    lora_alpha: float = field(default=256.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+                                                      "is then the base weights with adapters off", "type": in_range(int, 0)})
+    lora_alpha: float = field(default=256.0, metadata={"help": "LoRA alpha (scale alpha / r)", "type": in_range(float, 0, above=True)})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input", "type": in_range(float, 0, 1, below=True)})
     lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "comma-separated nn.Linear names to adapt"})
     merge_lora: bool = field(default=True, metadata={"help": "also save merged weights (transformers-loadable) "
                                                              "in every LoRA checkpoint"})
     kernels: str = field(default="auto", metadata={"help": "log-prob head: auto (Triton on CUDA), triton, torch (chunked)", "choices": ["auto", "triton", "torch"]})
-    log_every: int = field(default=1, metadata={"help": "log every N steps"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in output_dir (0 = all)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    log_every: int = field(default=1, metadata={"help": "log every N steps", "type": in_range(int, 1)})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)", "type": in_range(int, 0)})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in output_dir, the newest always (0 = all)",
+                                                       "type": in_range(int, 0)})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir, with "
+                                                          "its settings (only --max-steps/--epochs, cadence, device and "
+                                                          "how it runs may change)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run the embedders' own code from their directory "
+                                                                     "or hub repo (--deviation with jinaai/jina-"
+                                                                     "embeddings-v3); only for models you trust"})
 
 
 def parse_args(argv=None):
@@ -130,8 +152,8 @@ def parse_args(argv=None):
         if f.type is bool or f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"],
-                                choices=f.metadata.get("choices"))
+            parser.add_argument(flag, type=f.metadata.get("type", type(f.default)), default=f.default,
+                                help=f.metadata["help"], choices=f.metadata.get("choices"))
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if not cfg.data:
         parser.error("--data is required")
@@ -140,7 +162,24 @@ def parse_args(argv=None):
     cfg.max_prompt_length = (128 if odds else 0) if cfg.max_prompt_length == -1 else cfg.max_prompt_length
     if cfg.max_length and cfg.max_prompt_length >= cfg.max_length:
         parser.error(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length ({cfg.max_length})")
+    check_device(parser, cfg)
     return cfg
+
+
+def check_device(parser, cfg):
+    """--device names a device that is there, and --kernels triton has one to run on."""
+    try:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if cfg.device == "auto" else cfg.device)
+    except RuntimeError:
+        parser.error(f"argument --device: unknown device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: {cfg.device}: only cpu and cuda are supported")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"argument --device: {cfg.device}, but {torch.cuda.device_count()} GPUs are visible")
+    if cfg.kernels == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("argument --kernels: triton on the CPU runs only under TRITON_INTERPRET=1 (set before start); "
+                     "use --kernels torch")
 
 
 def lr_lambda(cfg, total_steps):
@@ -238,7 +277,7 @@ class Reference:
                                         ).encode()).hexdigest()[:20]
         path = os.path.join(cache_dir(), "ref_logps", key + ".pt")
         if os.path.exists(path):
-            self.cached = torch.load(path)
+            self.cached = torch.load(path, weights_only=True)
             print(f"reference log-probs: reused {path}", flush=True)
         else:
             rows = []
@@ -263,6 +302,8 @@ def check_packing(cfg, policy_logps, pairs, pad_token_id, device):
         padded, _ = policy_logps(tuple(t.to(device) for t in collate(sample, pad_token_id)))
         use_segment_attention(policy_logps.model)
         packed, _ = policy_logps(tuple(t.to(device) for t in collate_packed(sample)))
+    if not (padded.isfinite().all() and packed.isfinite().all()):
+        raise SystemExit(f"error: {cfg.model} gives non-finite log-probs on the first pairs: its logits overflow")
     if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):
         raise SystemExit(f"packed and padded log-probs differ on {cfg.model} ({packed.tolist()} vs {padded.tolist()}): "
                          "this model does not separate packed sequences; pass --no-packing")
@@ -276,7 +317,8 @@ class InStepDeviation:
         names = {"semantic": cfg.semantic_embedder, "style": cfg.style_embedder}
         print(f"embedding {len(texts)} responses of {int(self.pair_prompt.max()) + 1} prompts "
               f"({', '.join(names[m] for m in METRICS[cfg.deviation])})", flush=True)
-        embeddings = [load_embedder(names[m])(texts) for m in METRICS[cfg.deviation]]
+        embeddings = [load_embedder(names[m], trust_remote_code=cfg.trust_remote_code)(texts)
+                      for m in METRICS[cfg.deviation]]
         weights, _ = deviation_weights(embeddings, self.text_prompt)  # what the kernel computes, for DORPO's step mean
         self.chosen_weights = chosen_weights(weights, self.pair_chosen, cfg.min_weight).float()
         self.embeddings = [e.to(device) for e in embeddings]
@@ -300,50 +342,6 @@ def pair_weights(cfg, pairs):
     return w.clamp(min=cfg.min_weight)
 
 
-def checkpoints(output_dir):
-    found = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit():
-                found.append((int(name.split("-", 1)[1]), os.path.join(output_dir, name)))
-    return sorted(found)
-
-
-def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, model_state=None):
-    """model_state: the full weights when the policy is sharded (FSDP); None saves the policy's own."""
-    tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=cfg.output_dir)
-    if cfg.lora_r:
-        save_adapter(policy, tmp, {"base_model": cfg.model, "r": cfg.lora_r, "alpha": cfg.lora_alpha,
-                                   "dropout": cfg.lora_dropout, "targets": cfg.lora_targets.split(",")})
-        if cfg.merge_lora:
-            merged_copy(policy).save_pretrained(tmp, safe_serialization=True)
-    else:
-        policy.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng},
-               os.path.join(tmp, "trainer_state.pt"))
-    atomic_write(os.path.join(tmp, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
-    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if cfg.keep_checkpoints:
-        for _, old in checkpoints(cfg.output_dir)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-    return final
-
-
-def trim_metrics(path, last_step):
-    """On resume, drop metric lines logged after the checkpoint (they will be logged again)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write(path, "".join(kept))
-
-
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -358,6 +356,7 @@ def setup_distributed(cfg):
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+        device = torch.device("cuda", local) if device.type == "cuda" and device.index is None else device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -403,11 +402,48 @@ def all_reduce_grads(params):
         p.grad = g.view_as(p)
 
 
+def check_paths(cfg):
+    """Model and embedder paths and the output directory, before anything loads or is written."""
+    check_model_path(cfg.model)
+    if cfg.ref_model:
+        check_model_path(cfg.ref_model, "--ref-model")
+    names = {"semantic": cfg.semantic_embedder, "style": cfg.style_embedder}
+    for metric in METRICS[cfg.deviation] if cfg.loss in ("ddpo", "dorpo") else []:
+        check_embedder(names[metric], f"--{metric}-embedder")
+    check_output_dir(cfg.output_dir)
+
+
+def non_finite(step, sums, grad_norm, last_checkpoint):
+    """The error for a step with a NaN or inf among its loss, gradient norm and metrics, or None."""
+    bad = {k: v for k, v in {**sums, "grad_norm": grad_norm}.items() if not math.isfinite(v)}
+    if not bad:
+        return None
+    return (f"error: step {step}: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}; stopped before its "
+            f"update and checkpoint (last checkpoint: {last_checkpoint or 'none'}). Likely causes: a huge 'weight' in "
+            "the data, --beta or --lr too large, or a model whose logits overflow")
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    # 1. data first: bad input fails here, before a model is loaded or anything is written
+    # 1. paths and data first: bad input fails here, before a model is loaded or anything is written
+    check_paths(cfg)
     pairs = load_pairs(cfg.data)
+    with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
+        return train_locked(cfg, rank, world, device, pairs)
+
+
+def train_locked(cfg, rank, world, device, pairs):
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0 and (left := remove_temporaries(cfg.output_dir)):
+        log(f"removed what an interrupted run left in {cfg.output_dir}: {', '.join(left)}", flush=True)
+    found = checkpoints(cfg.output_dir)
+    if found and not cfg.resume:
+        raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
+    resume_from = found[-1][1] if cfg.resume and found else None
+    config = run_config(cfg)
+    if resume_from:
+        check_resumable(resume_from, config)
+        state = load_state(resume_from)
     tokenizer = load_tokenizer(cfg.model)
     stats = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
     log(f"data: {stats['pairs']} pairs from {cfg.data}; truncated {stats['prompts_truncated']} prompts "
@@ -416,15 +452,6 @@ def train(cfg):
     weights = pair_weights(cfg, pairs)
     if cfg.loss in ("ddpo", "dorpo") and all(p.weight is None for p in pairs):
         log(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals {cfg.loss[1:]}", flush=True)
-
-    found = checkpoints(cfg.output_dir)
-    if found and not cfg.resume:
-        raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
-    resume_from = found[-1][1] if cfg.resume and found else None
-    if resume_from:
-        with open(os.path.join(resume_from, "train_config.json")) as f:
-            if json.load(f).get("fsdp", False) != cfg.fsdp:  # the optimiser state is keyed differently
-                raise SystemExit(f"{resume_from} was written with{'out' if cfg.fsdp else ''} --fsdp: resume the same way")
 
     # 2. models
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
@@ -482,32 +509,27 @@ def train(cfg):
     total_steps = len(plan)
     steps_per_epoch = sum(position <= 1 for position, _ in plan)  # of the first epoch, for the log
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one pass per tensor
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    for group in optimizer.param_groups:  # the schedule's base, which LambdaLR reads when it starts at a resumed step
+        group["initial_lr"] = cfg.lr
 
-    if rank == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start_step = 0
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
         if cfg.fsdp:
             set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
         start_step = state["step"]
         if rank == 0:
             trim_metrics(metrics_path, start_step)
         log(f"resumed from {resume_from} at step {start_step}", flush=True)
     elif rank == 0:
         open(metrics_path, "w").close()
+    # the schedule's lambda for this run's total, from the resumed step on
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps), last_epoch=start_step - 1)
     if rank == 0:
-        atomic_write(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(config, indent=2))
 
     log(f"training {cfg.loss} on {device}{f' x {world} ranks' if world > 1 else ''} ({'bf16 autocast' if autocast_dtype else 'fp32'}, "
           f"{'Triton' if use_triton else 'chunked PyTorch'} log-prob head): {total_steps} steps of up to "
@@ -548,6 +570,8 @@ def train(cfg):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
+        if (error := non_finite(step + 1, sums, grad_norm.item(), path)):
+            raise SystemExit(error)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -562,7 +586,7 @@ def train(cfg):
                         "weights/max": used_weights.max().item(), "grad_norm": grad_norm.item(), "lr": lr,
                         "step_time_s": dt, "tokens_per_s": sums["tokens"] / dt, "peak_mem_gb": peak_memory_gb(device)})
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, allow_nan=False) + "\n")
             bar.write(" | ".join([f"step {step + 1}/{total_steps}"] + [
                 f"{key} {row[key]:.4g}" for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen",
                                                       "weights/mean", "lr", "step_time_s", "peak_mem_gb") if key in row]))

@@ -1,6 +1,8 @@
-"""ddpo.prepare: pairing rules, weights against the worked example, edge cases and bad input."""
+"""ddpo.prepare: pairing rules, weights against the worked example, edge cases, bad flags and input, remote code."""
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ class FixedEmbedder:
 def test_pairs_input_reproduces_the_worked_example(tmp_path, monkeypatch):
     texts = ["c1", "r1", "c2", "r2"]
     tables = {"sem": dict(zip(texts, SEM)), "sty": dict(zip(texts, STY))}
-    monkeypatch.setattr(prep, "load_embedder", lambda name: FixedEmbedder(tables[name]))
+    monkeypatch.setattr(prep, "load_embedder", lambda name, **kw: FixedEmbedder(tables[name]))
     rows = [{"prompt": "x", "chosen": "c1", "rejected": "r1"}, {"prompt": "x", "chosen": "c2", "rejected": "r2"}]
     for deviation, expected in [("semantic", [0.2055, 0.0]), ("style", [0.8888, 2.5266]), ("both", [2.3109, 0.0])]:
         pairs, summary = run(tmp_path, rows, "--deviation", deviation, "--semantic-embedder", "sem", "--style-embedder", "sty")
@@ -74,7 +76,7 @@ def random_pools(tmp_path, monkeypatch, n_prompts, n, seed, score_levels=None):
             text = f"response {i} to prompt {p}"
             tables["sem"][text], tables["sty"][text] = torch.randn(8, generator=g), torch.randn(5, generator=g)
             rows.append({"prompt": f"prompt {p}", "response": text, "score": scores[i]})
-    monkeypatch.setattr(prep, "load_embedder", lambda name: FixedEmbedder(tables[name]))
+    monkeypatch.setattr(prep, "load_embedder", lambda name, **kw: FixedEmbedder(tables[name]))
     return rows, tables
 
 
@@ -163,7 +165,7 @@ def test_diverse_ns_keeps_the_pair_the_rule_selects(tmp_path, monkeypatch):
     gain takes (A, B), which uses A: exactly one pair."""
     texts = ["a b c d e f g h i j", "k l m n o p q r s t", "u v w", "x y z a b c d e f g h"]
     table = dict(zip(texts, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.25, 0.0], [1.0, 0.6, 0.0]])))
-    monkeypatch.setattr(prep, "load_embedder", lambda name: FixedEmbedder(table))
+    monkeypatch.setattr(prep, "load_embedder", lambda name, **kw: FixedEmbedder(table))
     dev = mean_cosine_distance(torch.stack(list(table.values())), torch.zeros(4, dtype=torch.long)).tolist()
     assert dev[0] > dev[3] > dev[1] > dev[2]
     rows = pool("p", zip(texts, [5, 5, 9, 1]))
@@ -210,3 +212,113 @@ def test_proxy_scores_need_no_input_scores_and_do_not_reward_short_or_repetitive
     rows = [{"prompt": "p", "response": t} for t in (story, "A ship.", "the ship sailed " * 20)]
     pairs, _ = run(tmp_path, rows, "--score", "proxy", "--deviation", "style")
     assert pairs[0]["chosen"] == story
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a scorer or embedder was loaded")
+
+
+POOL = [{"prompt": "p", "response": f"Answer number {i}.", "score": i} for i in range(4)]
+BAD_FLAGS = [("--rho", "0"), ("--rho", "1.5"), ("--rho", "nan"), ("--pairs-per-prompt", "0"), ("--gap", "-1"),
+             ("--gap", "nan"), ("--gap", "inf"), ("--length-tolerance", "-1"), ("--length-tolerance", "nan"),
+             ("--budget", "-1"), ("--max-per-prompt", "-1"), ("--min-weight", "-1"), ("--min-weight", "nan"),
+             ("--min-weight", "inf"), ("--quality-eps", "nan"), ("--score", "bogus"), ("--score", "reward-model:")]
+
+
+@pytest.mark.parametrize("flag, value", BAD_FLAGS)
+def test_bad_flags_are_refused_at_parse_time(tmp_path, monkeypatch, capsys, flag, value):
+    monkeypatch.setattr(prep, "load_embedder", no_model)
+    monkeypatch.setattr(prep, "load_scorer", no_model)
+    with pytest.raises(SystemExit) as e:
+        prep.main(["--input", write_jsonl(tmp_path / "in.jsonl", POOL), "--output", str(tmp_path / "o.jsonl"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+GOOD = json.dumps(POOL[0]) + "\n" + json.dumps(POOL[1]) + "\n"
+BAD_INPUTS = [  # files under tmp_path (in.jsonl is --input, o.jsonl --output), extra flags, the error
+    pytest.param({}, ["--deviation", "semantic", "--semantic-embedder", "./no/such/embedder"],
+                 r"--semantic-embedder ./no/such/embedder: no such directory", id="missing embedder"),
+    pytest.param({"e/notes.txt": ""}, ["--semantic-embedder", "{tmp}/e"],
+                 r"--semantic-embedder .*/e: not a model directory \(no config.json\)", id="embedder without config"),
+    pytest.param({}, ["--semantic-embedder", "packaged:nope"], r"--semantic-embedder packaged:nope: unknown packaged",
+                 id="unknown packaged embedder"),
+    pytest.param({}, ["--score", "reward-model:{tmp}/rm"], r"--score reward-model: .*/rm: no such directory",
+                 id="missing reward model"),
+    pytest.param({}, ["--output", "{tmp}"], r"--output .*: is a directory", id="output is a directory"),
+    pytest.param({}, ["--output", "{tmp}/in.jsonl/o.jsonl"], r"--output .*in.jsonl/o.jsonl: cannot write there",
+                 id="output's directory is a file"),
+    pytest.param({"in.jsonl": GOOD.encode() + b'{"prompt": "caf\xe9", "response": "r", "score": 1}\n'}, [],
+                 r"^error: .*in.jsonl:3: invalid UTF-8", id="invalid utf-8"),
+]
+
+
+@pytest.mark.parametrize("files, flags, error", BAD_INPUTS)
+def test_bad_input_is_refused_before_a_model_loads(tmp_path, monkeypatch, files, flags, error):
+    monkeypatch.setattr(prep, "load_embedder", no_model)
+    monkeypatch.setattr(prep, "load_scorer", no_model)
+    files = {"in.jsonl": GOOD, **files}
+    files = {name: content if isinstance(content, bytes) else content.encode() for name, content in files.items()}
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--deviation", "both"]
+    with pytest.raises(SystemExit) as e:
+        prep.main(argv + [f.format(tmp=tmp_path) for f in flags])
+    assert re.search(error, str(e.value.code)) and "\n" not in str(e.value.code), e.value.code
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(files)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_directory_is_refused_before_a_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "load_embedder", no_model)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit, match="cannot write there"):
+        prep.main(["--input", write_jsonl(tmp_path / "in.jsonl", POOL), "--output", str(tmp_path / "ro" / "o.jsonl")])
+
+
+def test_leftover_temporaries_are_removed_and_the_output_follows_the_umask(tmp_path):
+    (tmp_path / ".tmp-pairs.jsonl-k1ll3d").write_text("half")  # what kill -9 during the write leaves
+    (tmp_path / ".tmp-other.jsonl-k1ll3d").write_text("not ours to remove")
+    old = os.umask(0o027)
+    try:
+        run(tmp_path, POOL, "--deviation", "style")
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [".tmp-other.jsonl-k1ll3d"]
+    assert (tmp_path / "pairs.jsonl").stat().st_mode & 0o777 == 0o640
+
+
+def remote_code_encoder(path, marker):
+    """A tiny BERT whose config points AutoModel at its own modeling file, which touches `marker` when imported."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
+    BertModel(BertConfig(vocab_size=2, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                         auto_map={"AutoModel": "modeling_remote.RemoteModel"})).save_pretrained(path)
+    (path / "modeling_remote.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                             "from transformers import BertModel\n\n\n"
+                                             "class RemoteModel(BertModel):\n    pass\n")
+
+
+def test_remote_code_runs_only_with_trust_remote_code_whatever_the_name(tmp_path, monkeypatch):
+    """A local directory named like the paper's embedder (jinaai/...) used to run its code unasked."""
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where transformers copies the code
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    marker = tmp_path / "ran"
+    remote_code_encoder(tmp_path / "jinaai" / "remote", marker)
+    argv = ["--input", write_jsonl(tmp_path / "in.jsonl", POOL), "--output", str(tmp_path / "o.jsonl"), "--deviation",
+            "semantic", "--semantic-embedder", "jinaai/remote"]
+    with pytest.raises(SystemExit, match="^error: jinaai/remote: the model ships its own code; pass --trust-remote-code"):
+        prep.main(argv)
+    assert not marker.exists() and not (tmp_path / "o.jsonl").exists()
+    prep.main(argv + ["--trust-remote-code"])
+    assert marker.exists() and len(read_jsonl(tmp_path / "o.jsonl")) == 2

@@ -1,17 +1,23 @@
-"""ddpo.train end to end on tiny models: metrics, checkpoints, resume equality, exact accumulation, bad input."""
+"""ddpo.train end to end on tiny models: metrics, checkpoints, resume equality, exact accumulation, bad flags and input,
+the lock, non-finite steps, resume rules."""
 
 import json
 import math
 import os
+import re
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_pairs
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import ddpo.train as train_mod
-from ddpo.data import collate, collate_packed, load_pairs, tokenize_pairs
+from ddpo.data import DataError, collate, collate_packed, load_pairs, tokenize_pairs
 from ddpo.models import SEGMENT_ATTENTION, load_model, load_tokenizer, segment_attention, sequence_logps, use_segment_attention
 from ddpo.train import main, parse_args, train
 
@@ -358,3 +364,263 @@ def test_sft_is_the_mean_token_nll_of_the_chosen_responses(tmp_path, tiny_model)
     assert rows[0]["loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert rows[0]["logps/chosen"] == pytest.approx(-rows[0]["loss"], rel=1e-6)
     assert rows[-1]["loss"] < rows[0]["loss"] and "rewards/margins" not in rows[0]
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+BAD_FLAGS = [("--max-grad-norm", "-1"), ("--beta", "0"), ("--beta", "-0.1"), ("--beta", "inf"), ("--beta", "nan"),
+             ("--lr", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--max-steps", "-1"), ("--epochs", "0"),
+             ("--epochs", "inf"), ("--epochs", "nan"), ("--batch-size", "0"), ("--grad-accum", "0"),
+             ("--log-every", "0"), ("--save-every", "-1"), ("--warmup-steps", "-1"), ("--lora-r", "-1"),
+             ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--lora-dropout", "-0.1"), ("--orpo-lambda", "-1"),
+             ("--orpo-lambda", "nan"), ("--min-weight", "-1"), ("--min-weight", "inf"), ("--weight-decay", "-1"),
+             ("--max-length", "-2"), ("--max-prompt-length", "-2"), ("--keep-checkpoints", "-1"), ("--seed", "-1"),
+             ("--device", "cuda:99"), ("--device", "nonsense"), ("--device", "meta"), ("--kernels", "triton")]
+
+
+@pytest.mark.parametrize("flag, value", BAD_FLAGS)
+def test_bad_flags_are_refused_at_parse_time(tmp_path, tiny_model, monkeypatch, capsys, flag, value):
+    """Each numeric flag out of range, a device that is not there, Triton on the CPU without its interpreter."""
+    monkeypatch.setattr(train_mod, "load_tokenizer", no_model)
+    monkeypatch.setattr(train_mod, "load_model", no_model)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read when --kernels triton is parsed
+    with pytest.raises(SystemExit) as e:
+        main(["--model", tiny_model, "--data", write_pairs(tmp_path / "pairs.jsonl"), "--output-dir",
+              str(tmp_path / "out"), "--device", "cpu", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def live_pid():
+    """The pid of a running process other than this one."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+GOOD_PAIRS = '{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
+BAD_INPUTS = [  # files under tmp_path (pairs.jsonl is --data, out the --output-dir), extra flags, the error
+    pytest.param({}, ["--model", "./no/such/model"], r"--model ./no/such/model: no such directory", id="missing model"),
+    pytest.param({}, ["--ref-model", "{tmp}/ref"], r"--ref-model .*/ref: no such directory", id="missing ref model"),
+    pytest.param({"m/notes.txt": ""}, ["--model", "{tmp}/m"], r"--model .*/m: not a model directory \(no config.json\)",
+                 id="model directory without config"),
+    pytest.param({}, ["--model", "packaged:nope"], r"--model packaged:nope: unknown packaged model", id="unknown packaged"),
+    pytest.param({}, ["--deviation", "semantic", "--semantic-embedder", "./no/such/embedder"],
+                 r"--semantic-embedder ./no/such/embedder: no such directory", id="missing embedder"),
+    pytest.param({"f": ""}, ["--output-dir", "{tmp}/f"], r"--output-dir .*/f: .*/f is not a directory",
+                 id="output dir is a file"),
+    pytest.param({"f": ""}, ["--output-dir", "{tmp}/f/out"], r"--output-dir .*/f/out: .*/f is not a directory",
+                 id="output dir inside a file"),
+    pytest.param({"pairs.jsonl": GOOD_PAIRS.encode() + b'{"prompt": "caf\xe9", "chosen": "c", "rejected": "r"}\n'}, [],
+                 r"^error: .*pairs.jsonl:2: invalid UTF-8", id="invalid utf-8"),
+    pytest.param({"out/.lock": "{pid} {host}\n"}, [], r"--output-dir .*/out: in use by pid \d+ on .*/out/.lock\)",
+                 id="output dir locked by a live run"),
+    pytest.param({"out/.lock": "12 elsewhere\n"}, [], r"in use by pid 12 on elsewhere", id="locked from another host"),
+]
+
+
+@pytest.mark.parametrize("files, flags, error", BAD_INPUTS)
+def test_bad_input_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch, live_pid, files, flags, error):
+    monkeypatch.setattr(train_mod, "load_tokenizer", no_model)
+    monkeypatch.setattr(train_mod, "load_model", no_model)
+    files = {"pairs.jsonl": GOOD_PAIRS, **files}
+    for name, content in files.items():
+        if isinstance(content, str):
+            content = content.replace("{pid}", str(live_pid)).replace("{host}", socket.gethostname()).encode()
+        files[name] = content
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(files[name])
+    argv = ["--model", tiny_model, "--data", str(tmp_path / "pairs.jsonl"), "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        main(argv + [f.format(tmp=tmp_path) for f in flags])
+    assert re.search(error, str(e.value.code)) and "\n" not in str(e.value.code), e.value.code
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(files)
+    for name, content in files.items():  # nothing written, nothing rewritten
+        assert (tmp_path / name).read_bytes() == content
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_dir_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(train_mod, "load_model", no_model)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit, match="ro is not writable"):
+        main(["--model", tiny_model, "--data", write_pairs(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "ro" / "o")])
+
+
+def test_a_stale_lock_is_taken_over_and_the_lock_is_released(tmp_path, tiny_model, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")
+    cfg, path = run(tmp_path, tiny_model, "--max-steps", "1")
+    assert f"taking over the lock of pid {dead.pid}, which is no longer running" in capsys.readouterr().out
+    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint-1", "metrics.jsonl", "train_config.json"]
+    with pytest.raises(SystemExit, match="--resume"):  # also released when the run fails
+        run(tmp_path, tiny_model, "--max-steps", "1")
+    assert not os.path.exists(os.path.join(cfg.output_dir, ".lock"))
+
+
+def test_pruning_never_deletes_the_newest_checkpoint(tmp_path, tiny_model):
+    cfg = parse_args(["--model", tiny_model, "--data", write_pairs(tmp_path / "pairs.jsonl"), "--output-dir",
+                      str(tmp_path / "run"), "--max-steps", "3", "--save-every", "1"])
+    cfg.keep_checkpoints = -1  # past parse_args, which refuses it
+    assert train(cfg).endswith("checkpoint-3") and os.path.isdir(tmp_path / "run" / "checkpoint-3")
+
+
+def strict_rows(path):
+    """metrics.jsonl rows; NaN and Infinity (not JSON) fail."""
+    def refuse(token):
+        raise ValueError(f"{token} in {path}")
+
+    with open(path) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+@pytest.mark.parametrize("flags, rows, step", [
+    (["--data", "HUGE"], 0, 1),            # a finite weight of 1e308 makes the step's loss inf
+    (["--beta", "1e300"], 0, 1),           # beta overflows float32: inf * 0 = NaN rewards
+    (["--lr", "1e30", "--save-every", "1"], 1, 2),  # step 1 is fine and saved, its update blows up step 2
+])
+def test_a_non_finite_step_stops_before_its_update_and_checkpoint(tmp_path, tiny_model, flags, rows, step):
+    huge = write_pairs(tmp_path / "huge.jsonl", [{"prompt": "p", "chosen": "c c", "rejected": "r r", "weight": 1e308},
+                                                 {"prompt": "q", "chosen": "d", "rejected": "e", "weight": 1.0}])
+    with pytest.raises(SystemExit, match=f"^error: step {step}: non-finite .*stopped before its update and checkpoint"):
+        run(tmp_path, tiny_model, "--max-steps", "3", *[huge if f == "HUGE" else f for f in flags])
+    out = tmp_path / "run"
+    assert [r["step"] for r in strict_rows(out / "metrics.jsonl")] == list(range(1, rows + 1))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in range(1, rows + 1)]
+    for checkpoint in out.glob("checkpoint-*"):
+        assert all(w.isfinite().all() for w in load_file(checkpoint / "model.safetensors").values())
+
+
+def certain_model(path):
+    """A plain-text model certain of its EOS everywhere: a huge constant direction in the residual stream, read only
+    by the EOS row of the output layer (log-prob 0 for EOS, about -1e5 for any other token)."""
+    from conftest import make_tiny_model
+
+    make_tiny_model(path, chat_template=False)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), load_tokenizer(str(path))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 100.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = 1e4
+    model.save_pretrained(path)
+    return str(path), tokenizer.eos_token
+
+
+@pytest.mark.parametrize("loss", ["orpo", "dorpo"])
+def test_orpo_on_a_response_the_model_is_certain_of_stays_finite(tmp_path, loss):
+    """Mean log-prob 0 (P = 1, odds infinite): log1mexp caps it, so the log-odds and every gradient stay finite."""
+    model, eos = certain_model(tmp_path / "certain")
+    data = write_pairs(tmp_path / "pairs.jsonl", [{"prompt": "Say it.", "chosen": eos, "rejected": "no", "weight": 2.0},
+                                                  {"prompt": "Again.", "chosen": eos, "rejected": "nope"}])
+    cfg, path = run(tmp_path, model, "--loss", loss, "--max-steps", "2", data=data)
+    rows = strict_rows(os.path.join(cfg.output_dir, "metrics.jsonl"))
+    assert rows[0]["logps/chosen"] == 0.0 and rows[0]["rewards/margins"] > 0 and len(rows) == 2
+    assert all(w.isfinite().all() for w in load_file(os.path.join(path, "model.safetensors")).values())
+
+
+@pytest.mark.parametrize("first, then, differing", [
+    ([], ["--loss", "dpo"], "loss 'ddpo' there, 'dpo' now"),
+    ([], ["--beta", "0.5"], "beta 0.1 there, 0.5 now"),
+    ([], ["--lora-r", "4"], "lora_r 0 there, 4 now"),
+    (["--lora-r", "4"], [], "lora_r 4 there, 0 now"),
+    ([], ["--seed", "1"], "seed 42 there, 1 now"),
+    ([], ["--deviation", "style"], "deviation 'none' there, 'style' now"),
+    ([], ["--dorpo-form", "per-example"], "dorpo_form 'released' there, 'per-example' now"),
+    ([], ["OTHER"], "model '.*' there, '.*other' now"),
+    ([], ["EDIT"], "data_sha256 '[0-9a-f]+' there, '[0-9a-f]+' now"),  # same path, other content
+])
+def test_resume_refuses_other_settings(tmp_path, tiny_model, first, then, differing):
+    from conftest import make_tiny_model
+
+    data = write_pairs(tmp_path / "data.jsonl")
+    run(tmp_path, tiny_model, "--max-steps", "1", *first, data=data)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    if then == ["EDIT"]:
+        write_pairs(data, [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    if "OTHER" in then:
+        then = ["--model", make_tiny_model(tmp_path / "other", seed=1)]
+    with pytest.raises(DataError, match=f"^--resume: .*checkpoint-1 was trained with other settings: {differing}"):
+        run(tmp_path, tiny_model, "--max-steps", "2", "--resume", *[f for f in then if f != "EDIT"], data=data)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_resume_may_extend_the_run_and_the_schedule_follows_the_new_total(tmp_path, tiny_model, monkeypatch):
+    """Four steps of a linear schedule, resumed to eight from a copy of the data at another path and with other
+    cadence and device flags: steps 5-8 take the eight-step schedule (the four-step one had reached lr 0)."""
+    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
+    run(tmp_path, tiny_model, "--max-steps", "4", "--save-every", "2", "--log-every", "2")
+    moved = write_pairs(tmp_path / "moved.jsonl")
+    cfg, path = run(tmp_path, tiny_model, "--max-steps", "8", "--save-every", "3", "--resume", "--keep-checkpoints", "1",
+                    "--log-every", "1", "--device", "cpu", "--precompute-ref", data=moved)
+    rows = metrics(cfg.output_dir)
+    assert [r["step"] for r in rows] == [2, 4, 5, 6, 7, 8] and path.endswith("checkpoint-8")
+    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint-8", "metrics.jsonl", "train_config.json"]
+    schedule = train_mod.lr_lambda(cfg, 8)
+    for r in rows[2:]:  # steps 5-8
+        assert r["lr"] == pytest.approx(1e-3 * schedule(r["step"] - 1), rel=1e-9), r["step"]
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda text: text + '{"step": 3, "lo', None),  # killed while writing step 3's line: dropped
+    (lambda text: "garbage\n" + text, r"metrics.jsonl:1: not a metrics line of ddpo.train"),
+    (lambda text: text.replace("\n", "\n\xff", 1), r"metrics.jsonl:2: not a metrics line"),
+])
+def test_resume_drops_only_a_torn_last_metrics_line(tmp_path, tiny_model, damage, error):
+    run(tmp_path, tiny_model, "--max-steps", "2", "--save-every", "1")
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_bytes(damage(path.read_text()).encode("utf-8", "surrogateescape").replace(b"\xc3\xbf", b"\xff"))
+    if error:
+        with pytest.raises(DataError, match=error):
+            run(tmp_path, tiny_model, "--max-steps", "3", "--save-every", "1", "--resume")
+        return
+    run(tmp_path, tiny_model, "--max-steps", "3", "--save-every", "1", "--resume")
+    assert [r["step"] for r in strict_rows(path)] == [1, 2, 3]
+
+
+def test_a_crafted_trainer_state_is_refused_and_never_run(tmp_path, tiny_model):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    run(tmp_path, tiny_model, "--max-steps", "1")
+    torch.save({"step": 1, "optimizer": Payload()}, tmp_path / "run" / "checkpoint-1" / "trainer_state.pt")
+    with pytest.raises(DataError, match=r"trainer_state.pt: refused: it holds pickled objects other than tensors"):
+        run(tmp_path, tiny_model, "--max-steps", "2", "--resume")
+    assert not marker.exists()
+
+
+def test_leftover_temporaries_are_removed_and_outputs_follow_the_umask(tmp_path, tiny_model, capsys):
+    out = tmp_path / "run"
+    (out / ".tmp-checkpoint-k1ll3d").mkdir(parents=True)  # what kill -9 during a save and a write leave
+    (out / ".tmp-metrics.jsonl-k1ll3d").write_text("half")
+    old = os.umask(0o027)
+    try:
+        run(tmp_path, tiny_model, "--max-steps", "1")
+    finally:
+        os.umask(old)
+    assert ".tmp-checkpoint-k1ll3d, .tmp-metrics.jsonl-k1ll3d" in capsys.readouterr().out
+    assert not [p for p in out.rglob(".tmp-*")]
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert modes["checkpoint-1"] == 0o750 and modes["train_config.json"] == modes["metrics.jsonl"] == 0o640
+    assert set(modes.values()) == {0o750, 0o640}, modes
+
+
+def test_packaged_conversion_cache_is_keyed_by_the_transformers_major_version(monkeypatch):
+    import transformers
+
+    from ddpo.models import converted_dir
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    old = converted_dir("packaged:smollm2-135m-instruct")
+    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    assert old.endswith("smollm2-135m-instruct-tf4") and converted_dir("packaged:smollm2-135m-instruct") != old

@@ -1,0 +1,199 @@
+"""ddpo.train's output directory: checkpoints (save, find, prune, resume state), its lock, and metrics on resume.
+
+checkpoint-<step>/ holds the model (with --lora-r: the adapters, and merged weights), the tokenizer, the run's
+train_config.json and trainer_state.pt: step, optimiser and scheduler state and the RNG states, all tensors and
+plain types, so --resume reads it with torch.load(weights_only=True) and a crafted file cannot run code. A checkpoint
+is written to .tmp-checkpoint-<random> and renamed into place; pruning keeps the newest --keep-checkpoints, and never
+deletes the newest.
+
+The lock: <output_dir>/.lock, created with O_CREAT | O_EXCL, holds "<pid> <host>" of the run that writes there and is
+removed when it ends, also on errors. A lock whose pid is no longer running on this host is stale (the run was
+killed) and is taken over with a message; any other lock refuses the run.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import random
+import shutil
+import socket
+
+import numpy as np
+import torch
+
+from ddpo.data import DataError, atomic_write, data_sha256, temporary_path
+from ddpo.lora import merged_copy, save_adapter
+
+LOCK = ".lock"
+# what --resume may change: how long to train (the schedule then follows the new total), logging and saving, and
+# how it runs (device, reference cache, kernels, memory savers); everything else must equal the checkpoint's
+MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "device", "precompute_ref",
+              "resume", "output_dir", "data", "kernels", "packing", "lean", "gradient_checkpointing", "merge_lora",
+              "trust_remote_code"}
+
+
+def checkpoints(output_dir):
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit():
+                found.append((int(name.split("-", 1)[1]), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def run_config(cfg):
+    """What train_config.json records: every flag, and the digest of the data's content (its path may move)."""
+    return {**dataclasses.asdict(cfg), "data_sha256": data_sha256(cfg.data)}
+
+
+def check_resumable(checkpoint, config):
+    """DataError naming every setting (outside MAY_CHANGE) in which `config` differs from the checkpoint's."""
+    path = os.path.join(checkpoint, "train_config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
+    differ = [f"{key} {saved[key]!r} there, {value!r} now" for key, value in config.items()
+              if key not in MAY_CHANGE and key in saved and saved[key] != value]
+    if differ:
+        raise DataError(f"--resume: {checkpoint} was trained with other settings: {'; '.join(differ)}; resume with "
+                        "its settings or choose another --output-dir")
+
+
+def rng_state():
+    """Every RNG's state as tensors and plain types (what torch.load(weights_only=True) reads back)."""
+    version, state, gauss = random.getstate()
+    key, keys, pos, has_gauss, cached = np.random.get_state()
+    rng = {"python": [version, torch.tensor(state, dtype=torch.int64), gauss],
+           "numpy": [key, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng):
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state.tolist()), gauss))
+    key, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((key, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_state(checkpoint):
+    """trainer_state.pt of a checkpoint, read with weights_only=True: a pickled object that is not a tensor or a
+    plain value is refused, never run."""
+    path = os.path.join(checkpoint, "trainer_state.pt")
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: refused: it holds pickled objects other than tensors and plain values "
+                        "(not written by ddpo.train)") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise DataError(f"{path}: cannot read it ({str(e).splitlines()[0]})") from None
+
+
+def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, model_state=None):
+    """model_state: the full weights when the policy is sharded (FSDP); None saves the policy's own."""
+    tmp = temporary_path(os.path.join(cfg.output_dir, "checkpoint"))
+    os.mkdir(tmp)  # the umask's mode, as any new directory (mkdtemp's would be private: 0700)
+    if cfg.lora_r:
+        save_adapter(policy, tmp, {"base_model": cfg.model, "r": cfg.lora_r, "alpha": cfg.lora_alpha,
+                                   "dropout": cfg.lora_dropout, "targets": cfg.lora_targets.split(",")})
+        if cfg.merge_lora:
+            merged_copy(policy).save_pretrained(tmp, safe_serialization=True)
+    else:
+        policy.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               os.path.join(tmp, "trainer_state.pt"))
+    shutil.copyfile(os.path.join(cfg.output_dir, "train_config.json"), os.path.join(tmp, "train_config.json"))
+    mode = os.stat(tmp).st_mode & 0o666  # 0666 less the umask, what a new file gets (safetensors writes 0600)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), mode)
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if cfg.keep_checkpoints > 0:
+        older = checkpoints(cfg.output_dir)[:-1]  # never the newest
+        for _, old in older[:len(older) + 1 - cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    return final
+
+
+def trim_metrics(path, last_step):
+    """On resume, drop metric lines logged after the checkpoint (they will be logged again), and a torn last line
+    (killed mid-write: no newline). Any other line that is not a metrics row is an error naming file:line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    kept = []
+    for lineno, raw in enumerate(data[:data.rfind(b"\n") + 1].split(b"\n")[:-1], 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError:  # also invalid UTF-8
+            row = None
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise DataError(f"{path}:{lineno}: not a metrics line of ddpo.train; remove it to resume")
+        if row["step"] <= last_step:
+            kept.append(raw.decode() + "\n")
+    atomic_write(path, "".join(kept))
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def take_over_if_stale(path, output_dir):
+    """Remove the lock at `path` if its pid is no longer running on this host; else DataError naming its holder."""
+    try:
+        with open(path) as f:
+            pid, _, host = f.read().strip().partition(" ")
+    except FileNotFoundError:  # released meanwhile
+        return
+    if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
+        print(f"{path}: taking over the lock of pid {pid}, which is no longer running", flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    holder = f"pid {pid} on {host}" if pid.isdigit() and host else "an unknown process"
+    raise DataError(f"--output-dir {output_dir}: in use by {holder} ({path}); wait for that run to end, or remove "
+                    f"{path} if no run uses this directory")
+
+
+@contextlib.contextmanager
+def output_lock(output_dir):
+    """Hold <output_dir>/.lock around the body (module docstring). Creates output_dir, and removes it again if the
+    run leaves it empty."""
+    created = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK)
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            take_over_if_stale(path, output_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        yield
+    finally:
+        os.remove(path)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(output_dir)  # only if empty
