@@ -17,36 +17,48 @@ experiments/ builds its comparisons from the same functions (`run_arms`).
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 from ddpo import evaluate, generate, prepare
 from ddpo import train as trainer
-from ddpo.data import atomic_write
+from ddpo.config import add_config_args, given
+from ddpo.data import atomic_write, in_range
 from ddpo.deviation import DEFAULT_EMBEDDERS
 from ddpo.models import DEFAULT_MODEL
 
 
+def _(default, help, type=None):
+    return field(default=default, metadata={"help": help, **({"type": type} if type else {})})
+
+
 @dataclass
 class PipelineConfig:
-    work_dir: str = "runs/pipeline"
-    model: str = DEFAULT_MODEL
-    train_prompts: int = 24
-    eval_prompts: int = 12
-    n: int = 4
-    eval_n: int = 0  # samples per held-out prompt (0 = n)
-    max_new_tokens: int = 100
-    steps: int = 10
-    batch_size: int = 4
-    lr: float = 1e-5
-    beta: float = 0.1
-    gap: float = 1.0
-    semantic_embedder: str = DEFAULT_EMBEDDERS["semantic"]
-    train_flags: str = ""  # extra ddpo.train flags for every arm, e.g. "--lora-r 128 --gradient-checkpointing"
-    seed: int = 0
-    quick: bool = False
+    work_dir: str = _("runs/pipeline", "every stage's output; a stage whose output is there is skipped")
+    model: str = _(DEFAULT_MODEL, "start model: hub name, local directory or packaged:<name>")
+    train_prompts: int = _(24, "first prompts of ddpo/data/prompts_train.jsonl (130) to sample training pools for",
+                           in_range(int, 1))
+    eval_prompts: int = _(12, "first held-out prompts of ddpo/data/prompts_eval.jsonl (32)", in_range(int, 2))
+    n: int = _(4, "responses per training prompt (its pool)", in_range(int, 2))
+    eval_n: int = _(0, "samples per held-out prompt (0 = --n)", in_range(int, 0))
+    max_new_tokens: int = _(100, "tokens per sampled response", in_range(int, 1))
+    steps: int = _(10, "optimiser steps of every arm", in_range(int, 1))
+    batch_size: int = _(4, "pairs per step", in_range(int, 1))
+    lr: float = _(1e-5, "peak learning rate", in_range(float, 0, above=True))
+    beta: float = _(0.1, "DPO/DDPO beta", in_range(float, 0, above=True))
+    gap: float = _(1.0, "gap pairing: minimum proxy-score gap before falling back", in_range(float, 0))
+    semantic_embedder: str = _(DEFAULT_EMBEDDERS["semantic"], "semantic embedder of weights and evaluation")
+    trust_remote_code: bool = _(False, "run the embedders' own code (e.g. jinaai/jina-embeddings-v3)")
+    train_flags: str = _("", "extra ddpo.train flags for every arm, e.g. \"--lora-r 128 --gradient-checkpointing\"")
+    seed: int = _(0, "seed of sampling, pairing and training", in_range(int, 0))
+    quick: bool = _(False, "tiny sizes for a smoke test, for every size not given on the command line: "
+                           "train-prompts 3, eval-prompts 2, n 3, max-new-tokens 24, steps 2, batch-size 2")
 
 
+GROUPS = {"sizes": ["train_prompts", "eval_prompts", "n", "eval_n", "max_new_tokens", "quick"],
+          "training": ["steps", "batch_size", "lr", "beta", "gap", "train_flags", "seed"],
+          "models": ["model", "semantic_embedder", "trust_remote_code"]}
 QUICK = dict(train_prompts=3, eval_prompts=2, n=3, max_new_tokens=24, steps=2, batch_size=2)
 
 
@@ -64,7 +76,10 @@ def packaged_prompts(split):
 
 def first_prompts(split, count, path):
     with open(packaged_prompts(split)) as f:
-        lines = [line for line in f if line.strip()][:count]
+        lines = [line for line in f if line.strip()]
+    if count > len(lines):
+        raise SystemExit(f"error: --{split}-prompts {count}: ddpo/data/prompts_{split}.jsonl holds {len(lines)}")
+    lines = lines[:count]
     if not os.path.exists(path):
         atomic_write(path, "".join(lines))
     return path
@@ -76,11 +91,15 @@ def sample(cfg, model, prompts, output, n=None, extra=()):
     return output
 
 
+def remote_code(cfg):
+    return ["--trust-remote-code"] if cfg.trust_remote_code else []
+
+
 def make_pairs(cfg, responses, flags, output):
     if not os.path.exists(output):
         prepare.prepare(prepare.parse_args(["--input", responses, "--output", output, "--score", "proxy",
                                             "--gap", str(cfg.gap), "--seed", str(cfg.seed),
-                                            "--semantic-embedder", cfg.semantic_embedder, *flags]))
+                                            "--semantic-embedder", cfg.semantic_embedder, *remote_code(cfg), *flags]))
     return output
 
 
@@ -117,20 +136,18 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
                                cfg.eval_n)
     return evaluate.run(evaluate.parse_args([*samples.values(), "--names", *samples, "--semantic-embedder",
                                              cfg.semantic_embedder, "--output-dir", os.path.join(cfg.work_dir, "eval"),
+                                             *remote_code(cfg),
                                              *(["--baseline", baseline] if baseline in samples else [])]))
 
 
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, value in asdict(PipelineConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, action="store_true", help="tiny settings for a smoke test: " + json.dumps(QUICK))
-        else:
-            p.add_argument(flag, type=type(value), default=value)
-    cfg = PipelineConfig(**vars(p.parse_args(argv)))
-    if cfg.quick:
-        cfg = PipelineConfig(**{**asdict(cfg), **QUICK})
+    cfg = PipelineConfig(**vars(add_config_args(p, PipelineConfig, GROUPS).parse_args(argv)))
+    if cfg.quick:  # sizes given on the command line win over --quick's
+        cfg = PipelineConfig(**{**asdict(cfg), **{k: v for k, v in QUICK.items() if not given(argv, k)}})
+    if cfg.eval_n == 1:
+        p.error("argument --eval-n: diversity needs at least 2 samples per prompt (0 = --n)")
     return cfg
 
 

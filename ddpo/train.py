@@ -39,7 +39,6 @@ to run the same arithmetic.
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -60,6 +59,7 @@ from tqdm import tqdm
 
 from ddpo.checkpoint import (check_resumable, checkpoints, load_state, output_lock, run_config, save_checkpoint,
                              set_rng_state, trim_metrics)
+from ddpo.config import add_config_args
 from ddpo.data import (DataError, atomic_write, check_output_dir, collate, collate_packed, in_range, load_pairs,
                        optimizer_steps, remove_temporaries, response_pools, tokenize_pairs)
 from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, check_embedder, chosen_weights, deviation_weights, load_embedder
@@ -145,16 +145,21 @@ class TrainConfig:
                                                                      "embeddings-v3); only for models you trust"})
 
 
+GROUPS = {  # headers of --help
+    "objective": ["loss", "beta", "orpo_lambda", "dorpo_form", "deviation", "semantic_embedder", "style_embedder",
+                  "trust_remote_code", "min_weight"],
+    "optimisation": ["lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "epochs", "max_steps",
+                     "batch_size", "grad_accum", "seed"],
+    "sequences": ["max_length", "max_prompt_length", "packing"],
+    "speed and memory": ["dtype", "device", "kernels", "precompute_ref", "lean", "gradient_checkpointing", "fsdp"],
+    "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora"],
+    "checkpoints and logs": ["log_every", "save_every", "keep_checkpoints", "resume"],
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=f.metadata.get("type", type(f.default)), default=f.default,
-                                help=f.metadata["help"], choices=f.metadata.get("choices"))
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    cfg = TrainConfig(**vars(add_config_args(parser, TrainConfig, GROUPS).parse_args(argv)))
     if not cfg.data:
         parser.error("--data is required")
     odds = cfg.loss in ("orpo", "dorpo")  # the released code cut ORPO/DORPO to 512 tokens, the prompt to its last 128

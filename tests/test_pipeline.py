@@ -76,3 +76,27 @@ def test_evidence_runs_every_arm_and_pools_the_seeds(tmp_path, tiny_model):
                       for s in (0, 1)) / 2 for k in keys) / len(keys)
     assert both["diff"] == pytest.approx(by_hand, abs=1e-12) and both["prompts"] == len(keys) == 2
     assert "## Mechanism" in open(tmp_path / "evidence.md").read()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: must be >= 1"),
+    (["--n", "1"], "argument --n: must be >= 2"),
+    (["--eval-n", "1"], "argument --eval-n"),
+    (["--lr", "nan"], "argument --lr"),
+    (["--beta", "-1"], "argument --beta"),
+    (["--eval-prompts", "1"], "argument --eval-prompts"),
+])
+def test_pipeline_flags_are_checked_at_parse_time(argv, message, capsys):
+    from ddpo.pipeline import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_quick_keeps_the_sizes_given_on_the_command_line():
+    from ddpo.pipeline import QUICK, parse_args
+
+    assert parse_args(["--quick"]).steps == QUICK["steps"]
+    cfg = parse_args(["--quick", "--steps", "5", "--n=6"])
+    assert (cfg.steps, cfg.n, cfg.train_prompts) == (5, 6, QUICK["train_prompts"])

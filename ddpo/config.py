@@ -1,0 +1,36 @@
+"""Command-line flags from a config dataclass: the one helper behind ddpo.train, ddpo.generate and ddpo.pipeline.
+
+Each field becomes --field-name with the field's default. Its metadata holds "help" (every flag has one) and
+optionally "choices" and "type" (an argparse type such as ddpo.data.in_range(float, 0, above=True), so a bad value
+is an error naming the flag before any work starts). Booleans become --flag / --no-flag. `groups` maps a header of
+--help to the fields shown under it, in order; fields in no group are listed first.
+"""
+
+import argparse
+import dataclasses
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser, config_class, groups=None):
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    placed = {name for names in (groups or {}).values() for name in names}
+    sections = [(parser, [n for n in fields if n not in placed])]
+    sections += [(parser.add_argument_group(header), names) for header, names in (groups or {}).items()]
+    for target, names in sections:
+        for name in names:
+            f = fields[name]
+            if f.type in (bool, "bool"):
+                target.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=f.default,
+                                    help=f.metadata["help"])
+            else:
+                target.add_argument(flag(name), type=f.metadata.get("type", type(f.default)), default=f.default,
+                                    help=f.metadata["help"], choices=f.metadata.get("choices"))
+    return parser
+
+
+def given(argv, name):
+    """Whether argv sets --name (as `--name value` or `--name=value`)."""
+    return any(a == flag(name) or a.startswith(flag(name) + "=") for a in argv)
