@@ -130,18 +130,26 @@ def quiet_transformers():
     logging.disable_progress_bar()
 
 
+def from_pretrained(auto_class, name_or_path, **kwargs):
+    """auto_class.from_pretrained, with a failure to find or fetch the files (a hub name that is not in the local
+    cache while the hub cannot be reached, a repo that does not exist) as one DataError line."""
+    try:
+        return auto_class.from_pretrained(resolve(name_or_path), **kwargs)
+    except OSError as e:
+        raise DataError(f"{name_or_path}: cannot load it: {str(e).splitlines()[0]}") from None
+
+
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype)
-    return model.to(device)
+    return from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype).to(device)
 
 
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

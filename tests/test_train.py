@@ -624,3 +624,13 @@ def test_packaged_conversion_cache_is_keyed_by_the_transformers_major_version(mo
     old = converted_dir("packaged:smollm2-135m-instruct")
     monkeypatch.setattr(transformers, "__version__", "5.0.0")
     assert old.endswith("smollm2-135m-instruct-tf4") and converted_dir("packaged:smollm2-135m-instruct") != old
+
+
+def test_an_unreachable_hub_name_is_one_line(tmp_path, monkeypatch):
+    """A hub name that is not in the local cache while the hub cannot be reached: one line, nothing written."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["--data", write_pairs(tmp_path / "p.jsonl"), "--model", "someorg/no-such-model", "--output-dir", str(out)])
+    assert str(e.value).startswith("error: someorg/no-such-model: cannot load it") and "\n" not in str(e.value)
+    assert not out.exists()
