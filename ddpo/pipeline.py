@@ -23,7 +23,7 @@ from importlib import resources
 from ddpo import evaluate, generate, prepare
 from ddpo import train as trainer
 from ddpo.data import atomic_write
-from ddpo.deviation import DEFAULT_EMBEDDERS
+from ddpo.embedders import DEFAULT_EMBEDDERS
 from ddpo.models import DEFAULT_MODEL
 
 

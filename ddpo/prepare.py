@@ -40,7 +40,8 @@ from collections import OrderedDict
 import torch
 
 from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, read_jsonl, remove_temporaries
-from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, check_embedder, deviation_weights, load_embedder
+from ddpo.deviation import METRICS, deviation_weights
+from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.models import check_model_path
 from ddpo.quality import load_scorer, scorer_spec
 
