@@ -1,6 +1,6 @@
 """Deviation weights (docs/method.md, section 2), vectorised over ragged groups: the pure math, no models.
 
-    weights, devs = deviation_weights([semantic, style], group)   # K x (M, D_k) embeddings, group (M,) -> (M,), K x (M,)
+    weights, devs = deviation_weights([semantic, style], group)   # K x (M, D_k), (M,) -> (M,), K x (M,)
     w = chosen_weights(weights, chosen_index, min_weight=0.2)     # (B,) the weight of each pair's chosen response
 
 A group is the pool of responses to one prompt. Responses are rows of an embedding matrix (ddpo/embedders.py makes
@@ -21,7 +21,8 @@ import math
 
 import torch
 
-EQUAL_TOL = 1e-6
+from kernels.deviation_loss import EQUAL_TOL  # one tolerance for the offline path, the kernel and its reference
+
 METRICS = {"none": [], "semantic": ["semantic"], "style": ["style"], "both": ["semantic", "style"]}  # --deviation
 
 

@@ -66,10 +66,10 @@ from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.lean import use_lean
 from ddpo.lora import adapters_disabled, add_lora, load_adapter
-from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss, sft_loss
+from ddpo.losses import (ddpo_loss, deviation_dorpo_loss, deviation_dpo_loss, dorpo_loss, dpo_loss, orpo_loss,
+                         sft_loss)
 from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, check_model_path, disable_dropout,
                          files_digest, load_model, load_tokenizer, use_segment_attention)
-from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
 
 
 @dataclass
