@@ -45,7 +45,8 @@ def per_token_logps(model_name, rows, batch_size=8):
 
 
 def pool_weights(rows, semantic):
-    """Deviation weight of every response within its prompt's pool, both metrics (DESIGN.md 2). Returns (R,), (R,)."""
+    """Deviation weight of every response within its prompt's pool, both metrics (docs/method.md, section 2).
+    Returns (R,), (R,)."""
     keys = list(dict.fromkeys(r["prompt_id"] for r in rows))
     group = torch.tensor([keys.index(r["prompt_id"]) for r in rows])
     texts = [r["response"] for r in rows]
