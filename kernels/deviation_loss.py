@@ -18,8 +18,8 @@ The forward stores d loss / d z, so the backward is one multiply. Embeddings com
 no gradient. softplus and sigmoid are evaluated in forms that cannot overflow for any |z|.
 
 Layout: EQUAL_TOL (the one equality tolerance, also ddpo/deviation.py's), deviation_loss_ref (plain PyTorch, one
-prompt at a time with the n x n distance matrix written out, in fp64: the ground truth of the tests and the path off
-CUDA), the Triton kernel, the launcher, one autograd.Function, and the functional alias deviation_loss. The DDPO and
+prompt at a time with the n x n distance matrix written out, in fp64: the ground truth of the tests and the path
+without Triton), the Triton kernel, the launcher, one autograd.Function, and the functional alias deviation_loss. The DDPO and
 DORPO losses built on it are in ddpo/losses.py. Nothing here imports ddpo (ddpo -> kernels, never back).
 """
 
@@ -34,7 +34,7 @@ EQUAL_TOL = 1e-6  # deviations of one prompt that differ by at most this count a
 
 
 def group_weights_ref(embeddings):
-    """Deviation weights of one prompt's n responses: [K x (n, D_k)] -> (n,) float64, as written in the docs."""
+    """Deviation weights of one prompt's n responses: [K x (n, D_k)] -> (n,) float64 (docs/method.md 2, steps 1-4)."""
     n = embeddings[0].shape[0]
     p = torch.ones(n, dtype=torch.float64, device=embeddings[0].device)
     for e in embeddings:
