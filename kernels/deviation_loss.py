@@ -19,8 +19,8 @@ no gradient. softplus and sigmoid are evaluated in forms that cannot overflow fo
 
 Layout: EQUAL_TOL (the one equality tolerance, also ddpo/deviation.py's), deviation_loss_ref (plain PyTorch, one
 prompt at a time with the n x n distance matrix written out, in fp64: the ground truth of the tests and the path
-without Triton), the Triton kernel, the launcher, one autograd.Function, and the functional alias deviation_loss. The DDPO and
-DORPO losses built on it are in ddpo/losses.py. Nothing here imports ddpo (ddpo -> kernels, never back).
+without Triton), the Triton kernel, the launcher, one autograd.Function, and the functional alias deviation_loss.
+The DDPO and DORPO losses built on it are in ddpo/losses.py. Nothing here imports ddpo (ddpo -> kernels only).
 """
 
 import torch
