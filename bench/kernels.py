@@ -13,9 +13,11 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from bench.common import append_rows
-from kernels.deviation_loss import deviation_loss, deviation_loss_ref
+from ddpo.deviation import chosen_weights, deviation_weights
+from kernels.deviation_loss import deviation_loss
 from kernels.logprobs import fused_logprobs
 
 
@@ -77,6 +79,12 @@ def logprob_rows(N, H, V, dtype, device):
     return rows
 
 
+def eager_deviation_loss(logits, embs, group, chosen):
+    """The unfused path: ddpo.deviation's vectorised weights, then the DDPO loss of each pair (losses (B,),)."""
+    weights, _ = deviation_weights(embs, group)
+    return (-chosen_weights(weights, chosen).to(logits.dtype) * F.logsigmoid(logits),)
+
+
 def deviation_rows(pairs, group_size, dim, device):
     g = torch.Generator(device=device).manual_seed(0)
     n_groups = max(1, pairs * 2 // group_size)
@@ -84,7 +92,7 @@ def deviation_rows(pairs, group_size, dim, device):
     embs = [torch.randn(len(group), dim, device=device, generator=g) for _ in range(2)]
     chosen = torch.arange(0, len(group), 2, device=device)[:pairs]
     logits = torch.randn(len(chosen), device=device, generator=g).requires_grad_()
-    impls = {"eager (ddpo.deviation + loss)": lambda: deviation_loss_ref(logits, embs, group, chosen),
+    impls = {"eager (ddpo.deviation + loss)": lambda: eager_deviation_loss(logits, embs, group, chosen),
              "fused (ours)": lambda: deviation_loss(logits, embs, group, chosen, use_triton=device == "cuda")}
     rows = []
     for name, fn in impls.items():

@@ -43,7 +43,8 @@ from collections import OrderedDict
 import torch
 
 from ddpo.data import DataError, atomic_write, check_output_dir, read_jsonl
-from ddpo.deviation import DEFAULT_EMBEDDERS, load_embedder, mean_cosine_distance
+from ddpo.deviation import mean_cosine_distance
+from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
 from ddpo.quality import load_scorer
 
 METRICS = ["semantic_diversity", "style_diversity", "compression_ratio", "ngram_diversity", "homogenization",

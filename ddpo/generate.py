@@ -1,4 +1,4 @@
-"""Sampling N responses per prompt, optionally with conformative decoding (DESIGN.md 5).
+"""Sampling N responses per prompt, optionally with conformative decoding (docs/method.md, section 5).
 
     python -m ddpo.generate --model runs/ddpo/checkpoint-30 --prompts prompts.jsonl --output samples.jsonl
     python -m ddpo.generate --model packaged:smollm2-135m-instruct --prompts prompts.jsonl --output conf.jsonl \

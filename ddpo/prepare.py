@@ -1,4 +1,4 @@
-"""Scored response pools -> weighted preference pairs for ddpo.train (DESIGN.md 2 and 3).
+"""Scored response pools -> weighted preference pairs for ddpo.train (docs/method.md, sections 2 and 4).
 
     python -m ddpo.prepare --input responses.jsonl --output pairs.jsonl --deviation both
     python -m ddpo.prepare --input responses.jsonl --output pairs.jsonl --pairing divpo --rho 0.25
@@ -40,7 +40,8 @@ from collections import OrderedDict
 import torch
 
 from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, read_jsonl, remove_temporaries
-from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, check_embedder, deviation_weights, load_embedder
+from ddpo.deviation import METRICS, deviation_weights
+from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.models import check_model_path
 from ddpo.quality import load_scorer, scorer_spec
 
@@ -183,7 +184,8 @@ def parse_args(argv=None):
 
 
 class Deviation:
-    """Deviation of any subset of a prompt's responses taken as one pool (DESIGN.md 2), from embeddings made once."""
+    """Deviation of any subset of a prompt's responses taken as one pool (docs/method.md, section 2), from embeddings
+    made once."""
 
     def __init__(self, embeddings):
         self.embeddings = embeddings  # {metric: (M, D) over every response of the input}

@@ -62,13 +62,14 @@ from ddpo.checkpoint import (check_resumable, checkpoints, load_state, output_lo
 from ddpo.config import add_config_args
 from ddpo.data import (DataError, atomic_write, check_output_dir, collate, collate_packed, in_range, load_pairs,
                        optimizer_steps, remove_temporaries, response_pools, tokenize_pairs)
-from ddpo.deviation import DEFAULT_EMBEDDERS, METRICS, check_embedder, chosen_weights, deviation_weights, load_embedder
+from ddpo.deviation import METRICS, chosen_weights, deviation_weights
+from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.lean import use_lean
 from ddpo.lora import adapters_disabled, add_lora, load_adapter
-from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, orpo_loss, sft_loss
+from ddpo.losses import (ddpo_loss, deviation_dorpo_loss, deviation_dpo_loss, dorpo_loss, dpo_loss, orpo_loss,
+                         sft_loss)
 from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, check_model_path, disable_dropout,
                          files_digest, load_model, load_tokenizer, use_segment_attention)
-from kernels.deviation_loss import deviation_dorpo_loss, deviation_dpo_loss
 
 
 @dataclass

@@ -24,7 +24,8 @@ import os
 import torch
 
 from ddpo.data import Pair, atomic_write, collate, read_jsonl, tokenize_pairs
-from ddpo.deviation import DEFAULT_EMBEDDERS, deviation_weights, load_embedder
+from ddpo.deviation import deviation_weights
+from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
 from ddpo.evaluate import interval, resample_means, sign_flip_p
 from ddpo.models import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
 from ddpo.pipeline import first_prompts, sample
@@ -44,7 +45,8 @@ def per_token_logps(model_name, rows, batch_size=8):
 
 
 def pool_weights(rows, semantic):
-    """Deviation weight of every response within its prompt's pool, both metrics (DESIGN.md 2). Returns (R,), (R,)."""
+    """Deviation weight of every response within its prompt's pool, both metrics (docs/method.md, section 2).
+    Returns (R,), (R,)."""
     keys = list(dict.fromkeys(r["prompt_id"] for r in rows))
     group = torch.tensor([keys.index(r["prompt_id"]) for r in rows])
     texts = [r["response"] for r in rows]

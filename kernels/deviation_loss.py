@@ -1,20 +1,26 @@
 """Fused deviation-weighted loss: ragged groups of response embeddings -> deviation weights -> weighted loss.
 
-One program per prompt (group) does all of DESIGN.md 2 and the loss of the group's pairs in one launch:
+    losses, weights, w = deviation_loss(beta * margins, [semantic, style], group, chosen_index)   # DDPO
+    losses, weights, w = deviation_loss(log_odds, [semantic, style], group, chosen_index, weight_inside=True)  # DORPO
+
+One program per prompt (group) does all of docs/method.md section 2 and the loss of the group's pairs in one launch:
   1. for each of K metrics: unit-normalise the group's embeddings, dev_i = 1 - (e_i.S - e_i.e_i) / (n - 1) with
-     S = sum_j e_j (the mean cosine distance to the others, without the n x n matrix), min-max to [-1, 1];
+     S = sum_j e_j (the mean cosine distance to the others, without the n x n matrix), min-max to [-1, 1]
+     (0 where max - min <= EQUAL_TOL);
   2. p_i = prod_k ((d_i^k + 1) / 2)^(1/K), w_i = p_i / mean(p) (1 where mean(p) = 0);
   3. for each pair b of the group, w_b = max(w[chosen_b], min_weight) and
        DDPO  (weight outside):  loss_b = w_b * softplus(-z_b),   d loss_b / d z_b = -w_b * sigmoid(-z_b)
        DORPO (weight inside):   loss_b = softplus(-w_b z_b),     d loss_b / d z_b = -w_b * sigmoid(-w_b z_b)
      where z_b = beta * DPO margin (DDPO) or the ORPO log-odds ratio Delta_b (DORPO's odds term).
-Step 1 runs in fp64, as ddpo.deviation does: near-duplicate responses have deviations that differ by about 1e-6,
-and fp32 rounding there would move weights by up to 0.2 between this path and the offline one (ddpo.prepare).
+Step 1 runs in fp64, as the offline path (ddpo/deviation.py) does: near-duplicate responses have deviations that
+differ by about 1e-6, and fp32 rounding there would move weights by up to 0.2 between this path and ddpo.prepare.
 The forward stores d loss / d z, so the backward is one multiply. Embeddings come from a frozen embedder and get
 no gradient. softplus and sigmoid are evaluated in forms that cannot overflow for any |z|.
 
-Layout: deviation_loss_ref (PyTorch: ddpo.deviation + the loss formulas, autograd for gradients), the Triton
-kernel, the launcher, one autograd.Function, and the functional aliases deviation_loss / deviation_dpo_loss.
+Layout: EQUAL_TOL (the one equality tolerance, also ddpo/deviation.py's), deviation_loss_ref (plain PyTorch, one
+prompt at a time with the n x n distance matrix written out, in fp64: the ground truth of the tests and the path
+without Triton), the Triton kernel, the launcher, one autograd.Function, and the functional alias deviation_loss.
+The DDPO and DORPO losses built on it are in ddpo/losses.py. Nothing here imports ddpo (ddpo -> kernels only).
 """
 
 import torch
@@ -22,15 +28,33 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ddpo.deviation import EQUAL_TOL, chosen_weights, deviation_weights
-from ddpo.losses import log_odds_ratio
 from kernels.logprobs import use_triton_for
+
+EQUAL_TOL = 1e-6  # deviations of one prompt that differ by at most this count as equal (the released max == min)
+
+
+def group_weights_ref(embeddings):
+    """Deviation weights of one prompt's n responses: [K x (n, D_k)] -> (n,) float64 (docs/method.md 2, steps 1-4)."""
+    n = embeddings[0].shape[0]
+    p = torch.ones(n, dtype=torch.float64, device=embeddings[0].device)
+    for e in embeddings:
+        e = F.normalize(e.double(), dim=-1)
+        distance = 1.0 - e @ e.T  # (n, n) cosine distances
+        others = ~torch.eye(n, dtype=torch.bool, device=e.device)
+        dev = (distance * others).sum(1) / max(n - 1, 1)  # mean distance to the others; 0 for a lone response
+        spread = dev.max() - dev.min()
+        d = 2.0 * (dev - dev.min()) / spread - 1.0 if spread > EQUAL_TOL else torch.zeros_like(dev)  # in [-1, 1]
+        p = p * ((d + 1.0) / 2.0) ** (1.0 / len(embeddings))  # geometric mean over the K metrics
+    return p / p.mean() if p.mean() > 0 else torch.ones_like(p)
 
 
 def deviation_loss_ref(logits, embeddings, group, chosen_index, min_weight=0.0, weight_inside=False):
     """logits (B,), embeddings [K x (M, D_k)], group (M,), chosen_index (B,) -> (losses (B,), weights (M,), w_b (B,))."""
-    weights, _ = deviation_weights([e.detach() for e in embeddings], group)  # frozen embedder: no gradient, as in Triton
-    w = chosen_weights(weights, chosen_index, min_weight).to(logits.dtype)
+    weights = torch.empty(group.shape[0], dtype=torch.float64, device=group.device)
+    for g in group.unique():
+        rows = (group == g).nonzero()[:, 0]
+        weights[rows] = group_weights_ref([e.detach()[rows] for e in embeddings])  # frozen embedder: no gradient
+    w = weights[chosen_index].clamp(min=min_weight).to(logits.dtype)
     losses = -F.logsigmoid(w * logits) if weight_inside else -w * F.logsigmoid(logits)
     return losses, weights.to(logits.dtype), w
 
@@ -171,32 +195,3 @@ def deviation_loss(logits, embeddings, group, chosen_index, min_weight=0.0, weig
         return deviation_loss_ref(logits, embeddings, group, chosen_index, min_weight, weight_inside)
     return DeviationLoss.apply(logits, group, chosen_index, float(min_weight), bool(weight_inside), *embeddings)
 
-
-def deviation_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                       embeddings, group, chosen_index, min_weight=0.0, use_triton=None):
-    """DDPO with in-step deviation: returns (losses, chosen_rewards, rejected_rewards, chosen_weights)."""
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses, _, w = deviation_loss(beta * (chosen_logratios - rejected_logratios), embeddings, group, chosen_index,
-                                  min_weight, weight_inside=False, use_triton=use_triton)
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), w
-
-
-def deviation_dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam, embeddings, group,
-                         chosen_index, form="released", min_weight=0.0, weights_mean=None, use_triton=None):
-    """DORPO with in-step deviation (ddpo.losses.dorpo_loss with the weights computed here, the odds term fused).
-
-    logps are mean per-token log-probs. released: mean(w) * NLL_b + lam * softplus(-w_b Delta_b), mean(w) over the
-    pairs given, or `weights_mean` (the mean chosen weight of the whole optimiser step, as ddpo.losses.dorpo_loss
-    takes it, so that the objective does not depend on how a step is cut into micro-batches);
-    per-example: w_b * NLL_b + lam * w_b * softplus(-Delta_b).
-    Returns (losses, chosen_rewards, rejected_rewards, log_odds, chosen_weights).
-    """
-    log_odds = log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
-    if form not in ("released", "per-example"):
-        raise ValueError(f"unknown DORPO form {form!r}: expected 'released' or 'per-example'")
-    odds_losses, _, w = deviation_loss(log_odds, embeddings, group, chosen_index, min_weight,
-                                       weight_inside=form == "released", use_triton=use_triton)
-    nll_weight = (w.mean() if weights_mean is None else weights_mean) if form == "released" else w
-    losses = nll_weight * policy_chosen_nll.float() + lam * odds_losses
-    return (losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach(), w)

@@ -1,12 +1,18 @@
-"""kernels/deviation_loss.py against ddpo.deviation + the loss formulas: outputs, weights and gradients."""
+"""kernels/deviation_loss.py: the Triton kernel, its per-prompt reference and ddpo.deviation (the offline path) agree
+on outputs, weights and gradients; the in-step DDPO / DORPO losses equal the losses of prepared weights; kernels/
+imports nothing from ddpo."""
+
+import ast
+import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
 
-from ddpo.losses import ddpo_loss
-from kernels.deviation_loss import deviation_dpo_loss, deviation_loss, deviation_loss_ref
+from ddpo.deviation import deviation_weights
+from ddpo.losses import ddpo_loss, deviation_dorpo_loss, deviation_dpo_loss, dorpo_loss
+from kernels.deviation_loss import deviation_loss, deviation_loss_ref
 from test_deviation import SEM, STY
 
 
@@ -40,6 +46,16 @@ def compare(logits, embs, group, chosen, min_weight, inside, atol=1e-5):
 @pytest.mark.parametrize("min_weight", [0.0, 0.2])
 def test_ragged_groups(dims, inside, min_weight):
     compare(*ragged([1, 2, 3, 8, 31], dims), min_weight, inside)
+
+
+@pytest.mark.parametrize("dims", [(24,), (24, 7), (300, 5, 33)], ids=["K1", "K2", "K3"])
+def test_reference_weights_equal_the_offline_path(dims):
+    """The per-prompt reference (n x n distances) and ddpo.deviation (vectorised) compute the same weights."""
+    logits, embs, group, chosen = ragged([1, 2, 3, 8, 31], dims)
+    _, weights, w = deviation_loss_ref(logits.double(), embs, group, chosen, min_weight=0.2)
+    want, _ = deviation_weights(embs, group)
+    torch.testing.assert_close(weights, want, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(w, want[chosen].clamp(min=0.2), atol=1e-9, rtol=1e-9)
 
 
 def test_worked_example_through_the_kernel():
@@ -84,10 +100,30 @@ def test_dpo_wrapper_equals_prepared_weights_path():
     g = torch.Generator().manual_seed(1)
     logps = [torch.randn(len(chosen), generator=g).to(DEVICE) * 10 for _ in range(4)]
     losses, cr, rr, w = deviation_dpo_loss(*logps, 0.1, embs, group, chosen, use_triton=True)
-    _, weights, _ = deviation_loss_ref(logits, embs, group, chosen)
-    want, wcr, wrr = ddpo_loss(*logps, 0.1, chosen_weights=weights[chosen])
+    weights, _ = deviation_weights(embs, group)  # what ddpo.prepare writes as each pair's `weight`
+    want, wcr, wrr = ddpo_loss(*logps, 0.1, chosen_weights=weights[chosen].float())
     torch.testing.assert_close(losses, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cr, wcr)
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "reference"])
+@pytest.mark.parametrize("form", ["released", "per-example"])
+@pytest.mark.parametrize("step_mean", [None, 0.7])
+def test_dorpo_wrapper_equals_prepared_weights_path(form, step_mean, use_triton):
+    """In-step DORPO (the fused odds term) equals dorpo_loss fed with precomputed weights, in both forms."""
+    _, embs, group, chosen = ragged([3, 8, 5], (32, 9), seed=7)
+    g = torch.Generator().manual_seed(2)
+    chosen_logps, rejected_logps = (-torch.rand(len(chosen), generator=g).to(DEVICE) * 3 - 1e-3 for _ in range(2))
+    mean = None if step_mean is None else torch.tensor(step_mean, device=DEVICE)
+    args = (chosen_logps, rejected_logps, -chosen_logps, 0.25)
+    got = deviation_dorpo_loss(*args, embs, group, chosen, form=form, min_weight=0.2, weights_mean=mean,
+                               use_triton=use_triton)
+    weights, _ = deviation_weights(embs, group)
+    want = dorpo_loss(*args, weights[chosen].clamp(min=0.2).float(), form=form, weights_mean=mean)
+    for name, a, b in zip(("losses", "chosen_rewards", "rejected_rewards", "log_odds"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="unknown DORPO form"):
+        deviation_dorpo_loss(*args, embs, group, chosen, form="ver 3", use_triton=use_triton)
 
 
 def test_shape_mismatch_is_a_clear_error():
@@ -112,7 +148,8 @@ def test_embeddings_get_no_gradient(use_triton):
 @pytest.mark.parametrize("scale", [4e-3, 5e-3, 8e-3])
 def test_near_duplicate_pools_give_the_reference_weights(scale):
     """Responses that are near-duplicates in embedding space: deviations differ by about 1e-6, just above the
-    equality tolerance. The kernel and the offline path (ddpo.deviation, float64) must give the same weights."""
+    equality tolerance. The kernel, its reference and the offline path (ddpo.deviation), all deciding equality in
+    float64, must give the same weights."""
     g = torch.Generator().manual_seed(11)
     sizes = [4, 5, 7, 3]
     group = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
@@ -124,3 +161,21 @@ def test_near_duplicate_pools_give_the_reference_weights(scale):
     _, want, _ = deviation_loss_ref(logits.double(), [e.double() for e in embs], group.to(DEVICE), chosen)
     assert (want != 1).any()  # the spreads are real (above the tolerance), so weights are not all 1
     torch.testing.assert_close(weights.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(deviation_weights(embs, group.to(DEVICE))[0], want, atol=1e-9, rtol=1e-9)
+
+
+def imported_modules(source):
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or ""
+
+
+def test_kernels_import_nothing_from_ddpo():
+    """The dependency runs one way, ddpo -> kernels: a kernel file reads alone, with its reference beside it."""
+    paths = sorted((pathlib.Path(__file__).parents[1] / "kernels").glob("*.py"))
+    assert "deviation_loss.py" in [p.name for p in paths]
+    for path in paths:
+        from_ddpo = [m for m in imported_modules(path.read_text()) if m.split(".")[0] == "ddpo"]
+        assert not from_ddpo, f"kernels/{path.name} imports {from_ddpo}"

@@ -1,0 +1,34 @@
+"""Embedders: the stylometric profile sees style, not content; the encoder pools real tokens only and truncates."""
+
+import pytest
+import torch
+
+from ddpo.embedders import Encoder, Stylometric
+
+
+def test_stylometric_ignores_content_and_sees_style():
+    texts = ["The cat sat on the mat. It was warm.", "The dog lay on the rug. It was cold.",
+             '"Run!" she screamed; then -- silence... Who knew? Nobody, nobody at all!']
+    e = Stylometric()(texts)
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3))
+    assert (e[0] @ e[1]).item() == pytest.approx(1.0, abs=1e-6)  # same style, other content: distance 0
+    assert (e[0] @ e[2]).item() < 0.5
+
+
+def test_encoder_pools_real_tokens_only_and_truncates(tmp_path):
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]"] + "a b c d e f g h".split())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(tmp_path)
+    enc = Encoder(str(tmp_path), device="cpu", batch_size=2, max_length=6)
+    alone = enc(["a b"])
+    batched = enc(["a b", "c d e f g h a b c d e"])  # the long text pads the short one and is truncated
+    torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(enc(["c d e f g h"])[0], batched[1], atol=1e-5, rtol=1e-5)  # cut to 6 tokens
