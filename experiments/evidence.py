@@ -34,8 +34,9 @@ from ddpo.pipeline import Arm, packaged_prompts, parse_args, run_arms
 sys.path.insert(0, os.path.dirname(__file__))
 import mechanism  # noqa: E402
 
-SIZED = ["--work-dir", os.path.join(os.path.expanduser("~"), "ddpo-runs", "evidence"), "--train-prompts", "48",
-         "--n", "8", "--eval-prompts", "64", "--eval-n", "4", "--steps", "32", "--lr", "3e-5", "--batch-size", "4"]
+WORK_DIR = ["--work-dir", os.path.join(os.path.expanduser("~"), "ddpo-runs", "evidence")]
+SIZED = ["--train-prompts", "48", "--n", "8", "--eval-prompts", "64", "--eval-n", "4", "--steps", "32", "--lr", "3e-5",
+         "--batch-size", "4"]  # the sized settings; --quick replaces them with its smoke-test sizes
 KEY_METRICS = ("semantic_diversity", "style_diversity", "quality", "length")
 
 
@@ -121,7 +122,7 @@ def main(argv=None):
         d = pooled_difference(own.power, [(own.arm, own.baseline)])["semantic_diversity"]
         print(json.dumps(power(d["diff"], d["per_prompt_sd"], d["prompts"]), indent=2))
         return
-    cfg = parse_args(SIZED + rest)
+    cfg = parse_args(WORK_DIR + ([] if "--quick" in rest else SIZED) + rest)
     seeds = own.train_seeds
     os.makedirs(cfg.work_dir, exist_ok=True)
     heldout = heldout_prompts(cfg, os.path.join(cfg.work_dir, "prompts_heldout.jsonl"))
