@@ -309,6 +309,13 @@ def collate_packed(pairs, rejected=True):
     return tuple(torch.tensor([x]) for x in (ids, positions, labels, seq_ids))  # each (1, L)
 
 
+def make_batch(pairs, pad_token_id, device, packing=True, rejected=True):
+    """A micro-batch on `device`: packed in one row (collate_packed) or padded (collate); the chosen alone when not
+    `rejected`."""
+    batch = collate_packed(pairs, rejected) if packing else collate(pairs, pad_token_id, rejected)
+    return tuple(t.to(device) for t in batch)
+
+
 def epoch_order(n, seed, epoch):
     """The seeded shuffle of epoch `epoch`: a pure function of (n, seed, epoch), so a resumed run sees the same."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)

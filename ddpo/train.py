@@ -39,37 +39,34 @@ to run the same arithmetic.
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ddpo.checkpoint import (check_resumable, checkpoints, load_state, output_lock, run_config, save_checkpoint,
                              set_rng_state, trim_metrics)
 from ddpo.config import add_config_args
-from ddpo.data import (DataError, atomic_write, check_output_dir, collate, collate_packed, in_range, load_pairs,
-                       optimizer_steps, remove_temporaries, response_pools, tokenize_pairs)
+from ddpo.data import (DataError, atomic_write, check_output_dir, in_range, load_pairs, make_batch, optimizer_steps,
+                       remove_temporaries, response_pools, tokenize_pairs)
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
+from ddpo.distributed import all_reduce_grads, full_state, peak_memory_gb, print0, setup_distributed, shard
 from ddpo.lean import use_lean
-from ddpo.lora import adapters_disabled, add_lora, load_adapter
+from ddpo.lora import add_lora, load_adapter
 from ddpo.losses import (ddpo_loss, deviation_dorpo_loss, deviation_dpo_loss, dorpo_loss, dpo_loss, orpo_loss,
                          sft_loss)
-from ddpo.models import (DEFAULT_MODEL, SequenceLogps, cache_dir, check_fusable, check_model_path, disable_dropout,
-                         files_digest, load_model, load_tokenizer, use_segment_attention)
+from ddpo.models import (DEFAULT_MODEL, SequenceLogps, check_fusable, check_model_path, disable_dropout, load_model,
+                         load_tokenizer, use_segment_attention)
+from ddpo.reference import Reference, check_packing
 
 
 @dataclass
@@ -201,11 +198,6 @@ def lr_lambda(cfg, total_steps):
     return f
 
 
-def make_batch(cfg, pairs, pad_token_id, device, rejected=True):
-    batch = collate_packed(pairs, rejected) if cfg.packing else collate(pairs, pad_token_id, rejected)
-    return tuple(t.to(device) for t in batch)
-
-
 def step_losses(cfg, policy_logps, ref, index, pairs, weights, weights_mean, pad_token_id, device, use_triton, deviation=None):
     """Per-pair losses of one micro-batch. Returns (losses (B,), chosen weights (B,), metric sums over its pairs).
 
@@ -214,12 +206,12 @@ def step_losses(cfg, policy_logps, ref, index, pairs, weights, weights_mean, pad
     instead, by the fused kernel. policy_logps: the policy as a SequenceLogps module.
     """
     if cfg.loss == "sft":  # the chosen responses alone
-        batch = make_batch(cfg, pairs, pad_token_id, device, rejected=False)
+        batch = make_batch(pairs, pad_token_id, device, cfg.packing, rejected=False)
         logps, counts = policy_logps(batch)  # (B,)
         chosen_mean = logps / counts
         metrics = {"logps/chosen": chosen_mean.detach().sum(), "tokens": torch.as_tensor(int(counts.sum()))}
         return sft_loss(chosen_mean), weights.detach(), metrics
-    batch = make_batch(cfg, pairs, pad_token_id, device)
+    batch = make_batch(pairs, pad_token_id, device, cfg.packing)
     logps, counts = policy_logps(batch)  # (2B,)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)
     metrics = {}
@@ -259,62 +251,6 @@ def step_losses(cfg, policy_logps, ref, index, pairs, weights, weights_mean, pad
     return losses, weights.detach(), metrics
 
 
-class Reference:
-    """Reference log-probs of (chosen, rejected): a frozen model run in the policy's layout, or, after
-    `precompute`, values computed once for every pair and cached on disk under $DDPO_CACHE/ref_logps."""
-
-    def __init__(self, logps, lora=False):
-        self.logps, self.cached, self.lora = logps, None, lora  # logps: a SequenceLogps module
-
-    @torch.no_grad()
-    def __call__(self, batch, index):
-        if self.cached is not None:
-            return self.cached[index].to(batch[0].device).unbind(-1)
-        if self.lora:  # the policy itself, adapters off: the base weights, no second copy
-            with adapters_disabled(self.logps.model):
-                logps, _ = self.logps(batch)
-        else:
-            logps, _ = self.logps(batch)
-        return logps.chunk(2)
-
-    def precompute(self, cfg, pairs, pad_token_id, device, save=True):
-        key = hashlib.sha256(json.dumps({"files": files_digest(cfg.ref_model or cfg.model), "dtype": cfg.dtype,
-                                         "pairs": [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]}
-                                        ).encode()).hexdigest()[:20]
-        path = os.path.join(cache_dir(), "ref_logps", key + ".pt")
-        if os.path.exists(path):
-            self.cached = torch.load(path, weights_only=True)
-            print(f"reference log-probs: reused {path}", flush=True)
-        else:
-            rows = []
-            for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="reference log-probs", dynamic_ncols=True):
-                chunk = pairs[i:i + cfg.batch_size]
-                rows.append(torch.stack(self(make_batch(cfg, chunk, pad_token_id, device), None), -1).float().cpu())
-            self.cached = torch.cat(rows)  # (P, 2)
-            if save:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.save(self.cached, path + ".tmp")
-                os.replace(path + ".tmp", path)
-                print(f"reference log-probs: computed and cached in {path}", flush=True)
-        self.logps = None  # the frozen copy is no longer needed
-
-
-def check_packing(cfg, policy_logps, pairs, pad_token_id, device):
-    """Switch the policy to segment attention where it fits (models.use_segment_attention), then compare packed
-    log-probs with padded ones under the model's own attention, once: packing needs the model to honour position
-    ids as sequence boundaries."""
-    sample = pairs[:2]
-    with torch.no_grad():
-        padded, _ = policy_logps(tuple(t.to(device) for t in collate(sample, pad_token_id)))
-        use_segment_attention(policy_logps.model)
-        packed, _ = policy_logps(tuple(t.to(device) for t in collate_packed(sample)))
-    if not (padded.isfinite().all() and packed.isfinite().all()):
-        raise SystemExit(f"error: {cfg.model} gives non-finite log-probs on the first pairs: its logits overflow")
-    if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):
-        raise SystemExit(f"packed and padded log-probs differ on {cfg.model} ({packed.tolist()} vs {padded.tolist()}): "
-                         "this model does not separate packed sequences; pass --no-packing")
-
-
 class InStepDeviation:
     """Embeddings of every prompt's pool, computed once; hands the kernel the pools of a micro-batch's prompts."""
 
@@ -348,66 +284,6 @@ def pair_weights(cfg, pairs):
     return w.clamp(min=cfg.min_weight)
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def setup_distributed(cfg):
-    """(rank, world size, device): one process, or one of torchrun's (WORLD_SIZE, RANK, LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-        device = torch.device("cuda", local) if device.type == "cuda" and device.index is None else device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.fsdp and world == 1:
-        raise SystemExit("--fsdp shards over the ranks of torchrun: launch with torchrun --nproc_per_node N (N > 1)")
-    if cfg.fsdp and cfg.lora_r:
-        raise SystemExit("--fsdp with --lora-r is not supported: LoRA trains a small part of the model, use plain "
-                         "torchrun (data parallel) with --lora-r")
-    return rank, world, device
-
-
-def shard(logps, device, world):
-    """FSDP2 over all ranks: one unit per decoder layer; the rest (embeddings, final norm, output layer) in the unit
-    of `logps` (a SequenceLogps), gathered around the whole call including the fused head. Parameters are loaded on
-    the CPU and each rank's shard moves to `device`. Gradients are summed over the ranks, not averaged: the loss is
-    already divided by the pairs of the whole step, as in the data-parallel path."""
-    mesh = init_device_mesh(device.type, (world,))
-    layers = getattr(logps.model.get_decoder(), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise SystemExit(f"--fsdp: {type(logps.model).__name__} has no decoder .layers to shard")
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(logps, mesh=mesh, reshard_after_forward=True)  # also the root: outside a pass, every parameter is a shard
-    for unit in logps.modules():
-        if isinstance(unit, FSDPModule):
-            unit.set_gradient_divide_factor(1.0)
-            unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-
-
-def full_state(policy, optimizer):
-    """FSDP: gather the full weights and optimiser state on rank 0's CPU (a collective: every rank calls it)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(policy, options=options), get_optimizer_state_dict(policy, optimizer, options=options)
-
-
-def all_reduce_grads(params):
-    """Sum every gradient over the ranks (a rank without a micro-batch contributes zeros)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
-
-
 def check_paths(cfg):
     """Model and embedder paths and the output directory, before anything loads or is written."""
     check_model_path(cfg.model)
@@ -439,9 +315,8 @@ def train(cfg):
 
 
 def train_locked(cfg, rank, world, device, pairs):
-    log = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0 and (left := remove_temporaries(cfg.output_dir)):
-        log(f"removed what an interrupted run left in {cfg.output_dir}: {', '.join(left)}", flush=True)
+        print0(f"removed what an interrupted run left in {cfg.output_dir}: {', '.join(left)}", flush=True)
     found = checkpoints(cfg.output_dir)
     if found and not cfg.resume:
         raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
@@ -452,12 +327,12 @@ def train_locked(cfg, rank, world, device, pairs):
         state = load_state(resume_from)
     tokenizer = load_tokenizer(cfg.model)
     stats = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    log(f"data: {stats['pairs']} pairs from {cfg.data}; truncated {stats['prompts_truncated']} prompts "
+    print0(f"data: {stats['pairs']} pairs from {cfg.data}; truncated {stats['prompts_truncated']} prompts "
           f"(keep end, max {cfg.max_prompt_length}) and {stats['completions_truncated']} completions "
           f"(keep start, max total {cfg.max_length})", flush=True)
     weights = pair_weights(cfg, pairs)
     if cfg.loss in ("ddpo", "dorpo") and all(p.weight is None for p in pairs):
-        log(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals {cfg.loss[1:]}", flush=True)
+        print0(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals {cfg.loss[1:]}", flush=True)
 
     # 2. models
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
@@ -471,10 +346,10 @@ def train_locked(cfg, rank, world, device, pairs):
         wrapped = add_lora(policy, cfg.lora_targets.split(","), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         if resume_from:
             load_adapter(policy, resume_from)
-        log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {len(wrapped)} layers: "
+        print0(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {len(wrapped)} layers: "
             f"{sum(p.numel() for p in policy.parameters() if p.requires_grad):,} trainable parameters")
     if cfg.lean:
-        log("lean activations: {} MLPs, {} RMSNorms".format(*use_lean(policy)))
+        print0("lean activations: {} MLPs, {} RMSNorms".format(*use_lean(policy)))
     policy.train()
     if cfg.gradient_checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
@@ -529,7 +404,7 @@ def train_locked(cfg, rank, world, device, pairs):
         start_step = state["step"]
         if rank == 0:
             trim_metrics(metrics_path, start_step)
-        log(f"resumed from {resume_from} at step {start_step}", flush=True)
+        print0(f"resumed from {resume_from} at step {start_step}", flush=True)
     elif rank == 0:
         open(metrics_path, "w").close()
     # the schedule's lambda for this run's total, from the resumed step on
@@ -537,7 +412,7 @@ def train_locked(cfg, rank, world, device, pairs):
     if rank == 0:
         atomic_write(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(config, indent=2))
 
-    log(f"training {cfg.loss} on {device}{f' x {world} ranks' if world > 1 else ''} ({'bf16 autocast' if autocast_dtype else 'fp32'}, "
+    print0(f"training {cfg.loss} on {device}{f' x {world} ranks' if world > 1 else ''} ({'bf16 autocast' if autocast_dtype else 'fp32'}, "
           f"{'Triton' if use_triton else 'chunked PyTorch'} log-prob head): {total_steps} steps of up to "
           f"{cfg.batch_size * cfg.grad_accum * world} pairs ({steps_per_epoch} steps/epoch)", flush=True)
     path = found[-1][1] if found else None
@@ -603,7 +478,7 @@ def train_locked(cfg, rank, world, device, pairs):
                 save_checkpoint(cfg, step + 1, policy, tokenizer, optimizer_state, scheduler, model_state)
             if world > 1:
                 dist.barrier()
-    log(f"saved {path}", flush=True)
+    print0(f"saved {path}", flush=True)
     if world > 1:
         dist.destroy_process_group()
     return path

@@ -1,0 +1,75 @@
+"""The reference model of DPO/DDPO and the packing check: what the policy is compared with, and whether packed rows
+give the log-probs of padded ones.
+
+Reference log-probs come from a frozen copy of the starting model (fp32 weights under the policy's autocast, so the
+same model gives the same log-probs), from the policy itself with its LoRA adapters switched off, or, after
+`Reference.precompute`, from a disk cache under $DDPO_CACHE/ref_logps keyed by a digest of the model files' bytes,
+the dtype and every pair's token ids.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+from ddpo.data import collate, collate_packed, make_batch
+from ddpo.lora import adapters_disabled
+from ddpo.models import cache_dir, files_digest, use_segment_attention
+
+
+class Reference:
+    """Reference log-probs of (chosen, rejected): a frozen model run in the policy's layout, or, after
+    `precompute`, values computed once for every pair and cached on disk under $DDPO_CACHE/ref_logps."""
+
+    def __init__(self, logps, lora=False):
+        self.logps, self.cached, self.lora = logps, None, lora  # logps: a SequenceLogps module
+
+    @torch.no_grad()
+    def __call__(self, batch, index):
+        if self.cached is not None:
+            return self.cached[index].to(batch[0].device).unbind(-1)
+        if self.lora:  # the policy itself, adapters off: the base weights, no second copy
+            with adapters_disabled(self.logps.model):
+                logps, _ = self.logps(batch)
+        else:
+            logps, _ = self.logps(batch)
+        return logps.chunk(2)
+
+    def precompute(self, cfg, pairs, pad_token_id, device, save=True):
+        key = hashlib.sha256(json.dumps({"files": files_digest(cfg.ref_model or cfg.model), "dtype": cfg.dtype,
+                                         "pairs": [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]}
+                                        ).encode()).hexdigest()[:20]
+        path = os.path.join(cache_dir(), "ref_logps", key + ".pt")
+        if os.path.exists(path):
+            self.cached = torch.load(path, weights_only=True)
+            print(f"reference log-probs: reused {path}", flush=True)
+        else:
+            rows = []
+            for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="reference log-probs", dynamic_ncols=True):
+                chunk = pairs[i:i + cfg.batch_size]
+                rows.append(torch.stack(self(make_batch(chunk, pad_token_id, device, cfg.packing), None), -1).float().cpu())
+            self.cached = torch.cat(rows)  # (P, 2)
+            if save:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(self.cached, path + ".tmp")
+                os.replace(path + ".tmp", path)
+                print(f"reference log-probs: computed and cached in {path}", flush=True)
+        self.logps = None  # the frozen copy is no longer needed
+
+
+def check_packing(cfg, policy_logps, pairs, pad_token_id, device):
+    """Switch the policy to segment attention where it fits (models.use_segment_attention), then compare packed
+    log-probs with padded ones under the model's own attention, once: packing needs the model to honour position
+    ids as sequence boundaries."""
+    sample = pairs[:2]
+    with torch.no_grad():
+        padded, _ = policy_logps(tuple(t.to(device) for t in collate(sample, pad_token_id)))
+        use_segment_attention(policy_logps.model)
+        packed, _ = policy_logps(tuple(t.to(device) for t in collate_packed(sample)))
+    if not (padded.isfinite().all() and packed.isfinite().all()):
+        raise SystemExit(f"error: {cfg.model} gives non-finite log-probs on the first pairs: its logits overflow")
+    if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):
+        raise SystemExit(f"packed and padded log-probs differ on {cfg.model} ({packed.tolist()} vs {padded.tolist()}): "
+                         "this model does not separate packed sequences; pass --no-packing")
