@@ -386,8 +386,9 @@ def optimizer_steps(n_pairs, batch_size, per_step, seed, epochs=0.0, max_steps=0
     while (len(steps) < max_steps) if max_steps else (epoch < epochs):
         batches = micro_batches(n_pairs, batch_size, seed, epoch, pair_prompt)
         epoch_steps = [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
-        if not max_steps and epoch + 1 > epochs:
-            epoch_steps = epoch_steps[:math.ceil((epochs - epoch) * len(epoch_steps))]
-        steps += [(epoch + (k + 1) / len(epoch_steps), step) for k, step in enumerate(epoch_steps)]
+        full = len(epoch_steps)
+        if not max_steps and epoch + 1 > epochs:  # rounded first: (1.1 - 1) * 10 is 1.0000000000000009, not 1
+            epoch_steps = epoch_steps[:math.ceil(round((epochs - epoch) * full, 9))]
+        steps += [(epoch + (k + 1) / full, step) for k, step in enumerate(epoch_steps)]
         epoch += 1
     return steps[:max_steps] if max_steps else steps

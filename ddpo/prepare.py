@@ -194,7 +194,7 @@ class Deviation:
         """pools: lists of global response indices -> per pool (weights, {metric: raw deviations}), one batched call."""
         if not metrics:
             return [([1.0] * len(rows), {}) for rows in pools]
-        rows = torch.tensor([i for pool in pools for i in pool])
+        rows = torch.tensor([i for pool in pools for i in pool], dtype=torch.long)
         group = torch.tensor([g for g, pool in enumerate(pools) for _ in pool])
         weights, devs = deviation_weights([self.embeddings[m][rows] for m in metrics], group)
         out, start = [], 0
@@ -244,7 +244,11 @@ def prepare(args):
         it = iter(scores)
         for g in groups.values():
             g["scores"] = [next(it) for _ in g["responses"]]
-    deviation = Deviation({m: load_embedder(names[m], trust_remote_code=args.trust_remote_code)(texts) for m in metrics})
+
+    def embed(texts, metrics):
+        return {m: load_embedder(names[m], trust_remote_code=args.trust_remote_code)(texts) for m in metrics}
+
+    deviation = Deviation(embed(texts, ranking))  # DivPO and Diverse-NS rank by deviation over the input's responses
 
     # 1. pair every prompt, then cut it to --max-per-prompt (released order: deviation comes after both)
     rng = random.Random(args.seed)
@@ -265,10 +269,19 @@ def prepare(args):
             continue
         kept.append((g, start, pairs))
 
-    # 2. deviation weights over each prompt's pool: the texts of its kept pairs, or all its responses (--pool all)
-    pools = [sorted({i for c, r, _ in pairs for i in (c, r)}) if args.pool == "pairs" else list(range(len(g["responses"])))
-             for g, _, pairs in kept]
-    weighted = deviation([[start + i for i in pool] for pool, (_, start, _) in zip(pools, kept)], weighting)
+    if not kept:
+        raise DataError(f"{args.input}: no pair could be formed ({counts})")
+
+    # 2. deviation weights over each prompt's pool: the texts of its kept pairs, in order of first appearance, which
+    # is how the in-step path lists the pairs file we write (data.response_pools): both embed the same list of texts,
+    # so embedders that standardise over what they embed (the stylometric profile) give both the same weights;
+    # or all the prompt's responses (--pool all)
+    pools = [list(dict.fromkeys(i for c, r, _ in pairs for i in (c, r))) if args.pool == "pairs"
+             else list(range(len(g["responses"]))) for g, _, pairs in kept]
+    pool_texts = [g["responses"][i] for (g, _, _), pool in zip(kept, pools) for i in pool]
+    offsets = [sum(len(p) for p in pools[:k]) for k in range(len(pools))]
+    weighted = Deviation(embed(pool_texts, weighting))([list(range(o, o + len(p))) for o, p in zip(offsets, pools)],
+                                                       weighting)
     rows = []
     for (g, _, pairs), pool, (weights, devs) in zip(kept, pools, weighted):
         at = {i: k for k, i in enumerate(pool)}

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ddpo.data import collate, collate_packed, make_batch
+from ddpo.distributed import print0
 from ddpo.lora import adapters_disabled
 from ddpo.models import cache_dir, files_digest, use_segment_attention
 
@@ -37,14 +38,16 @@ class Reference:
             logps, _ = self.logps(batch)
         return logps.chunk(2)
 
-    def precompute(self, cfg, pairs, pad_token_id, device, save=True):
-        key = hashlib.sha256(json.dumps({"files": files_digest(cfg.ref_model or cfg.model), "dtype": cfg.dtype,
+    def precompute(self, cfg, pairs, pad_token_id, device, autocast_dtype=None, save=True):
+        """Log-probs of every pair once, cached under a key of the model files' bytes, the dtype the run computes in
+        (not --dtype auto, which is fp32 on a CPU and bf16 on a GPU) and every pair's token ids."""
+        key = hashlib.sha256(json.dumps({"files": files_digest(cfg.ref_model or cfg.model), "dtype": str(autocast_dtype or torch.float32),
                                          "pairs": [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]}
                                         ).encode()).hexdigest()[:20]
         path = os.path.join(cache_dir(), "ref_logps", key + ".pt")
         if os.path.exists(path):
             self.cached = torch.load(path, weights_only=True)
-            print(f"reference log-probs: reused {path}", flush=True)
+            print0(f"reference log-probs: reused {path}", flush=True)
         else:
             rows = []
             for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="reference log-probs", dynamic_ncols=True):
@@ -55,7 +58,7 @@ class Reference:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 torch.save(self.cached, path + ".tmp")
                 os.replace(path + ".tmp", path)
-                print(f"reference log-probs: computed and cached in {path}", flush=True)
+                print0(f"reference log-probs: computed and cached in {path}", flush=True)
         self.logps = None  # the frozen copy is no longer needed
 
 

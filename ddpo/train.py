@@ -257,7 +257,7 @@ class InStepDeviation:
     def __init__(self, cfg, pairs, device):
         texts, self.text_prompt, self.pair_prompt, self.pair_chosen = response_pools(pairs)
         names = {"semantic": cfg.semantic_embedder, "style": cfg.style_embedder}
-        print(f"embedding {len(texts)} responses of {int(self.pair_prompt.max()) + 1} prompts "
+        print0(f"embedding {len(texts)} responses of {int(self.pair_prompt.max()) + 1} prompts "
               f"({', '.join(names[m] for m in METRICS[cfg.deviation])})", flush=True)
         embeddings = [load_embedder(names[m], trust_remote_code=cfg.trust_remote_code)(texts)
                       for m in METRICS[cfg.deviation]]
@@ -321,7 +321,7 @@ def train_locked(cfg, rank, world, device, pairs):
     if found and not cfg.resume:
         raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
     resume_from = found[-1][1] if cfg.resume and found else None
-    config = run_config(cfg)
+    config = {**run_config(cfg), "world_size": world}  # the plan of steps depends on it (grad_accum x world)
     if resume_from:
         check_resumable(resume_from, config)
         state = load_state(resume_from)
@@ -331,7 +331,7 @@ def train_locked(cfg, rank, world, device, pairs):
           f"(keep end, max {cfg.max_prompt_length}) and {stats['completions_truncated']} completions "
           f"(keep start, max total {cfg.max_length})", flush=True)
     weights = pair_weights(cfg, pairs)
-    if cfg.loss in ("ddpo", "dorpo") and all(p.weight is None for p in pairs):
+    if cfg.loss in ("ddpo", "dorpo") and cfg.deviation == "none" and all(p.weight is None for p in pairs):
         print0(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals {cfg.loss[1:]}", flush=True)
 
     # 2. models
@@ -378,7 +378,7 @@ def train_locked(cfg, rank, world, device, pairs):
         ref = Reference(ref_logps)
         if cfg.precompute_ref:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, save=rank == 0)
+                ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, autocast_dtype, save=rank == 0)
 
     deviation = InStepDeviation(cfg, pairs, device) if cfg.deviation != "none" and cfg.loss in ("ddpo", "dorpo") else None
     pair_prompt = deviation.pair_prompt if deviation else None

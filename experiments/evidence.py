@@ -122,7 +122,8 @@ def main(argv=None):
         d = pooled_difference(own.power, [(own.arm, own.baseline)])["semantic_diversity"]
         print(json.dumps(power(d["diff"], d["per_prompt_sd"], d["prompts"]), indent=2))
         return
-    cfg = parse_args(WORK_DIR + ([] if "--quick" in rest else SIZED) + rest)
+    quick = "--quick" in rest  # its own work dir: a smoke run's 3 prompts must never become the sized run's stages
+    cfg = parse_args([WORK_DIR[0], WORK_DIR[1] + ("-quick" if quick else "")] + ([] if quick else SIZED) + rest)
     seeds = own.train_seeds
     os.makedirs(cfg.work_dir, exist_ok=True)
     heldout = heldout_prompts(cfg, os.path.join(cfg.work_dir, "prompts_heldout.jsonl"))

@@ -322,3 +322,11 @@ def test_remote_code_runs_only_with_trust_remote_code_whatever_the_name(tmp_path
     assert not marker.exists() and not (tmp_path / "o.jsonl").exists()
     prep.main(argv + ["--trust-remote-code"])
     assert marker.exists() and len(read_jsonl(tmp_path / "o.jsonl")) == 2
+
+
+def test_no_pair_at_all_is_one_error_line(tmp_path):
+    rows = pool("ties", [("Tie one.", 5), ("Tie two.", 5)]) + pool("one", [("Only answer.", 3)])
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(SystemExit) as e:
+        prep.main(["--input", path, "--output", str(tmp_path / "pairs.jsonl"), "--deviation", "style"])
+    assert "no pair could be formed" in str(e.value) and not (tmp_path / "pairs.jsonl").exists()

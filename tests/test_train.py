@@ -634,3 +634,43 @@ def test_an_unreachable_hub_name_is_one_line(tmp_path, monkeypatch):
         main(["--data", write_pairs(tmp_path / "p.jsonl"), "--model", "someorg/no-such-model", "--output-dir", str(out)])
     assert str(e.value).startswith("error: someorg/no-such-model: cannot load it") and "\n" not in str(e.value)
     assert not out.exists()
+
+
+def test_a_fractional_last_epoch_is_cut_exactly_and_positioned_in_its_epoch():
+    from ddpo.data import optimizer_steps
+
+    plan = optimizer_steps(40, 4, 1, seed=0, epochs=1.1)  # 10 steps an epoch: 10 + 1, not 10 + 2
+    assert len(plan) == 11 and plan[-1][0] == pytest.approx(1.1)
+    plan = optimizer_steps(40, 4, 1, seed=0, epochs=0.5)
+    assert len(plan) == 5 and plan[-1][0] == pytest.approx(0.5)
+
+
+def test_in_step_weights_equal_prepared_ones_from_pools_with_unpaired_responses(tmp_path, tiny_model):
+    """prepare from pools (a fifth response in no pair, standardised with the others by the stylometric embedder if
+    it embedded every response) and the in-step kernel over the pairs file it writes: one set of weights."""
+    import ddpo.prepare as prep
+
+    texts = ["The sea kept our letters.", "Waves. Waves again!", "A gull read the tide aloud, slowly, to no one.",
+             "Salt; rope; a bell -- then nothing.", "Quiet harbour, quiet boats, and one lamp left on all night long."]
+    rows = [{"prompt": f"Write about {p}.", "response": f"{t} ({p})" if k else t, "score": s}
+            for k, p in enumerate(["the sea", "a port"]) for t, s in zip(texts, [1, 9, 4, 7, 2])]
+    pools = write_pairs(tmp_path / "pools.jsonl", rows)
+    weighted = str(tmp_path / "weighted.jsonl")
+    prep.prepare(prep.parse_args(["--input", pools, "--output", weighted, "--deviation", "style", "--gap", "3"]))
+    assert {json.loads(line)["meta"]["group_size"] for line in open(weighted)} == {4}  # one response left out
+    common = ("--loss", "ddpo", "--max-steps", "1", "--batch-size", "16", "--kernels", "triton")
+    offline, _ = run(tmp_path, tiny_model, *common, name="offline", data=weighted)
+    in_step, _ = run(tmp_path, tiny_model, *common, "--deviation", "style", name="in_step", data=weighted)
+    a, b = metrics(offline.output_dir)[0], metrics(in_step.output_dir)[0]
+    for key in ("loss", "weights/mean", "weights/min", "weights/max"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    from ddpo.checkpoint import check_resumable
+    from ddpo.data import DataError
+
+    (tmp_path / "train_config.json").write_text(json.dumps({"loss": "ddpo", "world_size": 8}))
+    check_resumable(str(tmp_path), {"loss": "ddpo", "world_size": 8})
+    with pytest.raises(DataError, match="world_size 8 there, 1 now"):
+        check_resumable(str(tmp_path), {"loss": "ddpo", "world_size": 1})
