@@ -74,9 +74,14 @@ def packaged_prompts(split):
     return str(resources.files("ddpo") / "data" / f"prompts_{split}.jsonl")
 
 
-def first_prompts(split, count, path):
+def prompt_lines(split):
+    """The JSONL lines of a packaged prompt split (train: 130, eval: 32)."""
     with open(packaged_prompts(split)) as f:
-        lines = [line for line in f if line.strip()]
+        return [line for line in f if line.strip()]
+
+
+def first_prompts(split, count, path):
+    lines = prompt_lines(split)
     if count > len(lines):
         raise SystemExit(f"error: --{split}-prompts {count}: ddpo/data/prompts_{split}.jsonl holds {len(lines)}")
     lines = lines[:count]

@@ -29,7 +29,7 @@ import torch
 
 from ddpo.data import atomic_write
 from ddpo.evaluate import interval, resample_means, sign_flip_p
-from ddpo.pipeline import Arm, packaged_prompts, parse_args, run_arms
+from ddpo.pipeline import Arm, parse_args, prompt_lines, run_arms
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mechanism  # noqa: E402
@@ -56,10 +56,7 @@ def arms(seeds):
 def heldout_prompts(cfg, path):
     """--eval-prompts prompts never trained on: the 32 of the eval split, then training-split prompts from the end
     (the run trains on the first --train-prompts)."""
-    with open(packaged_prompts("eval")) as f:
-        lines = [line for line in f if line.strip()]
-    with open(packaged_prompts("train")) as f:
-        unused = [line for line in f if line.strip()][cfg.train_prompts:]
+    lines, unused = prompt_lines("eval"), prompt_lines("train")[cfg.train_prompts:]
     if cfg.eval_prompts > len(lines) + len(unused):
         raise SystemExit(f"error: --eval-prompts {cfg.eval_prompts}: only {len(lines) + len(unused)} prompts are "
                          f"held out with --train-prompts {cfg.train_prompts}")
