@@ -22,8 +22,11 @@ import socket
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from ddpo.data import DataError, atomic_write, data_sha256, temporary_path
+from ddpo.data import DataError, atomic_write, data_sha256, remove_temporaries, temporary_path
+from ddpo.distributed import full_state, print0
 from ddpo.lora import merged_copy, save_adapter
 
 LOCK = ".lock"
@@ -34,18 +37,41 @@ MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoint
               "trust_remote_code"}
 
 
+PREFIX = "checkpoint-"
+
+
+def checkpoint_path(output_dir, step):
+    return os.path.join(output_dir, f"{PREFIX}{step}")
+
+
 def checkpoints(output_dir):
+    """[(step, path), ...] of the checkpoints in output_dir, oldest first."""
     found = []
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
-            if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit():
-                found.append((int(name.split("-", 1)[1]), os.path.join(output_dir, name)))
+            if name.startswith(PREFIX) and name[len(PREFIX):].isdigit():
+                found.append((int(name[len(PREFIX):]), os.path.join(output_dir, name)))
     return sorted(found)
 
 
 def run_config(cfg):
     """What train_config.json records: every flag, and the digest of the data's content (its path may move)."""
     return {**dataclasses.asdict(cfg), "data_sha256": data_sha256(cfg.data)}
+
+
+def open_output_dir(cfg, rank, world):
+    """Remove what a killed run left in cfg.output_dir; refuse a directory with a checkpoint unless --resume.
+    Returns (the run's config, the newest checkpoint or None, its trainer state when resuming from it or None)."""
+    if rank == 0 and (left := remove_temporaries(cfg.output_dir)):
+        print0(f"removed what an interrupted run left in {cfg.output_dir}: {', '.join(left)}", flush=True)
+    found = checkpoints(cfg.output_dir)
+    if found and not cfg.resume:
+        raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
+    config = {**run_config(cfg), "world_size": world}  # the plan of steps depends on it (grad_accum x world)
+    if not found or not cfg.resume:
+        return config, None, None
+    check_resumable(found[-1][1], config)
+    return config, found[-1][1], load_state(found[-1][1])
 
 
 def check_resumable(checkpoint, config):
@@ -116,7 +142,7 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, mo
     mode = os.stat(tmp).st_mode & 0o666  # 0666 less the umask, what a new file gets (safetensors writes 0600)
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), mode)
-    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    final = checkpoint_path(cfg.output_dir, step)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if cfg.keep_checkpoints > 0:
@@ -124,6 +150,30 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, mo
         for _, old in older[:len(older) + 1 - cfg.keep_checkpoints]:
             shutil.rmtree(old)
     return final
+
+
+def save(cfg, step, policy, tokenizer, optimizer, scheduler, rank, world):
+    """save_checkpoint on rank 0 (under --fsdp every rank first gathers the full state), then a barrier. Returns the
+    checkpoint's path."""
+    model_state, optimizer_state = full_state(policy, optimizer) if cfg.fsdp else (None, optimizer.state_dict())
+    if rank == 0:
+        save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, model_state)
+    if world > 1:
+        dist.barrier()
+    return checkpoint_path(cfg.output_dir, step)
+
+
+def restore(state, policy, optimizer, fsdp, metrics_path=None):
+    """Optimiser state and RNG from a checkpoint's trainer state; metrics.jsonl (when given: rank 0) trimmed to its
+    step. Returns the step."""
+    if fsdp:
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    if metrics_path:
+        trim_metrics(metrics_path, state["step"])
+    return state["step"]
 
 
 def trim_metrics(path, last_step):

@@ -269,51 +269,73 @@ def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
     return stats
 
 
-def collate(pairs, pad_token_id, rejected=True):
-    """Stack [chosen; rejected] of a micro-batch (the chosen alone when not `rejected`), right-padded.
+@dataclass
+class Batch:
+    """A micro-batch of token sequences, in one of two layouts (make_batch picks one):
+    padded: one sequence per row, right-padded, attention_mask set, each tensor (S, T);
+    packed: every sequence in one row without padding, position_ids restarting at 0 per sequence, each (1, L).
+    labels hold the token ids at completion positions and IGNORE_INDEX elsewhere; seq_ids says which sequence each
+    position belongs to. Sequences 0..B-1 are the chosen completions, B..2B-1 the rejected (when present)."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    seq_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None  # padded layout only
+    position_ids: torch.Tensor | None = None  # packed layout only
 
-    Returns input_ids, attention_mask, labels, each (2B, T); labels hold the token ids at completion positions and
-    IGNORE_INDEX at prompt and padding positions. Rows 0..B-1 are the chosen sequences, B..2B-1 the rejected.
-    """
-    seqs, labels = [], []
-    for part in ("chosen_ids", "rejected_ids")[:2 if rejected else 1]:
-        for p in pairs:
-            completion = getattr(p, part)
-            seqs.append(p.prompt_ids + completion)
-            labels.append([IGNORE_INDEX] * len(p.prompt_ids) + completion)
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)  # (2B, T)
-    label_ids = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (2B, T)
-    for i, (s, lab) in enumerate(zip(seqs, labels)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        label_ids[i, : len(s)] = torch.tensor(lab)
-        attention_mask[i, : len(s)] = 1
-    return input_ids, attention_mask, label_ids
+    def to(self, device):
+        return Batch(*(None if t is None else t.to(device) for t in (self.input_ids, self.labels, self.seq_ids,
+                                                                       self.attention_mask, self.position_ids)))
+
+    @property
+    def packed(self):
+        return self.position_ids is not None
+
+    @property
+    def tokens(self):
+        """Real (non-padding) tokens."""
+        return self.input_ids.numel() if self.packed else int(self.attention_mask.sum())
+
+
+def completion_sequences(pairs, rejected=True):
+    """(prompt ids, completion ids) of [chosen; rejected] (the chosen alone when not `rejected`)."""
+    return [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs if rejected]
+
+
+def collate(pairs, pad_token_id, rejected=True):
+    """Stack [chosen; rejected] of a micro-batch (the chosen alone when not `rejected`), right-padded: a Batch of
+    (2B, T) tensors whose rows 0..B-1 are the chosen sequences, B..2B-1 the rejected."""
+    sequences = completion_sequences(pairs, rejected)
+    T = max(len(prompt) + len(completion) for prompt, completion in sequences)
+    input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)  # (2B, T)
+    labels = torch.full((len(sequences), T), IGNORE_INDEX, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)  # (2B, T)
+    for i, (prompt, completion) in enumerate(sequences):
+        n = len(prompt) + len(completion)
+        input_ids[i, :n] = torch.tensor(prompt + completion)
+        labels[i, len(prompt):n] = torch.tensor(completion, dtype=torch.long)
+        attention_mask[i, :n] = 1
+    seq_ids = torch.arange(len(sequences))[:, None].expand(-1, T)  # (2B, T)
+    return Batch(input_ids, labels, seq_ids, attention_mask=attention_mask)
 
 
 def collate_packed(pairs, rejected=True):
-    """The same sequences as `collate`, packed into one row without padding (no FLOPs spent on pad tokens).
-
-    Returns input_ids, position_ids, labels, seq_ids, each (1, L): positions restart at 0 for every sequence, which
-    transformers turns into a block-diagonal causal mask when no attention mask is given; seq_ids says which of
-    the 2B sequences (chosen 0..B-1, then rejected) each position belongs to.
-    """
+    """The same sequences as `collate`, packed into one row without padding (no FLOPs spent on pad tokens): a Batch
+    of (1, L) tensors. Positions restart at 0 for every sequence, which transformers turns into a block-diagonal
+    causal mask when no attention mask is given."""
     ids, labels, positions, seq_ids = [], [], [], []
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs if rejected]
-    for i, (prompt, completion) in enumerate(sequences):
+    for i, (prompt, completion) in enumerate(completion_sequences(pairs, rejected)):
         ids += prompt + completion
         labels += [IGNORE_INDEX] * len(prompt) + completion
         positions += range(len(prompt) + len(completion))
         seq_ids += [i] * (len(prompt) + len(completion))
-    return tuple(torch.tensor([x]) for x in (ids, positions, labels, seq_ids))  # each (1, L)
+    input_ids, labels, positions, seq_ids = (torch.tensor([x]) for x in (ids, labels, positions, seq_ids))  # (1, L)
+    return Batch(input_ids, labels, seq_ids, position_ids=positions)
 
 
 def make_batch(pairs, pad_token_id, device, packing=True, rejected=True):
     """A micro-batch on `device`: packed in one row (collate_packed) or padded (collate); the chosen alone when not
     `rejected`."""
-    batch = collate_packed(pairs, rejected) if packing else collate(pairs, pad_token_id, rejected)
-    return tuple(t.to(device) for t in batch)
+    return (collate_packed(pairs, rejected) if packing else collate(pairs, pad_token_id, rejected)).to(device)
 
 
 def epoch_order(n, seed, epoch):

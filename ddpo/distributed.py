@@ -3,11 +3,14 @@
     torchrun --nproc_per_node 8 -m ddpo.train --data pairs.jsonl --loss ddpo --batch-size 2 --grad-accum 4
     torchrun --nproc_per_node 8 -m ddpo.train --data pairs.jsonl --loss ddpo --fsdp --model Qwen/Qwen2.5-7B-Instruct
 
-Data parallel: every rank holds the whole model and gradients are summed with one all-reduce before the clip. FSDP2
+Data parallel (`data_parallel`): every rank holds the whole model; torch's DistributedDataParallel sums the gradients
+in buckets during the backward of an optimiser step's last micro-batch (`no_sync` before it). FSDP2
 (`shard`): one unit per decoder layer plus a root unit around the whole log-prob call; gradients summed, not
 averaged, so the loss scaling is that of one process. print0 prints on rank 0 only.
 """
 
+import contextlib
+import math
 import os
 import resource
 
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 
 def print0(*args, **kwargs):
@@ -75,10 +79,39 @@ def full_state(policy, optimizer):
     return get_model_state_dict(policy, options=options), get_optimizer_state_dict(policy, optimizer, options=options)
 
 
-def all_reduce_grads(params):
-    """Sum every gradient over the ranks (a rank without a micro-batch contributes zeros)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
+def data_parallel(logps, device):
+    """torch's DistributedDataParallel around the whole log-prob call (a SequenceLogps, so the fused head is inside):
+    bucketed all-reduce overlapped with the backward. Gradients are summed over the ranks, not averaged: the loss is
+    already divided by the pairs of the whole step."""
+    ddp = DistributedDataParallel(logps, device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=False)
+    ddp.register_comm_hook(None, sum_gradients)
+    return ddp
+
+
+def sum_gradients(state, bucket):
+    """DDP's default hook without its division by the world size."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def no_sync(module, last):
+    """DDP accumulates micro-batches locally and all-reduces in the backward of the last; anything else syncs as it
+    does (FSDP reduce-scatters in every backward)."""
+    return module.no_sync() if isinstance(module, DistributedDataParallel) and not last else contextlib.nullcontext()
+
+
+def rank_share(step_batches, rank, world):
+    """This rank's micro-batches of an optimiser step, padded with None to as many as every rank runs: the
+    collectives of DDP and FSDP pair up passes, so a rank short of micro-batches runs one at weight 0."""
+    mine = step_batches[rank::world]
+    return mine + [None] * (math.ceil(len(step_batches) / world) - len(mine))
+
+
+def gather_metrics(sums, used_weights, world):
+    """Metric sums (summed) and chosen weights (concatenated) of every rank."""
+    if world == 1:
+        return sums, used_weights
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (sums, used_weights))
+    keys = dict.fromkeys(key for s, _ in gathered for key in s)
+    return {key: sum(s.get(key, 0.0) for s, _ in gathered) for key in keys}, [w for _, ws in gathered for w in ws]

@@ -1,7 +1,9 @@
-"""Preference losses as pure functions: DPO, DDPO, ORPO, DORPO, and SFT (the stage before them).
+"""Preference losses as pure functions: DPO, DDPO, ORPO, DORPO, and SFT (the stage before them); and LOSSES, the
+table that maps train's --loss to the objective of a micro-batch.
 
     losses, chosen_rewards, rejected_rewards = ddpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, chosen_weights=w)
     losses, chosen_rewards, rejected_rewards, w = deviation_dpo_loss(pi_c, pi_r, ref_c, ref_r, 0.1, embs, group, chosen)
+    out = LOSSES["ddpo"].objective(logps, weights, hparams)     # Objective(losses, rewards, weights, metrics)
 
 Every function returns *unreduced* per-pair losses plus rewards, so the deviation weight of DDPO/DORPO is one
 visible multiply and the caller decides the reduction. The trainer reduces with sum(losses) / B_global, where
@@ -15,6 +17,9 @@ Papers:
   ORPO  Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", arXiv 2403.07691
   DDPO/DORPO  Chung et al. 2025, "Modifying LLM Post-Training for Diverse Creative Writing", arXiv 2503.17126
 """
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +152,110 @@ def deviation_dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chos
 def sft_loss(policy_chosen_logps):
     """SFT on the chosen responses: logps (B,) are *mean* per-token log-probs; returns the per-pair NLL (B,)."""
     return -at_least_fp32(policy_chosen_logps)  # -1/|y| sum_t log pi(y_t | x, y_<t), averaged per response as ORPO's NLL
+
+
+# --- the table of --loss: every objective takes a micro-batch's log-probs and returns the same Objective ---------
+
+
+@dataclass
+class Logps:
+    """Log-probs of a micro-batch's completions: policy sums (B,) and token counts (B,); the reference's sums (B,)
+    for losses with a reference; the rejected ones None for losses of the chosen alone."""
+    policy_chosen_logps: torch.Tensor
+    chosen_counts: torch.Tensor
+    policy_rejected_logps: torch.Tensor | None = None
+    rejected_counts: torch.Tensor | None = None
+    ref_chosen_logps: torch.Tensor | None = None
+    ref_rejected_logps: torch.Tensor | None = None
+
+
+class Objective(NamedTuple):
+    """What every objective returns: unreduced per-pair losses (B,), the rewards of chosen and rejected (B,) (None
+    for SFT), the chosen weights it used (B,) and sums over the pairs of extra metrics."""
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor | None
+    rejected_rewards: torch.Tensor | None
+    chosen_weights: torch.Tensor
+    metrics: dict
+
+
+def dpo_args(logps, hp):
+    return (logps.policy_chosen_logps, logps.policy_rejected_logps, logps.ref_chosen_logps, logps.ref_rejected_logps,
+            hp.beta)
+
+
+def dpo_objective(logps, weights, hp, **_):
+    losses, chosen_rewards, rejected_rewards = dpo_loss(*dpo_args(logps, hp))
+    return Objective(losses, chosen_rewards, rejected_rewards, torch.ones_like(weights),
+                     logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps))
+
+
+def ddpo_objective(logps, weights, hp, deviation=None, use_triton=None, **_):
+    """Weights from the data, or (`deviation` = embeddings, group, chosen index of the pools) from the fused kernel."""
+    if deviation is None:
+        losses, chosen_rewards, rejected_rewards = ddpo_loss(*dpo_args(logps, hp), chosen_weights=weights)
+    else:
+        losses, chosen_rewards, rejected_rewards, weights = deviation_dpo_loss(
+            *dpo_args(logps, hp), *deviation, min_weight=hp.min_weight, use_triton=use_triton)
+    return Objective(losses, chosen_rewards, rejected_rewards, weights,
+                     logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps))
+
+
+def mean_logps(logps):
+    """Per-token averages of chosen and rejected, which ORPO and SFT use."""
+    chosen = logps.policy_chosen_logps / logps.chosen_counts
+    return chosen, None if logps.policy_rejected_logps is None else logps.policy_rejected_logps / logps.rejected_counts
+
+
+def orpo_objective(logps, weights, hp, **_):
+    chosen_mean, rejected_mean = mean_logps(logps)
+    losses, chosen_rewards, rejected_rewards, log_odds = orpo_loss(chosen_mean, rejected_mean, -chosen_mean,
+                                                                   hp.orpo_lambda)
+    return Objective(losses, chosen_rewards, rejected_rewards, torch.ones_like(weights),
+                     odds_metrics(chosen_mean, rejected_mean, log_odds))
+
+
+def dorpo_objective(logps, weights, hp, deviation=None, weights_mean=None, use_triton=None, **_):
+    """`weights_mean`: the mean chosen weight of the whole optimiser step (the released form's NLL weight)."""
+    chosen_mean, rejected_mean = mean_logps(logps)
+    if deviation is None:
+        losses, chosen_rewards, rejected_rewards, log_odds = dorpo_loss(
+            chosen_mean, rejected_mean, -chosen_mean, hp.orpo_lambda, weights, hp.dorpo_form, weights_mean)
+    else:
+        losses, chosen_rewards, rejected_rewards, log_odds, weights = deviation_dorpo_loss(
+            chosen_mean, rejected_mean, -chosen_mean, hp.orpo_lambda, *deviation, form=hp.dorpo_form,
+            min_weight=hp.min_weight, weights_mean=weights_mean, use_triton=use_triton)
+    return Objective(losses, chosen_rewards, rejected_rewards, weights, odds_metrics(chosen_mean, rejected_mean, log_odds))
+
+
+def sft_objective(logps, weights, hp, **_):
+    chosen_mean, _ = mean_logps(logps)
+    return Objective(sft_loss(chosen_mean), None, None, torch.ones_like(weights),
+                     {"logps/chosen": chosen_mean.detach().sum()})
+
+
+def logps_metrics(chosen, rejected):
+    return {"logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
+
+
+def odds_metrics(chosen_mean, rejected_mean, log_odds):
+    return {**logps_metrics(chosen_mean, rejected_mean), "nll_loss": -chosen_mean.detach().sum(),
+            "log_odds_ratio": log_odds.sum()}
+
+
+@dataclass(frozen=True)
+class Loss:
+    objective: Callable  # (Logps, chosen weights (B,), hparams, deviation=, weights_mean=, use_triton=) -> Objective
+    reference: bool = False  # needs reference log-probs
+    weighted: bool = False  # takes chosen weights: the data's `weight`, or deviation computed in the step
+    rejected: bool = True  # runs the rejected responses
+    truncation: tuple = (0, 0)  # the released code's (max_length, max_prompt_length); 0 = off
+
+
+LOSSES = {
+    "dpo": Loss(dpo_objective, reference=True),
+    "ddpo": Loss(ddpo_objective, reference=True, weighted=True),
+    "orpo": Loss(orpo_objective, truncation=(512, 128)),  # the released code cut ORPO/DORPO to 512 tokens, the
+    "dorpo": Loss(dorpo_objective, weighted=True, truncation=(512, 128)),  # prompt to its last 128
+    "sft": Loss(sft_objective, rejected=False),
+}

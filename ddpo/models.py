@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ddpo.data import DataError, temporary_path
+from ddpo.distributed import print0, shard
+from ddpo.lean import use_lean
+from ddpo.lora import add_lora, load_adapter
 from kernels.logprobs import IGNORE_INDEX, fused_logprobs
 
 PACKAGED = {
@@ -222,31 +225,23 @@ def use_segment_attention(model):
 
 
 def sequence_logps(model, batch, use_triton=None):
-    """Summed log-probs and token counts of the labelled (completion) positions of each sequence.
-
-    batch: (input_ids, attention_mask, labels), each (S, T), one sequence per row (data.collate); or
-    (input_ids, position_ids, labels, seq_ids), each (1, L), sequences packed in one row (data.collate_packed).
-    Returns (logps (S,) fp32, counts (S,) long). The backbone's hidden states are gathered at completion positions
-    only, so the output layer never runs over prompts or padding.
+    """Summed log-probs and token counts of the labelled (completion) positions of each sequence of a data.Batch
+    (padded rows or one packed row). Returns (logps (S,) fp32, counts (S,) long). The backbone's hidden states are
+    gathered at completion positions only, so the output layer never runs over prompts or padding.
     """
     extra = {}
-    if len(batch) == 3:
-        input_ids, attention_mask, labels = batch
-        position_ids, seq_ids = None, torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
-    else:
-        input_ids, position_ids, labels, seq_ids = batch
-        attention_mask = None
-        if model.config._attn_implementation == SEGMENT_ATTENTION:  # the boundaries once, not in every layer
-            extra["segment_lengths"] = torch.bincount(seq_ids[0]).tolist()
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False, **extra).last_hidden_state  # (R, T, H)
+    if batch.packed and model.config._attn_implementation == SEGMENT_ATTENTION:  # the boundaries once, not per layer
+        extra["segment_lengths"] = torch.bincount(batch.seq_ids[0]).tolist()
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids, use_cache=False, **extra).last_hidden_state  # (R, T, H)
+    labels, seq_ids = batch.labels, batch.seq_ids
     targets = labels[:, 1:]  # token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX  # (R, T-1)
     token_logps = fused_logprobs(hidden[:, :-1][mask], model.get_output_embeddings().weight, targets[mask],
                                  use_triton=use_triton)  # (N,)
     seq = seq_ids[:, 1:][mask]
     n_seq = int(seq_ids.max()) + 1
-    logps = torch.zeros(n_seq, dtype=torch.float32, device=input_ids.device).index_add(0, seq, token_logps)
+    logps = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add(0, seq, token_logps)
     return logps, torch.bincount(seq, minlength=n_seq)
 
 
@@ -260,3 +255,37 @@ class SequenceLogps(torch.nn.Module):
 
     def forward(self, batch):
         return sequence_logps(self.model, batch, self.use_triton)
+
+
+def use_triton(kernels, device):
+    """--kernels: auto (Triton on CUDA, chunked PyTorch elsewhere), triton or torch."""
+    return {"auto": device.type == "cuda", "triton": True, "torch": False}[kernels]
+
+
+def load_policy(cfg, device, world, resume_from):
+    """ddpo.train's policy in fp32 (master weights; from the checkpoint `resume_from`), with LoRA, lean activations
+    and gradient checkpointing as cfg asks, wrapped as a SequenceLogps module with cfg.kernels' head (sharded under
+    --fsdp). Returns (model, SequenceLogps, trainable parameters)."""
+    load_device = torch.device("cpu") if cfg.fsdp else device  # FSDP moves each rank's shard to the device
+    policy = load_model(cfg.model if cfg.lora_r else resume_from or cfg.model, torch.float32, load_device)
+    check_fusable(policy)
+    disable_dropout(policy)
+    if cfg.lora_r:
+        wrapped = add_lora(policy, cfg.lora_targets.split(","), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        if resume_from:
+            load_adapter(policy, resume_from)
+        print0(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {len(wrapped)} layers: "
+               f"{sum(p.numel() for p in policy.parameters() if p.requires_grad):,} trainable parameters")
+    if cfg.lean:
+        print0("lean activations: {} MLPs, {} RMSNorms".format(*use_lean(policy)))
+    policy.train()
+    if cfg.gradient_checkpointing:
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            policy.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    policy_logps = SequenceLogps(policy, use_triton(cfg.kernels, device))
+    if cfg.fsdp:
+        shard(policy_logps, device, world)
+    return policy, policy_logps, [p for p in policy.parameters() if p.requires_grad]  # under FSDP: the shards

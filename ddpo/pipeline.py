@@ -23,6 +23,7 @@ from importlib import resources
 
 from ddpo import evaluate, generate, prepare
 from ddpo import train as trainer
+from ddpo.checkpoint import checkpoint_path
 from ddpo.config import add_config_args, given
 from ddpo.data import atomic_write, in_range
 from ddpo.embedders import DEFAULT_EMBEDDERS
@@ -109,7 +110,7 @@ def make_pairs(cfg, responses, flags, output):
 
 
 def train_arm(cfg, arm, pairs, output_dir):
-    final = os.path.join(output_dir, f"checkpoint-{cfg.steps}")
+    final = checkpoint_path(output_dir, cfg.steps)
     if not os.path.exists(final):
         trainer.train(trainer.parse_args([
             "--model", cfg.model, "--data", pairs, "--output-dir", output_dir, "--loss", arm.loss,

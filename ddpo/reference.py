@@ -15,9 +15,9 @@ import torch
 from tqdm import tqdm
 
 from ddpo.data import collate, collate_packed, make_batch
-from ddpo.distributed import print0
+from ddpo.distributed import print0, shard
 from ddpo.lora import adapters_disabled
-from ddpo.models import cache_dir, files_digest, use_segment_attention
+from ddpo.models import SequenceLogps, cache_dir, disable_dropout, files_digest, load_model, use_segment_attention
 
 
 class Reference:
@@ -30,7 +30,7 @@ class Reference:
     @torch.no_grad()
     def __call__(self, batch, index):
         if self.cached is not None:
-            return self.cached[index].to(batch[0].device).unbind(-1)
+            return self.cached[index].to(batch.input_ids.device).unbind(-1)
         if self.lora:  # the policy itself, adapters off: the base weights, no second copy
             with adapters_disabled(self.logps.model):
                 logps, _ = self.logps(batch)
@@ -62,15 +62,31 @@ class Reference:
         self.logps = None  # the frozen copy is no longer needed
 
 
+def load_reference(cfg, policy_logps, device, world):
+    """The reference of a loss that has one: the policy with its adapters off (LoRA without --ref-model), else a
+    frozen copy of --ref-model or --model (the starting model, also when resuming) in the policy's layout: fp32
+    weights (the policy's under the same autocast), the policy's attention and head, sharded under --fsdp."""
+    if cfg.lora_r and not cfg.ref_model:
+        return Reference(policy_logps, lora=True)
+    model = load_model(cfg.ref_model or cfg.model, torch.float32, torch.device("cpu") if cfg.fsdp else device)
+    if cfg.packing:
+        use_segment_attention(model)
+    disable_dropout(model.eval().requires_grad_(False))
+    ref_logps = SequenceLogps(model, policy_logps.use_triton)
+    if cfg.fsdp:
+        shard(ref_logps, device, world)
+    return Reference(ref_logps)
+
+
 def check_packing(cfg, policy_logps, pairs, pad_token_id, device):
     """Switch the policy to segment attention where it fits (models.use_segment_attention), then compare packed
     log-probs with padded ones under the model's own attention, once: packing needs the model to honour position
     ids as sequence boundaries."""
     sample = pairs[:2]
     with torch.no_grad():
-        padded, _ = policy_logps(tuple(t.to(device) for t in collate(sample, pad_token_id)))
+        padded, _ = policy_logps(collate(sample, pad_token_id).to(device))
         use_segment_attention(policy_logps.model)
-        packed, _ = policy_logps(tuple(t.to(device) for t in collate_packed(sample)))
+        packed, _ = policy_logps(collate_packed(sample).to(device))
     if not (padded.isfinite().all() and packed.isfinite().all()):
         raise SystemExit(f"error: {cfg.model} gives non-finite log-probs on the first pairs: its logits overflow")
     if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):

@@ -17,12 +17,12 @@ Writes <work-dir>/mechanism/report.md and results.json.
 """
 
 import argparse
-import glob
 import json
 import os
 
 import torch
 
+from ddpo.checkpoint import checkpoints
 from ddpo.data import Pair, atomic_write, collate, read_jsonl, tokenize_pairs
 from ddpo.deviation import deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
@@ -66,10 +66,10 @@ def correlations(delta, weights, group):
 
 
 def checkpoint_of(work_dir, arm):
-    found = sorted(glob.glob(os.path.join(work_dir, arm, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
+    found = checkpoints(os.path.join(work_dir, arm))
     if not found:
         raise SystemExit(f"error: no checkpoint under {os.path.join(work_dir, arm)}: train the arm first")
-    return found[-1]
+    return found[-1][1]
 
 
 def run(args):

@@ -108,7 +108,8 @@ def test_collate_layout(tiny_model_plain):
     tok = load_tokenizer(tiny_model_plain)
     pairs = load_pairs_from(tok, [{"prompt": "ab", "chosen": "cde", "rejected": "f"},
                                   {"prompt": "g", "chosen": "h", "rejected": "ijkl"}])
-    input_ids, attention_mask, labels = collate(pairs, tok.pad_token_id)
+    batch = collate(pairs, tok.pad_token_id)
+    input_ids, attention_mask, labels = batch.input_ids, batch.attention_mask, batch.labels
     assert input_ids.shape == (4, 6)  # rows: chosen 0, chosen 1, rejected 0, rejected 1
     assert tok.decode(input_ids[2][attention_mask[2].bool()]) == "abf<|im_end|>"
     assert attention_mask.sum(1).tolist() == [6, 3, 4, 6]

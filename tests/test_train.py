@@ -16,6 +16,7 @@ from conftest import write_pairs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import ddpo.checkpoint as checkpoint_mod
 import ddpo.train as train_mod
 from ddpo.data import DataError, collate, collate_packed, load_pairs, tokenize_pairs
 from ddpo.models import SEGMENT_ATTENTION, load_model, load_tokenizer, segment_attention, sequence_logps, use_segment_attention
@@ -42,8 +43,9 @@ def test_sequence_logps_equal_full_logits(tiny_model):
     model = load_model(tiny_model)
     pairs = load_pairs(write_pairs(os.path.join(os.path.dirname(tiny_model), "p.jsonl")))[:3]
     tokenize_pairs(pairs, tok)
-    input_ids, attention_mask, labels = collate(pairs, tok.pad_token_id)
-    logps, counts = sequence_logps(model, (input_ids, attention_mask, labels), use_triton=False)
+    batch = collate(pairs, tok.pad_token_id)
+    input_ids, attention_mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    logps, counts = sequence_logps(model, batch, use_triton=False)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (2B, T-1, V)
     targets = labels[:, 1:]
     mask = targets != -100
@@ -51,7 +53,7 @@ def test_sequence_logps_equal_full_logits(tiny_model):
     torch.testing.assert_close(logps, (token * mask).sum(1), rtol=1e-5, atol=1e-4)
     assert counts.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
     packed, packed_counts = sequence_logps(model, collate_packed(pairs), use_triton=False)  # one row, no padding
-    assert collate_packed(pairs)[0].numel() == attention_mask.sum()
+    assert collate_packed(pairs).tokens == batch.tokens == attention_mask.sum()
     torch.testing.assert_close(packed, logps, rtol=1e-5, atol=1e-4)
     assert packed_counts.tolist() == counts.tolist()
 
@@ -139,7 +141,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, monkeypatch):
     args = ("--loss", "ddpo", "--max-steps", "5", "--save-every", "2", "--batch-size", "2", "--warmup-steps", "1")
     full, _ = run(tmp_path, tiny_model, *args, name="full")
 
-    real_save = train_mod.save_checkpoint
+    real_save = checkpoint_mod.save_checkpoint
 
     def save_then_crash(cfg, step, *a):
         path = real_save(cfg, step, *a)
@@ -147,10 +149,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, monkeypatch):
             raise KeyboardInterrupt  # killed right after the second checkpoint
         return path
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, tiny_model, *args, name="resumed")
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", real_save)
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")  # a line logged after the checkpoint, then lost
     resumed, path = run(tmp_path, tiny_model, *args, "--resume", name="resumed")
@@ -384,7 +386,7 @@ BAD_FLAGS = [("--max-grad-norm", "-1"), ("--beta", "0"), ("--beta", "-0.1"), ("-
 def test_bad_flags_are_refused_at_parse_time(tmp_path, tiny_model, monkeypatch, capsys, flag, value):
     """Each numeric flag out of range, a device that is not there, Triton on the CPU without its interpreter."""
     monkeypatch.setattr(train_mod, "load_tokenizer", no_model)
-    monkeypatch.setattr(train_mod, "load_model", no_model)
+    monkeypatch.setattr(train_mod, "load_policy", no_model)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read when --kernels triton is parsed
     with pytest.raises(SystemExit) as e:
         main(["--model", tiny_model, "--data", write_pairs(tmp_path / "pairs.jsonl"), "--output-dir",
@@ -426,7 +428,7 @@ BAD_INPUTS = [  # files under tmp_path (pairs.jsonl is --data, out the --output-
 @pytest.mark.parametrize("files, flags, error", BAD_INPUTS)
 def test_bad_input_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch, live_pid, files, flags, error):
     monkeypatch.setattr(train_mod, "load_tokenizer", no_model)
-    monkeypatch.setattr(train_mod, "load_model", no_model)
+    monkeypatch.setattr(train_mod, "load_policy", no_model)
     files = {"pairs.jsonl": GOOD_PAIRS, **files}
     for name, content in files.items():
         if isinstance(content, str):
@@ -445,7 +447,7 @@ def test_bad_input_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeyp
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_read_only_output_dir_is_refused_before_a_model_loads(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setattr(train_mod, "load_model", no_model)
+    monkeypatch.setattr(train_mod, "load_policy", no_model)
     (tmp_path / "ro").mkdir(mode=0o555)
     with pytest.raises(SystemExit, match="ro is not writable"):
         main(["--model", tiny_model, "--data", write_pairs(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "ro" / "o")])
