@@ -179,13 +179,14 @@ def check_text(value, name, roles=None):
     return f"field {name!r} must be a string or a list of messages, got {type(value).__name__}"
 
 
-def check_weight(value):
+def check_weight(value, name="weight"):
+    """A finite number >= 0 (`name` is the field it came from). Returns an error or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"weight must be a number, got {value!r}"
+        return f"{name} must be a number, got {value!r}"
     if not math.isfinite(value):
-        return f"weight must be finite, got {value!r}"
+        return f"{name} must be finite, got {value!r}"
     if value < 0:
-        return f"weight must be >= 0, got {value!r}"
+        return f"{name} must be >= 0, got {value!r}"
     return None
 
 
@@ -218,11 +219,14 @@ def implicit_prompt(chosen, rejected):
     return (chosen[:n], chosen[n:], rejected[n:]), None
 
 
-def load_pairs(path, max_errors=10):
+def load_pairs(path, max_errors=10, weight_field="weight"):
     """Read and validate a pairs file. Raises DataError listing up to max_errors problems with file:line.
 
     A record without 'prompt' whose 'chosen' and 'rejected' are conversations takes its prompt from their shared
-    leading messages (implicit_prompt)."""
+    leading messages (implicit_prompt). The weight is read from `weight_field` (--weight-field): optional under its
+    default name 'weight', required in every record under any other name."""
+    if not weight_field:
+        raise DataError("--weight-field: empty field name")
     pairs, errors = [], []
     for source, rec in read_jsonl(path):
         problems = [f"missing field {k!r}" for k in ("prompt", "chosen", "rejected") if k not in rec]
@@ -234,8 +238,10 @@ def load_pairs(path, max_errors=10):
             problems = [p for p in (check_text(texts[0], "prompt" if "prompt" in rec else "implicit prompt"),
                                     check_text(texts[1], "chosen", roles={"assistant"}),
                                     check_text(texts[2], "rejected", roles={"assistant"})) if p]
-        weight = rec.get("weight")
-        if weight is not None and (p := check_weight(weight)):
+        weight = rec.get(weight_field)
+        if weight_field != "weight" and weight_field not in rec:
+            problems.append(f"missing field {weight_field!r} (the weight, named by --weight-field)")
+        elif (weight is not None or weight_field != "weight") and (p := check_weight(weight, weight_field)):
             problems.append(p)
         errors += [f"{source}: {p}" for p in problems]
         if len(errors) >= max_errors:

@@ -109,6 +109,31 @@ def test_implicit_prompt_is_the_shared_leading_messages(tiny_model):
     assert tok.decode(implicit.chosen_ids) == "Once, a lighthouse.<|im_end|>\n"
 
 
+def test_weight_field_reads_the_weight_from_another_field(tmp_path):
+    """--weight-field score: the weight is each record's 'score' ('weight' is then ignored), in either format."""
+    implicit = {"chosen": [USER, ASSISTANT], "rejected": [USER, msg("assistant", "Go away.")]}
+    path = write_pairs(tmp_path / "pairs.jsonl", [{**GOOD, "score": 2, "weight": 7}, {**implicit, "score": 0.25}])
+    assert [p.weight for p in load_pairs(path, weight_field="score")] == [2.0, 0.25]
+    assert [p.weight for p in load_pairs(path)] == [7.0, None]  # the default 'weight' stays optional
+    with pytest.raises(DataError, match="--weight-field: empty field name"):
+        load_pairs(path, weight_field="")
+
+
+@pytest.mark.parametrize("record, message", [
+    (GOOD, "missing field 'score' (the weight, named by --weight-field)"),
+    ({**GOOD, "weight": 1.0}, "missing field 'score'"),
+    ({**GOOD, "score": None}, "score must be a number, got None"),
+    ({**GOOD, "score": "high"}, "score must be a number, got 'high'"),
+    ({**GOOD, "score": -1}, "score must be >= 0, got -1"),
+    ({**GOOD, "score": 1e999}, "score must be finite, got inf"),
+])
+def test_weight_field_missing_or_invalid_names_file_and_line(tmp_path, record, message):
+    path = write_pairs(tmp_path / "pairs.jsonl", [{**GOOD, "score": 1}, record])
+    with pytest.raises(DataError) as e:
+        load_pairs(path, weight_field="score")
+    assert f"{path}:2: {message}" in str(e.value) and f"{path}:1" not in str(e.value)
+
+
 def test_chat_template_tokenisation(tiny_model):
     tok = load_tokenizer(tiny_model)
     pairs = load_pairs_from(tok, [{"prompt": "Hi", "chosen": "Yes!", "rejected": "No"}])
