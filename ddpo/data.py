@@ -2,7 +2,11 @@
 
 Input: one JSONL file, or a directory of *.jsonl files read in name order. One JSON object per line:
   {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages], "weight": float (optional)}
-Messages are {"role": ..., "content": ...} dicts. Blank lines are skipped. Every problem is reported as
+or TRL's conversational format with an implicit prompt, whole conversations that share their prompt turns:
+  {"chosen": [messages], "rejected": [messages], "weight": float (optional)}
+where the shared leading messages become the prompt and what follows in each (assistant messages only) its
+completion (implicit_prompt; plain strings without "prompt" are refused: a common string prefix does not mark where a
+prompt ends). Messages are {"role": ..., "content": ...} dicts. Blank lines are skipped. Every problem is reported as
 `file:line: message` before any model is loaded, and the whole file is checked before the first error is raised.
 
 Tokenisation (as TRL's DPOTrainer, so first-step numbers agree):
@@ -175,33 +179,75 @@ def check_text(value, name, roles=None):
     return f"field {name!r} must be a string or a list of messages, got {type(value).__name__}"
 
 
-def check_weight(value):
+def check_weight(value, name="weight"):
+    """A finite number >= 0 (`name` is the field it came from). Returns an error or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"weight must be a number, got {value!r}"
+        return f"{name} must be a number, got {value!r}"
     if not math.isfinite(value):
-        return f"weight must be finite, got {value!r}"
+        return f"{name} must be finite, got {value!r}"
     if value < 0:
-        return f"weight must be >= 0, got {value!r}"
+        return f"{name} must be >= 0, got {value!r}"
     return None
 
 
-def load_pairs(path, max_errors=10):
-    """Read and validate a pairs file. Raises DataError listing up to max_errors problems with file:line."""
+def implicit_prompt(chosen, rejected):
+    """TRL's conversational preference format with an implicit prompt: `chosen` and `rejected` are whole
+    conversations that share their prompt turns. The shared leading messages are the prompt; what follows in each must
+    be assistant messages, its completion. Returns ((prompt, chosen, rejected), None), or (None, problem).
+
+    Only conversations: for plain strings a common prefix does not mark where the prompt ends ("The sky is blue." and
+    "The sky is bright." share "The sky is b"), so string records need their 'prompt' field."""
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return None, ("missing field 'prompt' (an implicit prompt is taken only from conversations: 'chosen' and "
+                      "'rejected' as message lists that share their prompt turns; plain strings need 'prompt')")
+    for value, name in ((chosen, "chosen"), (rejected, "rejected")):
+        if (problem := check_text(value, name)):
+            return None, problem
+    n = common_prefix_length(chosen, rejected)
+    if n == 0:
+        return None, ("no field 'prompt', and 'chosen' and 'rejected' share no leading messages to take as the "
+                      "implicit prompt")
+    for value, name, other in ((chosen, "chosen", "rejected"), (rejected, "rejected", "chosen")):
+        if len(value) == n:
+            return None, (f"field {name!r} has no messages after the implicit prompt (the {n} leading messages it "
+                          f"shares with {other!r})")
+        for i in range(n, len(value)):
+            if value[i]["role"] != "assistant":
+                return None, (f"field {name!r}, message {i}: role {value[i]['role']!r} after the implicit prompt "
+                              f"(the {n} leading messages it shares with {other!r}); what follows the prompt must "
+                              "be assistant messages")
+    return (chosen[:n], chosen[n:], rejected[n:]), None
+
+
+def load_pairs(path, max_errors=10, weight_field="weight"):
+    """Read and validate a pairs file. Raises DataError listing up to max_errors problems with file:line.
+
+    A record without 'prompt' whose 'chosen' and 'rejected' are conversations takes its prompt from their shared
+    leading messages (implicit_prompt). The weight is read from `weight_field` (--weight-field): optional under its
+    default name 'weight', required in every record under any other name."""
+    if not weight_field:
+        raise DataError("--weight-field: empty field name")
     pairs, errors = [], []
     for source, rec in read_jsonl(path):
         problems = [f"missing field {k!r}" for k in ("prompt", "chosen", "rejected") if k not in rec]
+        texts = tuple(rec.get(k) for k in ("prompt", "chosen", "rejected"))
+        if problems == ["missing field 'prompt'"]:  # TRL's implicit prompt, or the reason it is not one
+            texts, problem = implicit_prompt(rec["chosen"], rec["rejected"])
+            problems = [problem] if problem else []
         if not problems:
-            problems = [p for p in (check_text(rec["prompt"], "prompt"),
-                                    check_text(rec["chosen"], "chosen", roles={"assistant"}),
-                                    check_text(rec["rejected"], "rejected", roles={"assistant"})) if p]
-        if rec.get("weight") is not None and (p := check_weight(rec["weight"])):
+            problems = [p for p in (check_text(texts[0], "prompt" if "prompt" in rec else "implicit prompt"),
+                                    check_text(texts[1], "chosen", roles={"assistant"}),
+                                    check_text(texts[2], "rejected", roles={"assistant"})) if p]
+        weight = rec.get(weight_field)
+        if weight_field != "weight" and weight_field not in rec:
+            problems.append(f"missing field {weight_field!r} (the weight, named by --weight-field)")
+        elif (weight is not None or weight_field != "weight") and (p := check_weight(weight, weight_field)):
             problems.append(p)
         errors += [f"{source}: {p}" for p in problems]
         if len(errors) >= max_errors:
             break
         if not problems:
-            weight = None if rec.get("weight") is None else float(rec["weight"])
-            pairs.append(Pair(rec["prompt"], rec["chosen"], rec["rejected"], weight, source))
+            pairs.append(Pair(*texts, None if weight is None else float(weight), source))
     if errors:
         raise DataError("bad preference data:\n  " + "\n  ".join(errors[:max_errors]))
     if not pairs:

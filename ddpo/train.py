@@ -87,6 +87,9 @@ class TrainConfig:
         "choices": ["none", "semantic", "style", "both"]})
     semantic_embedder: str = field(default=DEFAULT_EMBEDDERS["semantic"], metadata={"help": "for --deviation semantic|both"})
     style_embedder: str = field(default=DEFAULT_EMBEDDERS["style"], metadata={"help": "for --deviation style|both"})
+    weight_field: str = field(default="weight", metadata={
+        "help": "the data's field holding each pair's weight (--deviation none), e.g. a score another tool wrote; "
+                "optional under the default name, required in every record under any other"})
     min_weight: float = field(default=0.0, metadata={"help": "clamp chosen weights from below, e.g. 0.2 (paper ablation)",
                                                    "type": in_range(float, 0)})
     lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6)", "type": in_range(float, 0, above=True)})
@@ -141,7 +144,7 @@ class TrainConfig:
 
 GROUPS = {  # headers of --help
     "objective": ["loss", "beta", "orpo_lambda", "dorpo_form", "deviation", "semantic_embedder", "style_embedder",
-                  "trust_remote_code", "min_weight"],
+                  "trust_remote_code", "weight_field", "min_weight"],
     "optimisation": ["lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "epochs", "max_steps",
                      "batch_size", "grad_accum", "seed"],
     "sequences": ["max_length", "max_prompt_length", "packing"],
@@ -291,7 +294,7 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg)
     # 1. paths and data first: bad input fails here, before a model is loaded or anything is written
     check_paths(cfg)
-    pairs = load_pairs(cfg.data)
+    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field)
     with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
         return train_locked(cfg, rank, world, device, pairs)
 

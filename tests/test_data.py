@@ -14,6 +14,13 @@ from kernels.logprobs import IGNORE_INDEX
 GOOD = {"prompt": "p", "chosen": "c", "rejected": "r"}
 
 
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+SYSTEM, USER, ASSISTANT = msg("system", "Be brief."), msg("user", "Hi"), msg("assistant", "Hello!")
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "malformed JSON"),
     ("[1, 2]", "expected a JSON object"),
@@ -28,6 +35,29 @@ GOOD = {"prompt": "p", "chosen": "c", "rejected": "r"}
     (json.dumps({**GOOD, "weight": -0.5}), "weight must be >= 0"),
     ('{"prompt": "p", "chosen": "c", "rejected": "r", "weight": NaN}', "weight must be finite"),
     ('{"prompt": "p", "chosen": "c", "rejected": "r", "weight": Infinity}', "weight must be finite"),
+    # TRL's implicit prompt: conversations only, a shared prefix, then assistant messages only
+    (json.dumps({"chosen": "The sky is blue.", "rejected": "The sky is green."}),
+     "missing field 'prompt' (an implicit prompt is taken only from conversations"),
+    (json.dumps({"chosen": [USER, ASSISTANT], "rejected": "r"}), "missing field 'prompt' (an implicit prompt"),
+    (json.dumps({"chosen": [USER, ASSISTANT], "rejected": [msg("user", "Bye"), ASSISTANT]}),
+     "'chosen' and 'rejected' share no leading messages"),
+    (json.dumps({"chosen": [USER, ASSISTANT], "rejected": [USER, ASSISTANT]}),
+     "field 'chosen' has no messages after the implicit prompt (the 2 leading messages it shares with 'rejected')"),
+    (json.dumps({"chosen": [USER, ASSISTANT], "rejected": [USER, ASSISTANT, msg("assistant", "More.")]}),
+     "field 'chosen' has no messages after the implicit prompt"),
+    (json.dumps({"chosen": [USER, ASSISTANT, msg("assistant", "More.")], "rejected": [USER, ASSISTANT]}),
+     "field 'rejected' has no messages after the implicit prompt"),
+    (json.dumps({"chosen": [SYSTEM, USER, ASSISTANT], "rejected": [SYSTEM, msg("user", "Yo"), ASSISTANT]}),
+     "field 'chosen', message 1: role 'user' after the implicit prompt (the 1 leading messages it shares with "
+     "'rejected'); what follows the prompt must be assistant messages"),
+    (json.dumps({"chosen": [USER, ASSISTANT, msg("user", "And?"), ASSISTANT], "rejected": [USER, msg("assistant", "No")]}),
+     "field 'chosen', message 2: role 'user' after the implicit prompt"),
+    (json.dumps({"chosen": [USER, ASSISTANT], "rejected": [USER, msg("system", "x")]}),
+     "field 'rejected', message 1: role 'system' after the implicit prompt"),
+    (json.dumps({"chosen": [USER, {"role": "assistant"}], "rejected": [USER, ASSISTANT]}),
+     "field 'chosen', message 1: expected {\"role\": str, \"content\": str}"),
+    (json.dumps({"chosen": [msg("user", " "), msg("assistant", "a")], "rejected": [msg("user", " "), msg("assistant", "b")]}),
+     "field 'implicit prompt' has only empty messages"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = write_pairs(tmp_path / "pairs.jsonl", [GOOD, "", line])  # the bad record is on line 3
@@ -61,6 +91,47 @@ def test_directory_and_weights(tmp_path):
     pairs = load_pairs(str(tmp_path / "d"))
     assert [p.weight for p in pairs] == [None, 0.0, 2.0]
     assert pairs[2].source.endswith("b.jsonl:1")
+
+
+def test_implicit_prompt_is_the_shared_leading_messages(tiny_model):
+    """TRL's conversational implicit prompt: the messages chosen and rejected share (a system message and a whole
+    earlier exchange here) are the prompt, the assistant messages after them the completions; tokenised exactly as
+    the same pair with an explicit prompt."""
+    history = [SYSTEM, USER, ASSISTANT, msg("user", "Tell me a story.")]
+    chosen, rejected = [msg("assistant", "Once, a lighthouse.")], [msg("assistant", "No."), msg("assistant", "Fine: once.")]
+    tok = load_tokenizer(tiny_model)
+    implicit = load_pairs_from(tok, [{"chosen": history + chosen, "rejected": history + rejected, "weight": 0.5}])[0]
+    assert (implicit.prompt, implicit.chosen, implicit.rejected, implicit.weight) == (history, chosen, rejected, 0.5)
+    explicit = load_pairs_from(tok, [{"prompt": history, "chosen": chosen, "rejected": rejected}])[0]
+    assert (implicit.prompt_ids, implicit.chosen_ids, implicit.rejected_ids) == (
+        explicit.prompt_ids, explicit.chosen_ids, explicit.rejected_ids)
+    assert tok.decode(implicit.prompt_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert tok.decode(implicit.chosen_ids) == "Once, a lighthouse.<|im_end|>\n"
+
+
+def test_weight_field_reads_the_weight_from_another_field(tmp_path):
+    """--weight-field score: the weight is each record's 'score' ('weight' is then ignored), in either format."""
+    implicit = {"chosen": [USER, ASSISTANT], "rejected": [USER, msg("assistant", "Go away.")]}
+    path = write_pairs(tmp_path / "pairs.jsonl", [{**GOOD, "score": 2, "weight": 7}, {**implicit, "score": 0.25}])
+    assert [p.weight for p in load_pairs(path, weight_field="score")] == [2.0, 0.25]
+    assert [p.weight for p in load_pairs(path)] == [7.0, None]  # the default 'weight' stays optional
+    with pytest.raises(DataError, match="--weight-field: empty field name"):
+        load_pairs(path, weight_field="")
+
+
+@pytest.mark.parametrize("record, message", [
+    (GOOD, "missing field 'score' (the weight, named by --weight-field)"),
+    ({**GOOD, "weight": 1.0}, "missing field 'score'"),
+    ({**GOOD, "score": None}, "score must be a number, got None"),
+    ({**GOOD, "score": "high"}, "score must be a number, got 'high'"),
+    ({**GOOD, "score": -1}, "score must be >= 0, got -1"),
+    ({**GOOD, "score": 1e999}, "score must be finite, got inf"),
+])
+def test_weight_field_missing_or_invalid_names_file_and_line(tmp_path, record, message):
+    path = write_pairs(tmp_path / "pairs.jsonl", [{**GOOD, "score": 1}, record])
+    with pytest.raises(DataError) as e:
+        load_pairs(path, weight_field="score")
+    assert f"{path}:2: {message}" in str(e.value) and f"{path}:1" not in str(e.value)
 
 
 def test_chat_template_tokenisation(tiny_model):

@@ -174,6 +174,28 @@ def test_bad_input_stops_before_anything_is_written(tmp_path, tiny_model, capsys
     assert not out.exists()
 
 
+def test_trl_conversations_with_an_implicit_prompt_and_a_weight_field_train(tmp_path, tiny_model):
+    """TRL's conversational format (no 'prompt': chosen and rejected share their system and user turns) weighted by
+    another field, 'score': the steps use those scores as weights, and resuming under another --weight-field is
+    refused (it is other training)."""
+    from conftest import STORIES
+
+    system = {"role": "system", "content": "You write short fiction."}
+    data = write_pairs(tmp_path / "trl.jsonl", [
+        {"chosen": [system, {"role": "user", "content": p}, {"role": "assistant", "content": c}],
+         "rejected": [system, {"role": "user", "content": p}, {"role": "assistant", "content": r}],
+         "score": 0.5 * (i % 4 + 1)} for i, (p, c, r) in enumerate(STORIES)])
+    cfg, _ = run(tmp_path, tiny_model, "--loss", "ddpo", "--weight-field", "score", "--max-steps", "2",
+                 "--batch-size", str(len(STORIES)), data=data)
+    rows = metrics(cfg.output_dir)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["rewards/margins"] == 0.0
+    assert all((r["weights/min"], r["weights/max"]) == (0.5, 2.0) for r in rows)
+    assert json.load(open(os.path.join(cfg.output_dir, "train_config.json")))["weight_field"] == "score"
+    with pytest.raises(DataError, match="weight_field 'score' there, 'weight' now"):
+        run(tmp_path, tiny_model, "--loss", "ddpo", "--max-steps", "3", "--batch-size", str(len(STORIES)), "--resume",
+            data=data)
+
+
 def test_existing_checkpoint_needs_resume(tmp_path, tiny_model):
     run(tmp_path, tiny_model, "--max-steps", "1", name="x")
     with pytest.raises(SystemExit, match="--resume"):
