@@ -102,7 +102,8 @@ def run_trl(args, data, out):
 
     config = trl.DPOConfig(output_dir=out, per_device_train_batch_size=args.pairs_per_step, num_train_epochs=2,
                            learning_rate=1e-6, beta=0.1, logging_steps=1, report_to="none", save_strategy="no",
-                           max_length=None, bf16=False, use_cpu=not torch.cuda.is_available(), seed=0)
+                           max_length=None, bf16=False, gradient_checkpointing=False,  # TRL's default is on
+                           use_cpu=not torch.cuda.is_available(), seed=0)
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=config,
                              ref_model=AutoModelForCausalLM.from_pretrained(path),
                              train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
