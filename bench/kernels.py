@@ -122,7 +122,7 @@ def main():
     ap.add_argument("--deviation-pairs", type=int, nargs="*", default=[8, 4096],
                     help="pairs of the deviation-loss rows, groups of 8, D 1024 (none: no deviation rows)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--rep-ms", type=int, default=100, help="CUDA: milliseconds of timed calls per row (do_bench's rep)")
+    ap.add_argument("--rep-ms", type=int, default=100, help="CUDA: milliseconds of timed calls a row (do_bench's rep)")
     ap.add_argument("--out", default="bench/results.jsonl")
     args = ap.parse_args()
     hidden = args.hidden * len(args.vocab) if len(args.hidden) == 1 else args.hidden

@@ -105,8 +105,8 @@ def summary(times, tokens):
 def run_ours(args, data, out):
     from ddpo.train import parse_args, train
 
-    cfg = parse_args(["--model", args.model, "--data", data, "--output-dir", out, "--loss", "ddpo", "--dtype", args.dtype,
-                      "--batch-size", str(args.pairs_per_step), "--epochs", "2", "--max-length", "0",
+    cfg = parse_args(["--model", args.model, "--data", data, "--output-dir", out, "--loss", "ddpo",
+                      "--dtype", args.dtype, "--batch-size", str(args.pairs_per_step), "--epochs", "2", "--max-length", "0",
                       "--max-prompt-length", "0", "--lr", "1e-6", "--keep-checkpoints", "1"])
     train(cfg)
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -191,7 +191,8 @@ def main():
                 impls.append("trl-liger")
         results = {}
         for impl in impls:
-            argv = [sys.executable, "-m", "bench.train_step", *sys.argv[1:], "--impl", impl, "--data", data, "--model", model]
+            argv = [sys.executable, "-m", "bench.train_step", *sys.argv[1:], "--impl", impl, "--data", data,
+                    "--model", model]
             proc = subprocess.run(argv, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -201,8 +202,9 @@ def main():
 
         params = sum(p.numel() for p in load_model(model).parameters())
     floor_gb = 5 * 4 * params / 2**30  # fp32 policy, reference, gradients, AdamW exp_avg and exp_avg_sq
-    rows = [{"bench": "train_step", "impl": impl, "model": args.model, "dtype": args.dtype, "pairs_per_step": args.pairs_per_step,
-             "steps_per_epoch": args.steps, "lengths": [args.min_len, args.max_len], "state_floor_gb": floor_gb, **r}
+    rows = [{"bench": "train_step", "impl": impl, "model": args.model, "dtype": args.dtype,
+             "pairs_per_step": args.pairs_per_step, "steps_per_epoch": args.steps,
+             "lengths": [args.min_len, args.max_len], "state_floor_gb": floor_gb, **r}
             for impl, r in results.items()]
     append_rows(args.out, rows)
     for r in rows:
