@@ -2,6 +2,7 @@
 
     python -m bench.kernels                                   # on a GPU: 8 pairs x 1024 tokens, V = 49152 and 128256
     python -m bench.kernels --tokens 2048 --vocab 49152 --hidden 576 --dtype float32   # a CPU-sized run
+    python -m bench.kernels --vocab 49152 128256 --hidden 576 4096 --deviation-pairs   # the head only, H per V
 Forward+backward time (median, p20, p80; triton.testing.do_bench on CUDA, wall-clock repeats on CPU), TFLOP/s
 and peak memory above the inputs (CUDA). TFLOP/s counts the naive head's three (N, H, V) matmuls, 2 N H V FLOPs
 each, for every implementation (ours does a fourth, the recompute), so the column compares like with like. Rows go to bench/results.jsonl; the closing table is
@@ -21,8 +22,9 @@ from kernels.deviation_loss import deviation_loss
 from kernels.logprobs import fused_logprobs
 
 
-def bench(fn, device, repeats=10):
-    """(median, p20, p80) milliseconds and peak MiB of fn() (forward + backward)."""
+def bench(fn, device, rep_ms=100, repeats=10):
+    """(median, p20, p80) milliseconds and peak MiB of fn() (forward + backward): about rep_ms of timed calls on
+    CUDA, `repeats` calls on CPU."""
     if device == "cuda":
         import triton.testing
 
@@ -32,7 +34,7 @@ def bench(fn, device, repeats=10):
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=rep_ms)
         return med, p20, p80, peak
     fn()
     times = []
@@ -44,7 +46,7 @@ def bench(fn, device, repeats=10):
     return statistics.median(times), q[1], q[7], None
 
 
-def logprob_rows(N, H, V, dtype, device):
+def logprob_rows(N, H, V, dtype, device, rep_ms=100):
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(N, H, device=device, dtype=dtype, generator=g).requires_grad_()
     weight = (torch.randn(V, H, device=device, dtype=dtype, generator=g) / H**0.5).requires_grad_()
@@ -73,7 +75,7 @@ def logprob_rows(N, H, V, dtype, device):
         def step():
             hidden.grad = weight.grad = None
             (fn(hidden, weight, labels) * grad).sum().backward()
-        med, p20, p80, peak = bench(step, device)
+        med, p20, p80, peak = bench(step, device, rep_ms)
         rows.append({"bench": "logprobs", "impl": name, "N": N, "H": H, "V": V, "dtype": str(dtype).split(".")[-1],
                      "ms_median": med, "ms_p20": p20, "ms_p80": p80, "tflops": flops / med / 1e9, "peak_mib": peak})
     return rows
@@ -85,7 +87,7 @@ def eager_deviation_loss(logits, embs, group, chosen):
     return (-chosen_weights(weights, chosen).to(logits.dtype) * F.logsigmoid(logits),)
 
 
-def deviation_rows(pairs, group_size, dim, device):
+def deviation_rows(pairs, group_size, dim, device, rep_ms=100):
     g = torch.Generator(device=device).manual_seed(0)
     n_groups = max(1, pairs * 2 // group_size)
     group = torch.arange(n_groups, device=device).repeat_interleave(group_size)
@@ -99,32 +101,43 @@ def deviation_rows(pairs, group_size, dim, device):
         def step():
             logits.grad = None
             fn()[0].sum().backward()
-        med, p20, p80, peak = bench(step, device)
+        med, p20, p80, peak = bench(step, device, rep_ms)
         rows.append({"bench": "deviation_loss", "impl": name, "pairs": len(chosen), "group_size": group_size,
                      "dim": dim, "ms_median": med, "ms_p20": p20, "ms_p80": p80, "peak_mib": peak})
     return rows
 
 
+def shape(r):
+    """The shape column of a logprobs or deviation_loss row."""
+    if r["bench"] == "logprobs":
+        return f"N={r['N']} H={r['H']} V={r['V']} {r['dtype']}"
+    return f"{r['pairs']} pairs, groups of {r['group_size']}, D={r['dim']}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=16 * 1024, help="N: 8 pairs x 1024 tokens x (chosen, rejected)")
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[4096], help="H: one for every --vocab, or one per vocab")
+    ap.add_argument("--vocab", type=int, nargs="*", default=[49152, 128256], help="V of the head rows (none: no head)")
+    ap.add_argument("--deviation-pairs", type=int, nargs="*", default=[8, 4096],
+                    help="pairs of the deviation-loss rows, groups of 8, D 1024 (none: no deviation rows)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--rep-ms", type=int, default=100, help="CUDA: milliseconds of timed calls a row (do_bench's rep)")
     ap.add_argument("--out", default="bench/results.jsonl")
     args = ap.parse_args()
+    hidden = args.hidden * len(args.vocab) if len(args.hidden) == 1 else args.hidden
+    if len(hidden) != len(args.vocab):
+        ap.error("--hidden: one value, or one per --vocab")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    rows = [r for V in args.vocab for r in logprob_rows(args.tokens, args.hidden, V, dtype, device)]
-    rows += deviation_rows(8, 8, 1024, device) + deviation_rows(4096, 8, 1024, device)
+    rows = [r for V, H in zip(args.vocab, hidden) for r in logprob_rows(args.tokens, H, V, dtype, device, args.rep_ms)]
+    rows += [r for pairs in args.deviation_pairs for r in deviation_rows(pairs, 8, 1024, device, args.rep_ms)]
     append_rows(args.out, rows)
     print("| bench | impl | shape | median ms (p20-p80) | TFLOP/s | peak MiB |\n|---|---|---|---|---|---|")
     for r in rows:
-        shape = f"N={r['N']} H={r['H']} V={r['V']} {r['dtype']}" if r["bench"] == "logprobs" else \
-            f"{r['pairs']} pairs, groups of {r['group_size']}, D={r['dim']}"
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         tflops = f"{r['tflops']:.1f}" if "tflops" in r else "-"
-        print(f"| {r['bench']} | {r['impl']} | {shape} | {r['ms_median']:.2f} ({r['ms_p20']:.2f}-{r['ms_p80']:.2f}) "
+        print(f"| {r['bench']} | {r['impl']} | {shape(r)} | {r['ms_median']:.2f} ({r['ms_p20']:.2f}-{r['ms_p80']:.2f}) "
               f"| {tflops} | {peak} |")
 
 
