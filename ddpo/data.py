@@ -268,26 +268,32 @@ def common_prefix_length(a, b):
     return n
 
 
+def chat_ids(tokenizer, messages, **kwargs):
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+
+def prompt_ids(tokenizer, prompt):
+    """The token ids of a prompt as training and sampling (ddpo.generate) both see it: with a chat template, the
+    template of its messages (a string is one user message) and the generation prompt; without, its text."""
+    if tokenizer.chat_template:
+        return chat_ids(tokenizer, as_messages(prompt, "user"), add_generation_prompt=True)
+    return tokenizer(prompt)["input_ids"]
+
+
 def tokenize_pair(tokenizer, prompt, chosen, rejected):
     """(prompt_ids, chosen_ids, rejected_ids), as TRL builds them (module docstring)."""
+    if not tokenizer.chat_template and not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+        raise DataError("message lists need a tokenizer with a chat template; this one has none")
+    ids = prompt_ids(tokenizer, prompt)
     if tokenizer.chat_template:
-        prompt_msgs = as_messages(prompt, "user")
-
-        def template(msgs, **kw):
-            return list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"])
-
-        prompt_ids = template(prompt_msgs, add_generation_prompt=True)
-        chosen_full = template(prompt_msgs + as_messages(chosen, "assistant"))
-        rejected_full = template(prompt_msgs + as_messages(rejected, "assistant"))
+        chosen_full = chat_ids(tokenizer, as_messages(prompt, "user") + as_messages(chosen, "assistant"))
+        rejected_full = chat_ids(tokenizer, as_messages(prompt, "user") + as_messages(rejected, "assistant"))
     else:
-        if not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
-            raise DataError("message lists need a tokenizer with a chat template; this one has none")
         eos = tokenizer.eos_token or ""
-        prompt_ids = tokenizer(prompt)["input_ids"]
         chosen_full = tokenizer(prompt + chosen + ("" if chosen.endswith(eos) else eos))["input_ids"]
         rejected_full = tokenizer(prompt + rejected + ("" if rejected.endswith(eos) else eos))["input_ids"]
-    n = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
-    return prompt_ids[:n], chosen_full[n:], rejected_full[n:]
+    n = min(common_prefix_length(ids, chosen_full), common_prefix_length(ids, rejected_full))
+    return ids[:n], chosen_full[n:], rejected_full[n:]
 
 
 def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
@@ -395,28 +401,30 @@ def text_of(value):
     return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
 
 
+def pool_order(pairs):
+    """A prompt's pool: the distinct responses of its pairs [(chosen, rejected, ...), ...] in order of first appearance,
+    chosen before rejected. ddpo.prepare and the in-step path (response_pools) both embed pools in this order, so
+    embedders that standardise over what they embed together (the stylometric profile) give both the same weights."""
+    return list(dict.fromkeys(x for pair in pairs for x in pair[:2]))
+
+
 def response_pools(pairs):
-    """The pool of each prompt: its distinct chosen and rejected texts, prompt by prompt in order of first appearance
-    (the order ddpo.prepare embeds them in, so both paths embed the same list of texts and get the same weights).
+    """The pool of each prompt (pool_order of its pairs' texts), prompt by prompt in order of first appearance.
 
     Returns texts (M strings), text_prompt (M,) prompt id of each text, pair_prompt (P,) prompt id of each pair and
     pair_chosen (P,) the text index of each pair's chosen response.
     """
-    pools, pair_slot = {}, []  # pools: prompt key -> {text: its slot in the pool}
-    for pair in pairs:
-        key = json.dumps(pair.prompt)
-        pool = pools.setdefault(key, {})
-        for value in (pair.chosen, pair.rejected):
-            pool.setdefault(text_of(value), len(pool))
-        pair_slot.append((key, pool[text_of(pair.chosen)]))
-    prompt_id = {key: g for g, key in enumerate(pools)}
-    offsets, texts, text_prompt = {}, [], []
-    for key, pool in pools.items():
-        offsets[key] = len(texts)
-        texts += list(pool)
-        text_prompt += [prompt_id[key]] * len(pool)
-    pair_chosen = [offsets[key] + slot for key, slot in pair_slot]
-    pair_prompt = [prompt_id[key] for key, _ in pair_slot]
+    members = {}  # prompt key -> indices of its pairs
+    for i, pair in enumerate(pairs):
+        members.setdefault(json.dumps(pair.prompt), []).append(i)
+    texts, text_prompt, pair_prompt, pair_chosen = [], [], [0] * len(pairs), [0] * len(pairs)
+    for g, indices in enumerate(members.values()):
+        pool = pool_order([(text_of(pairs[i].chosen), text_of(pairs[i].rejected)) for i in indices])
+        slot = {text: len(texts) + k for k, text in enumerate(pool)}
+        for i in indices:
+            pair_prompt[i], pair_chosen[i] = g, slot[text_of(pairs[i].chosen)]
+        texts += pool
+        text_prompt += [g] * len(pool)
     return texts, torch.tensor(text_prompt), torch.tensor(pair_prompt), torch.tensor(pair_chosen)
 
 

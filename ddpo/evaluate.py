@@ -204,13 +204,14 @@ def per_prompt(kept, semantic, style, quality):
 
 def paired(rows, base, keys):
     """rows, base: {metric: {prompt key: value}} of a run and the baseline -> per metric the mean of the per-prompt
-    differences over keys, its paired bootstrap interval and sign-flip p; quality also relative, in percent."""
+    differences over keys, its paired bootstrap interval, sign-flip p and the SD of the per-prompt differences (for
+    power analyses); quality also relative, in percent."""
     out = {}
     for m in METRICS:
         x = torch.tensor([[rows[m][k] - base[m][k], base[m][k]] for k in keys], dtype=torch.float64)  # (P, 2)
         diff, means = x[:, 0], resample_means(x)  # (P,), (n, 2): each resample's mean difference and baseline
         out[m] = {"diff": diff.mean().item(), "ci95": interval(means[:, 0]), "p_value": sign_flip_p(diff),
-                  "prompts": len(keys)}
+                  "prompts": len(keys), "per_prompt_sd": diff.std().item() if len(keys) > 1 else 0.0}
         if m == "quality":
             scale = x[:, 1].mean().abs().item()
             ratio = 100 * means[:, 0] / means[:, 1].abs()  # (n,) percent of each resample's |baseline mean|

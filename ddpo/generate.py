@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, read_jsonl
+from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, prompt_ids, read_jsonl
 from ddpo.models import check_model_path, load_model, load_tokenizer
 
 WRITTEN_BY = "ddpo.generate"
@@ -104,9 +104,10 @@ def next_token_probs(logits_instruct, logits_base, seen, s, w):
 
 
 def render_prompt(tokenizer, prompt, completion_style=False):
+    """Token ids of a prompt: as training sees it (data.prompt_ids) for chat models; the plain text of its messages
+    for a tokenizer without a chat template, and followed by a blank line in completion style (a base model)."""
     if tokenizer.chat_template and not completion_style:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return prompt_ids(tokenizer, prompt)
     text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
     return tokenizer(text + ("\n\n" if completion_style else ""))["input_ids"]
 

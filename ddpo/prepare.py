@@ -39,8 +39,9 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, read_jsonl, remove_temporaries
-from ddpo.deviation import METRICS, deviation_weights
+from ddpo.data import (DataError, atomic_write, check_text, check_writable, in_range, pool_order, read_jsonl,
+                       remove_temporaries)
+from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.models import check_model_path
 from ddpo.quality import load_scorer, scorer_spec
@@ -215,10 +216,10 @@ def pair_prompt(args, kind, g, start, deviation, rng, ranking):
     if args.pairing == "divpo":
         pool = sorted({i for pair in pair_gap(s, rng, args.gap) for i in pair}) if args.pool == "pairs" else list(range(n))
         within = lambda local: deviation([[start + pool[i] for i in local]], ranking)[0][0]  # noqa: E731
-        return [(pool[c], pool[r], {}) for c, r in pair_divpo([s[i] for i in pool], within, rng, args.rho,
-                                                             args.pairs_per_prompt)]
+        return [(pool[c], pool[r], {"group_size": len(pool)})  # the pool DivPO ranked by deviation
+                for c, r in pair_divpo([s[i] for i in pool], within, rng, args.rho, args.pairs_per_prompt)]
     weights, devs = deviation([list(range(start, start + n))], ranking)[0]
-    return [(c, r, {"diversity_gain": gain, "deviation": {m: [d[c], d[r]] for m, d in devs.items()}})
+    return [(c, r, {"group_size": n, "diversity_gain": gain, "deviation": {m: [d[c], d[r]] for m, d in devs.items()}})
             for c, r, gain in pair_diverse_ns(g["responses"], s, weights, args.quality_eps, args.length_tolerance)]
 
 
@@ -272,12 +273,9 @@ def prepare(args):
     if not kept:
         raise DataError(f"{args.input}: no pair could be formed ({counts})")
 
-    # 2. deviation weights over each prompt's pool: the texts of its kept pairs, in order of first appearance, which
-    # is how the in-step path lists the pairs file we write (data.response_pools): both embed the same list of texts,
-    # so embedders that standardise over what they embed (the stylometric profile) give both the same weights;
-    # or all the prompt's responses (--pool all)
-    pools = [list(dict.fromkeys(i for c, r, _ in pairs for i in (c, r))) if args.pool == "pairs"
-             else list(range(len(g["responses"]))) for g, _, pairs in kept]
+    # 2. deviation weights over each prompt's pool: the texts of its kept pairs in data.pool_order, as the in-step
+    # path lists the pairs file we write (data.response_pools), or all the prompt's responses (--pool all)
+    pools = [pool_order(pairs) if args.pool == "pairs" else list(range(len(g["responses"]))) for g, _, pairs in kept]
     pool_texts = [g["responses"][i] for (g, _, _), pool in zip(kept, pools) for i in pool]
     offsets = [sum(len(p) for p in pools[:k]) for k in range(len(pools))]
     weighted = Deviation(embed(pool_texts, weighting))([list(range(o, o + len(p))) for o, p in zip(offsets, pools)],
@@ -285,8 +283,10 @@ def prepare(args):
     rows = []
     for (g, _, pairs), pool, (weights, devs) in zip(kept, pools, weighted):
         at = {i: k for k, i in enumerate(pool)}
-        for c, r, meta in pairs:
-            w = 1.0 if plain else max(weights[at[c]], args.min_weight)
+        chosen = chosen_weights(torch.tensor(weights, dtype=torch.float64), torch.tensor([at[c] for c, _, _ in pairs]),
+                                args.min_weight).tolist()
+        for (c, r, meta), w in zip(pairs, chosen):
+            w = 1.0 if plain else w
             meta = {"group_size": len(pool), "pairing": "input" if kind == "pairs" else args.pairing,
                     "deviation": {m: [d[at[c]], d[at[r]]] for m, d in devs.items()}, **meta}
             rows.append({"prompt": g["prompt"], "chosen": g["responses"][c], "rejected": g["responses"][r], "weight": w,

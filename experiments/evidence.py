@@ -25,10 +25,9 @@ import math
 import os
 import sys
 
-import torch
 
 from ddpo.data import atomic_write
-from ddpo.evaluate import interval, resample_means, sign_flip_p
+from ddpo.evaluate import METRICS, paired
 from ddpo.pipeline import Arm, parse_args, prompt_lines, run_arms
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -71,23 +70,17 @@ def per_prompt(eval_dir, name):
         return json.load(f)["per_prompt"]
 
 
-def pooled_difference(eval_dir, pairs, metrics=KEY_METRICS):
-    """pairs: [(arm, baseline)], one per training seed -> per metric: the mean over prompts of each prompt's
-    difference averaged over seeds, its paired bootstrap 95% interval and sign-flip p; quality also in % of the
-    baseline's mean. Also the per-prompt differences of semantic diversity, for the power analysis."""
+def pooled_difference(eval_dir, pairs):
+    """pairs: [(arm, baseline)], one per training seed -> evaluate.paired of the arms' per-prompt values averaged over
+    the seeds against the baselines' (so each prompt's difference is its mean over the seeds): per metric the mean
+    difference, its paired bootstrap 95% interval, sign-flip p and per-prompt SD; quality also in % of the baseline."""
     runs = {name: per_prompt(eval_dir, name) for pair in pairs for name in pair}
     keys = sorted(set.intersection(*(set(r["semantic_diversity"]) for r in runs.values())))
-    out = {}
-    for m in metrics:
-        x = torch.tensor([[sum(runs[a][m][k] - runs[b][m][k] for a, b in pairs) / len(pairs),
-                           sum(runs[b][m][k] for _, b in pairs) / len(pairs)] for k in keys], dtype=torch.float64)
-        diff, means = x[:, 0], resample_means(x)  # (P,), (resamples, 2)
-        out[m] = {"diff": diff.mean().item(), "ci95": interval(means[:, 0]), "p_value": sign_flip_p(diff),
-                  "prompts": len(keys), "per_prompt_sd": diff.std().item()}
-        if m == "quality":
-            out[m]["relative_pct"] = 100 * diff.mean().item() / x[:, 1].mean().abs().item()
-            out[m]["relative_ci95"] = interval(100 * means[:, 0] / means[:, 1].abs())
-    return out
+
+    def seed_mean(names):
+        return {m: {k: sum(runs[n][m][k] for n in names) / len(names) for k in keys} for m in METRICS}
+
+    return paired(seed_mean([arm for arm, _ in pairs]), seed_mean([base for _, base in pairs]), keys)
 
 
 def power(diff_mean, diff_sd, prompts, z_alpha=1.96, z_power=0.84):

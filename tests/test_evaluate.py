@@ -91,7 +91,7 @@ def test_report_files_and_single_sample_prompts(tmp_path, capsys):
     v = m["varied"]["vs_baseline"]
     assert v["homogenization"]["prompts"] == 2 and v["homogenization"]["p_value"] == 0.5  # 2 prompts: 2 of 4 flips
     assert v["homogenization"]["diff"] == pytest.approx(m["varied"]["homogenization"]["mean"] - 1.0)
-    assert set(v["quality"]) == {"diff", "ci95", "p_value", "prompts", "relative_pct", "relative_ci95"}
+    assert set(v["quality"]) == {"diff", "ci95", "p_value", "prompts", "per_prompt_sd", "relative_pct", "relative_ci95"}
     report = (out / "report.md").read_text()
     assert "difference to same" in report and "| varied | 2 | +" in report and "varied - same: " in report
     assert m["same"]["homogenization"]["mean"] == 1.0 and m["varied"]["homogenization"]["mean"] < 0.5
@@ -136,7 +136,7 @@ def test_paired_known_difference(prompts):
     v = r["b"]["vs_baseline"]
     for metric, diff in (("quality", 3.0), ("length", 2.0)):  # every prompt's difference is exactly the constant
         assert v[metric]["diff"] == pytest.approx(diff) and v[metric]["ci95"] == pytest.approx([diff, diff])
-        assert v[metric]["prompts"] == prompts
+        assert v[metric]["prompts"] == prompts and v[metric]["per_prompt_sd"] == pytest.approx(0, abs=1e-12)
     assert v["quality"]["p_value"] == (2 / 2 ** 8 if prompts == 8 else pytest.approx(1 / 10_001))
     base = sum(i * i + 0.5 for i in keys) / prompts
     assert v["quality"]["relative_pct"] == pytest.approx(300 / base)

@@ -72,9 +72,10 @@ def test_evidence_runs_every_arm_and_pools_the_seeds(tmp_path, tiny_model):
     both = results["ddpo-both"]["semantic_diversity"]
     runs = {n: evidence.per_prompt(tmp_path / "eval", n) for n in ("dpo-s0", "dpo-s1", "ddpo-both-s0", "ddpo-both-s1")}
     keys = list(runs["dpo-s0"]["semantic_diversity"])
-    by_hand = sum(sum(runs[f"ddpo-both-s{s}"]["semantic_diversity"][k] - runs[f"dpo-s{s}"]["semantic_diversity"][k]
-                      for s in (0, 1)) / 2 for k in keys) / len(keys)
-    assert both["diff"] == pytest.approx(by_hand, abs=1e-12) and both["prompts"] == len(keys) == 2
+    diffs = [sum(runs[f"ddpo-both-s{s}"]["semantic_diversity"][k] - runs[f"dpo-s{s}"]["semantic_diversity"][k]
+                 for s in (0, 1)) / 2 for k in keys]  # each prompt's difference, averaged over the seeds
+    assert both["diff"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12) and both["prompts"] == len(keys) == 2
+    assert both["per_prompt_sd"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2 ** 0.5, abs=1e-12)  # SD of 2 values
     assert "## Mechanism" in open(tmp_path / "evidence.md").read()
 
 

@@ -116,6 +116,7 @@ def test_divpo_follows_the_released_rule(tmp_path, monkeypatch, pool):
         assert {texts.index(x["chosen"]) for x in got} == want_chosen, p
         assert {texts.index(x["rejected"]) for x in got} == want_rejected, p
         assert all(x["weight"] == 1.0 for x in got)
+        assert all(x["meta"]["group_size"] == (len(used) if pool == "pairs" else 16) for x in got)  # the ranked pool
     assert smaller_pools > 0 if pool == "pairs" else True
 
 
@@ -172,6 +173,7 @@ def test_diverse_ns_keeps_the_pair_the_rule_selects(tmp_path, monkeypatch):
     pairs, _ = run(tmp_path, rows, "--pairing", "diverse-ns", "--deviation", "semantic", "--semantic-embedder", "x")
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(texts[0], texts[1])]
     assert pairs[0]["weight"] == 1.0 and pairs[0]["meta"]["diversity_gain"] > 0
+    assert pairs[0]["meta"]["group_size"] == 4  # the pool it ranked, not the 2 texts of the pair kept
 
 
 def test_edge_cases_are_counted(tmp_path):
