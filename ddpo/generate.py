@@ -38,11 +38,12 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm import tqdm
 
+from ddpo.config import add_config_args
 from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, prompt_ids, read_jsonl
 from ddpo.models import check_model_path, load_model, load_tokenizer
 
@@ -51,20 +52,21 @@ WRITTEN_BY = "ddpo.generate"
 
 @dataclass
 class Sampling:
-    n: int = 4
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 0.95
-    min_p: float = 0.0
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 256
-    seed: int = 0
-
-
-FLAG_TYPES = {"n": in_range(int, 1), "temperature": in_range(float, 0, above=True), "top_k": in_range(int, 0),
-              "top_p": in_range(float, 0, 1, above=True), "min_p": in_range(float, 0, 1),
-              "repetition_penalty": in_range(float, 0, above=True), "max_new_tokens": in_range(int, 1),
-              "seed": in_range(int, 0, 2**32 - 1)}
+    n: int = field(default=4, metadata={"help": "samples per prompt", "type": in_range(int, 1)})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature",
+                                                      "type": in_range(float, 0, above=True)})
+    top_k: int = field(default=50, metadata={"help": "keep the k most likely tokens (0 = off)", "type": in_range(int, 0)})
+    top_p: float = field(default=0.95, metadata={"help": "then the smallest set of mass >= top_p (1 = off)",
+                                                 "type": in_range(float, 0, 1, above=True)})
+    min_p: float = field(default=0.0, metadata={"help": "then tokens of probability >= min_p x the top one's (0 = off)",
+                                                "type": in_range(float, 0, 1)})
+    repetition_penalty: float = field(default=1.1, metadata={"help": "Hugging Face's: seen tokens' logits divided "
+                                                                     "(positive) or multiplied (negative) by it",
+                                                             "type": in_range(float, 0, above=True)})
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens per response at most", "type": in_range(int, 1)})
+    seed: int = field(default=0, metadata={"help": "each batch of --batch-prompts prompts draws from its own stream, "
+                                                   "seeded by seed and the batch's index (so a resumed run draws the "
+                                                   "same)", "type": in_range(int, 0, 2**32 - 1)})
 
 
 def penalise(logits, seen, penalty):
@@ -286,8 +288,7 @@ def parse_args(argv=None):
     p.add_argument("--base-prompt-format", default="chat", choices=["chat", "completion"],
                    help="how the base model reads the prompt: the chat template, or the plain prompt text")
     p.add_argument("--batch-prompts", type=in_range(int, 1), default=4, help="prompts per batch (x n sequences)")
-    for f, v in asdict(Sampling()).items():
-        p.add_argument("--" + f.replace("_", "-"), type=FLAG_TYPES[f], default=v, help=f"sampling: {f}")
+    add_config_args(p, Sampling, {"sampling": [f.name for f in fields(Sampling)]})
     return p.parse_args(argv)
 
 
