@@ -1,20 +1,38 @@
-"""Preference losses as pure functions: DPO, DDPO, ORPO, DORPO, and SFT (the stage before them); and LOSSES, the
-table that maps train's --loss to the objective of a micro-batch.
+"""Preference losses as pure per-pair functions, and LOSSES, the table that maps train's --loss to the objective of
+a micro-batch.
 
     losses, chosen_rewards, rejected_rewards = ddpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, chosen_weights=w)
+    losses, chosen_rewards, rejected_rewards = ipo_loss(pi_c, pi_r, ref_c, ref_r, 0.1, chosen_counts, rejected_counts)
     losses, chosen_rewards, rejected_rewards, w = deviation_dpo_loss(pi_c, pi_r, ref_c, ref_r, 0.1, embs, group, chosen)
-    out = LOSSES["ddpo"].objective(logps, weights, hparams)     # Objective(losses, rewards, weights, metrics)
+    out = LOSSES["dd-ipo"].objective(logps, weights, hparams)     # Objective(losses, rewards, weights, metrics)
 
-Every function returns *unreduced* per-pair losses plus rewards, so the deviation weight of DDPO/DORPO is one
-visible multiply and the caller decides the reduction. The trainer reduces with sum(losses) / B_global, where
-B_global is the number of pairs in the optimiser step, which keeps gradient accumulation exact (docs/method.md,
-section 3). DDPO and DORPO take the chosen weights either precomputed (ddpo_loss, dorpo_loss: ddpo.prepare's
-`weight`) or computed in the step from the embeddings of the pairs' pools (deviation_dpo_loss,
-deviation_dorpo_loss: the fused kernel of kernels/deviation_loss.py); both give the same loss (tested).
+The losses with a reference share DPO's signature (policy chosen, policy rejected, reference chosen, reference
+rejected, beta; then their own hyper-parameters) and return (losses, chosen_rewards, rejected_rewards); SimPO, ORPO
+and SFT, which have no reference, take the policy's log-probs alone. Every function returns *unreduced* per-pair
+losses, so the deviation weight is one visible multiply and the caller decides the reduction. The trainer reduces
+with sum(losses) / B_global, where B_global is the number of pairs in the optimiser step, which keeps gradient
+accumulation exact (docs/method.md, section 3).
 
-Papers:
-  DPO   Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290
-  ORPO  Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", arXiv 2403.07691
+Every loss has a deviation-weighted twin in LOSSES: ddpo and dorpo (the paper's), and dd-<loss> for the others
+(dd-ipo, dd-hinge, dd-robust, dd-cdpo, dd-simpo, dd-rpo, dd-sft). The twins take the chosen
+weights either precomputed (ddpo.prepare's `weight`) or computed in the step from the embeddings of the pairs'
+pools (kernels/deviation_loss.py). DDPO and DORPO fuse the weights and their -logsigmoid into one kernel
+(deviation_dpo_loss, deviation_dorpo_loss); the dd-<loss> twins take the kernel's weights and multiply each pair's
+loss by them, w_b * L_b (deviation_weighted). Both ways give the same loss as the precomputed weights (tested).
+
+Papers (the equation each loss implements is cited on its line):
+  DPO     Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290
+  IPO     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+          arXiv 2310.12036
+  hinge   Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", arXiv 2305.10425, in the
+          normalised form (a reference ratio, margin 1/beta) of Liu et al. 2023, "Statistical Rejection Sampling
+          Improves Preference Optimization" (RSO), arXiv 2309.06657; TRL's loss_type="hinge"
+  robust  Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback", arXiv 2403.00409
+  cDPO    Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO" (conservative DPO:
+          label smoothing), https://ericmitchell.ai/cdpo.pdf
+  SimPO   Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", arXiv 2405.14734
+  RPO     Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733 (DPO + NLL)
+  ORPO    Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", arXiv 2403.07691
   DDPO/DORPO  Chung et al. 2025, "Modifying LLM Post-Training for Diverse Creative Writing", arXiv 2503.17126
 """
 
@@ -65,6 +83,77 @@ def deviation_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
     losses, _, w = deviation_loss(logits, embeddings, group, chosen_index, min_weight, weight_inside=False,
                                   use_triton=use_triton)
     return losses, chosen_rewards, rejected_rewards, w
+
+
+def logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """log(pi_c/ref_c) and log(pi_r/ref_r) (B,)."""
+    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             chosen_counts, rejected_counts):
+    """IPO, with beta as the paper's tau. The log-ratios are averaged per completion token (counts (B,)), as TRL's
+    loss_type="ipo" does (TRL: the form the IPO authors confirmed their results used). Rewards beta log(pi/ref),
+    summed over tokens, as TRL reports them."""
+    chosen, rejected = logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = chosen / chosen_counts - rejected / rejected_counts
+    losses = (h - 1 / (2 * beta)) ** 2  # IPO, Eq. 17: (h_pi(y_w, y_l, x) - tau^-1 / 2)^2
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """SLiC's hinge on DPO's logit z (TRL's loss_type="hinge"): 0 once z >= 1, i.e. the log-ratio margin >= 1/beta."""
+    logits, chosen_rewards, rejected_rewards = dpo_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    # RSO's hinge loss: SLiC-HF's calibration loss max(0, delta - log P(y_w|x) + log P(y_l|x)) on log-ratios to the
+    losses = torch.relu(1 - logits)  # reference, delta = 1/beta, times beta: max(0, 1 - z)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    label_smoothing):
+    """rDPO: DPO de-biased for preferences flipped with probability label_smoothing = epsilon in [0, 0.5) (TRL's
+    loss_type="robust"). Unbiased, not bounded below: a pair's loss is negative once z is large."""
+    logits, chosen_rewards, rejected_rewards = dpo_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    eps = label_smoothing
+    # Chowdhury et al. 2024, the rDPO loss: [(1 - eps) L_DPO(y_w, y_l) - eps L_DPO(y_l, y_w)] / (1 - 2 eps)
+    losses = ((1 - eps) * -F.logsigmoid(logits) - eps * -F.logsigmoid(-logits)) / (1 - 2 * eps)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+              label_smoothing):
+    """Conservative DPO: DPO's loss against labels smoothed by label_smoothing = epsilon (TRL's sigmoid loss with
+    label_smoothing before TRL 1.0)."""
+    logits, chosen_rewards, rejected_rewards = dpo_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    eps = label_smoothing
+    # Mitchell 2023 (cDPO): (1 - eps) (-log sigma(z)) + eps (-log sigma(-z))
+    losses = (1 - eps) * -F.logsigmoid(logits) + eps * -F.logsigmoid(-logits)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, beta, gamma):
+    """SimPO, no reference: logps (B,) are *mean* per-token log-probs; gamma the target reward margin (TRL CPOTrainer's
+    loss_type="simpo", simpo_gamma). Rewards beta * mean logps, as TRL reports them."""
+    chosen_rewards, rejected_rewards = beta * policy_chosen_logps, beta * policy_rejected_logps
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)  # SimPO, Eq. 6: -log sigma(b/|y_w| log pi(y_w|x)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()  # - b/|y_l| log pi(y_l|x) - gamma)
+
+
+def rpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             policy_chosen_nll, alpha):
+    """RPO: DPO plus alpha times the chosen response's NLL per token, policy_chosen_nll (B,) (TRL: loss_type
+    ["sigmoid", "sft"], loss_weights [1, alpha], whose NLL is a token mean over the batch instead of per pair)."""
+    dpo, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    losses = dpo + alpha * policy_chosen_nll  # Pang et al. 2024, L_DPO+NLL: L_DPO - alpha log M(y_w | x) / |y_w|
+    return losses, chosen_rewards, rejected_rewards
 
 
 LN2 = 0.6931471805599453
@@ -202,7 +291,7 @@ def ddpo_objective(logps, weights, hp, deviation=None, use_triton=None, **_):
 
 
 def mean_logps(logps):
-    """Per-token averages of chosen and rejected, which ORPO and SFT use."""
+    """Per-token averages of chosen and rejected, which ORPO, SimPO, SFT and RPO's NLL use."""
     chosen = logps.policy_chosen_logps / logps.chosen_counts
     return chosen, None if logps.policy_rejected_logps is None else logps.policy_rejected_logps / logps.rejected_counts
 
@@ -234,6 +323,63 @@ def sft_objective(logps, weights, hp, **_):
                      {"logps/chosen": chosen_mean.detach().sum()})
 
 
+def unweighted(result, weights, metrics):
+    """The Objective of a loss function's (losses, chosen_rewards, rejected_rewards), every chosen weight 1."""
+    return Objective(*result, torch.ones_like(weights), metrics)
+
+
+def ipo_objective(logps, weights, hp, **_):
+    return unweighted(ipo_loss(*dpo_args(logps, hp), logps.chosen_counts, logps.rejected_counts), weights,
+                      logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps))
+
+
+def hinge_objective(logps, weights, hp, **_):
+    return unweighted(hinge_loss(*dpo_args(logps, hp)), weights,
+                      logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps))
+
+
+def robust_objective(logps, weights, hp, **_):
+    return unweighted(robust_dpo_loss(*dpo_args(logps, hp), hp.label_smoothing), weights,
+                      logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps))
+
+
+def cdpo_objective(logps, weights, hp, **_):
+    return unweighted(cdpo_loss(*dpo_args(logps, hp), hp.label_smoothing), weights,
+                      logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps))
+
+
+def rpo_objective(logps, weights, hp, **_):
+    chosen_mean, _ = mean_logps(logps)
+    return unweighted(rpo_loss(*dpo_args(logps, hp), -chosen_mean, hp.rpo_alpha), weights,
+                      {**logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps),
+                       "nll_loss": -chosen_mean.detach().sum()})
+
+
+def simpo_objective(logps, weights, hp, **_):
+    chosen_mean, rejected_mean = mean_logps(logps)  # SimPO's rewards are per-token means, and TRL logs them
+    return unweighted(simpo_loss(chosen_mean, rejected_mean, hp.beta, hp.simpo_gamma), weights,
+                      logps_metrics(chosen_mean, rejected_mean))
+
+
+def in_step_weights(embeddings, group, chosen_index, min_weight=0.0, use_triton=None):
+    """The chosen weights (B,) of in-step deviation: the weights output of the fused kernel (kernels/deviation_loss.py;
+    its loss, of zero logits here, is not used), clamped at min_weight."""
+    zeros = torch.zeros(chosen_index.shape, device=chosen_index.device)
+    return deviation_loss(zeros, embeddings, group, chosen_index, min_weight, use_triton=use_triton)[2]
+
+
+def deviation_weighted(objective):
+    """The deviation-weighted twin of an objective: each pair's loss times its chosen weight, the data's or (with
+    `deviation` = embeddings, group, chosen index of the pools) computed in the step."""
+    def weighted_objective(logps, weights, hp, deviation=None, use_triton=None, **_):
+        if deviation is not None:
+            weights = in_step_weights(*deviation, min_weight=hp.min_weight, use_triton=use_triton)
+        out = objective(logps, weights, hp)
+        losses = weights * out.losses  # Chung et al. 2025: delta_w * L, the weight outside the pair's loss
+        return out._replace(losses=losses, chosen_weights=weights)
+    return weighted_objective
+
+
 def logps_metrics(chosen, rejected):
     return {"logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
 
@@ -252,10 +398,23 @@ class Loss:
     truncation: tuple = (0, 0)  # the released code's (max_length, max_prompt_length); 0 = off
 
 
-LOSSES = {
+LOSSES = {  # --loss: each loss, then its deviation-weighted twin
     "dpo": Loss(dpo_objective, reference=True),
-    "ddpo": Loss(ddpo_objective, reference=True, weighted=True),
+    "ddpo": Loss(ddpo_objective, reference=True, weighted=True),  # the weights and -logsigmoid fused in one kernel
+    "ipo": Loss(ipo_objective, reference=True),
+    "dd-ipo": Loss(deviation_weighted(ipo_objective), reference=True, weighted=True),
+    "hinge": Loss(hinge_objective, reference=True),
+    "dd-hinge": Loss(deviation_weighted(hinge_objective), reference=True, weighted=True),
+    "robust": Loss(robust_objective, reference=True),
+    "dd-robust": Loss(deviation_weighted(robust_objective), reference=True, weighted=True),
+    "cdpo": Loss(cdpo_objective, reference=True),
+    "dd-cdpo": Loss(deviation_weighted(cdpo_objective), reference=True, weighted=True),
+    "rpo": Loss(rpo_objective, reference=True),
+    "dd-rpo": Loss(deviation_weighted(rpo_objective), reference=True, weighted=True),
+    "simpo": Loss(simpo_objective),
+    "dd-simpo": Loss(deviation_weighted(simpo_objective), weighted=True),
     "orpo": Loss(orpo_objective, truncation=(512, 128)),  # the released code cut ORPO/DORPO to 512 tokens, the
     "dorpo": Loss(dorpo_objective, weighted=True, truncation=(512, 128)),  # prompt to its last 128
     "sft": Loss(sft_objective, rejected=False),
+    "dd-sft": Loss(deviation_weighted(sft_objective), weighted=True, rejected=False),
 }

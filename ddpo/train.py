@@ -1,6 +1,9 @@
-"""Preference tuning in one plain loop: DPO, DDPO, ORPO and DORPO.
+"""Preference tuning in one plain loop: DPO, DDPO, ORPO, DORPO, and IPO, hinge, robust and conservative DPO, SimPO,
+RPO and SFT, each with its deviation-weighted twin (dd-ipo, dd-hinge, dd-robust, dd-cdpo, dd-simpo, dd-rpo, dd-sft).
 
     python -m ddpo.train --data pairs.jsonl --loss ddpo --output-dir runs/ddpo
+    python -m ddpo.train --data pairs.jsonl --loss dd-ipo --deviation both --output-dir runs/dd-ipo   # in-step weights
+    python -m ddpo.train --data pairs.jsonl --loss simpo --beta 2.0 --simpo-gamma 0.5 --output-dir runs/simpo
     python -m ddpo.train --data pairs.jsonl --loss dorpo --dorpo-form per-example --model HuggingFaceTB/SmolLM2-135M-Instruct
     python -m ddpo.train --data pairs.jsonl --output-dir runs/ddpo --resume      # continue from the newest checkpoint
     torchrun --nproc_per_node 8 -m ddpo.train --data pairs.jsonl --loss ddpo --batch-size 2 --grad-accum 4
@@ -17,8 +20,10 @@ world size.
 One optimiser step = grad_accum micro-batches of batch_size pairs. Each micro-batch runs the policy once over
 [chosen; rejected] (right-padded), gathers the hidden states at completion positions only, and turns them into
 log-probs with the fused head (kernels/logprobs.py: Triton on CUDA, chunked PyTorch on CPU; never a (B, T, V)
-tensor). DPO/DDPO take reference log-probs from a frozen copy of the starting model in the same layout
-(ddpo/reference.py). The objective of --loss comes from the table ddpo.losses.LOSSES; every loss is
+tensor). The losses with a reference (DPO, IPO, hinge, robust, cDPO, RPO and their twins) take reference log-probs
+from a frozen copy of the starting model in the same layout (ddpo/reference.py). The objective of --loss and what it
+needs come from the table ddpo.losses.LOSSES; a weighted loss (ddpo, dorpo, dd-*) multiplies each pair's loss by its
+chosen weight: the data's 'weight' (--weight-field), or computed in the step with --deviation. Every loss is
 sum(per-pair losses) / (pairs in the step), so accumulation is exact. Dropout is off.
 
 Outputs in --output-dir: checkpoint-<step>/ (Hugging Face model + tokenizer, trainer_state.pt with optimiser,
@@ -70,20 +75,34 @@ from ddpo.reference import check_packing, load_reference
 class TrainConfig:
     data: str = field(default="", metadata={"help": "pairs JSONL file or directory of JSONL files (required)"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name, local directory or packaged:<name>"})
-    ref_model: str = field(default="", metadata={"help": "reference model for DPO/DDPO (default: --model, frozen)"})
+    ref_model: str = field(default="", metadata={"help": "reference model of the losses with one (dpo, ipo, hinge, "
+                                                          "robust, cdpo, rpo and their twins; default: --model, frozen)"})
     output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, metrics.jsonl, train_config.json"})
-    loss: str = field(default="ddpo", metadata={"help": "dpo | ddpo | orpo | dorpo | sft (NLL of the chosen responses, "
-                                                         "the paper's stage before DPO)", "choices": list(LOSSES)})
-    beta: float = field(default=0.1, metadata={"help": "DPO/DDPO inverse temperature (paper: 0.1)",
+    loss: str = field(default="ddpo", metadata={
+        "help": "dpo, ipo, hinge (SLiC/RSO), robust (rDPO), cdpo (conservative DPO), rpo (DPO + NLL), simpo (no "
+                "reference), orpo, sft (NLL of the chosen responses, the paper's stage before DPO); each has a "
+                "deviation-weighted twin, its loss times the chosen weight: ddpo, dorpo (the paper's), dd-<loss> for "
+                "the others (dd-ipo, ...). README 'Losses' has the equations", "choices": list(LOSSES)})
+    beta: float = field(default=0.1, metadata={"help": "inverse temperature of DPO and the losses on its logit; IPO's "
+                                                       "tau; SimPO's reward scale (DDPO paper: 0.1; SimPO paper: 2-2.5)",
                                              "type": in_range(float, 0, above=True)})
     orpo_lambda: float = field(default=0.25, metadata={"help": "weight of the ORPO/DORPO odds-ratio term",
                                                     "type": in_range(float, 0)})
     dorpo_form: str = field(default="released", metadata={
         "help": "released: mean(w)*NLL + lambda*mean(-logsigmoid(w*Delta)); per-example: mean(w*(NLL + lambda*L_OR))",
         "choices": ["released", "per-example"]})
+    label_smoothing: float = field(default=0.1, metadata={
+        "help": "robust, cdpo: the probability epsilon that a preference is flipped (TRL's docs, after the rDPO "
+                "paper: 0.1)",
+        "type": in_range(float, 0, 0.5, below=True)})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: the target reward margin gamma, in reward units "
+                                                              "(TRL's simpo_gamma default)", "type": in_range(float, 0)})
+    rpo_alpha: float = field(default=1.0, metadata={"help": "rpo: the weight alpha of the chosen response's NLL per "
+                                                            "token (RPO paper: 1)", "type": in_range(float, 0)})
     deviation: str = field(default="none", metadata={
-        "help": "none: weights from the data's 'weight'; semantic|style|both: compute them in each step from "
-                "embeddings of every prompt's pool (fused kernel; batches hold whole prompts)",
+        "help": "chosen weights of a weighted loss (ddpo, dorpo, dd-*; unweighted losses ignore this): none: the "
+                "data's 'weight'; semantic|style|both: computed in each step from embeddings of every prompt's pool "
+                "(fused kernel; batches hold whole prompts)",
         "choices": ["none", "semantic", "style", "both"]})
     semantic_embedder: str = field(default=DEFAULT_EMBEDDERS["semantic"], metadata={"help": "for --deviation semantic|both"})
     style_embedder: str = field(default=DEFAULT_EMBEDDERS["style"], metadata={"help": "for --deviation style|both"})
@@ -103,17 +122,17 @@ class TrainConfig:
     batch_size: int = field(default=2, metadata={"help": "pairs per micro-batch", "type": in_range(int, 1)})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step", "type": in_range(int, 1)})
     max_length: int = field(default=-1, metadata={"help": "max prompt+completion tokens; completions keep their start "
-                                                           "(0 = off; -1 = as released: off for dpo/ddpo/sft, 512 for "
-                                                           "orpo/dorpo)", "type": in_range(int, -1)})
+                                                           "(0 = off; -1 = as released: 512 for orpo/dorpo, off for "
+                                                           "the others)", "type": in_range(int, -1)})
     max_prompt_length: int = field(default=-1, metadata={"help": "max prompt tokens; prompts keep their end (0 = off; "
-                                                                  "-1 = as released: off for dpo/ddpo/sft, 128 for "
-                                                                  "orpo/dorpo)", "type": in_range(int, -1)})
+                                                                  "-1 = as released: 128 for orpo/dorpo, off for "
+                                                                  "the others)", "type": in_range(int, -1)})
     seed: int = field(default=42, metadata={"help": "seed of data order and initialisation", "type": in_range(int, 0, 2**32 - 1)})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "float32", "bfloat16"]})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     packing: bool = field(default=True, metadata={"help": "padding-free micro-batches: sequences packed in one row "
                                                           "(checked against padding on the first pairs at start)"})
-    precompute_ref: bool = field(default=False, metadata={"help": "DPO/DDPO: reference log-probs in one pass before "
+    precompute_ref: bool = field(default=False, metadata={"help": "losses with a reference: its log-probs in one pass before "
                                                                   "training, cached on disk; the reference model is then freed"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard parameters, gradients and optimiser "
                                                         "state over the ranks (FSDP2, one unit per decoder layer), for "
@@ -143,8 +162,8 @@ class TrainConfig:
 
 
 GROUPS = {  # headers of --help
-    "objective": ["loss", "beta", "orpo_lambda", "dorpo_form", "deviation", "semantic_embedder", "style_embedder",
-                  "trust_remote_code", "weight_field", "min_weight"],
+    "objective": ["loss", "beta", "orpo_lambda", "dorpo_form", "label_smoothing", "simpo_gamma", "rpo_alpha",
+                  "deviation", "semantic_embedder", "style_embedder", "trust_remote_code", "weight_field", "min_weight"],
     "optimisation": ["lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "epochs", "max_steps",
                      "batch_size", "grad_accum", "seed"],
     "sequences": ["max_length", "max_prompt_length", "packing"],
@@ -312,7 +331,10 @@ def train_locked(cfg, rank, world, device, pairs):
            f"(keep start, max total {cfg.max_length})", flush=True)
     weights = pair_weights(cfg, pairs)
     if LOSSES[cfg.loss].weighted and cfg.deviation == "none" and all(p.weight is None for p in pairs):
-        print0(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals {cfg.loss[1:]}", flush=True)
+        print0(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals its unweighted loss", flush=True)
+    if cfg.deviation != "none" and not LOSSES[cfg.loss].weighted:
+        print0(f"warning: --deviation {cfg.deviation} is ignored: {cfg.loss} takes no weights (its weighted twin does)",
+               flush=True)
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
     autocast = functools.partial(torch.autocast, device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     torch.manual_seed(cfg.seed)

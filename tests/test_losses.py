@@ -1,12 +1,15 @@
-"""Losses against hand-computed values and closed forms."""
+"""Losses against hand-computed values and closed forms; the deviation-weighted twins of the table."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpo.losses import ddpo_loss, dorpo_loss, dpo_loss, log1mexp, log_odds_ratio, orpo_loss
+from ddpo.deviation import deviation_weights
+from ddpo.losses import (LOSSES, Logps, cdpo_loss, ddpo_loss, dorpo_loss, dpo_loss, hinge_loss, in_step_weights,
+                         ipo_loss, log1mexp, log_odds_ratio, orpo_loss, robust_dpo_loss, rpo_loss, simpo_loss)
 
 
 def test_dpo_hand_value_and_ddpo_weight():
@@ -114,3 +117,159 @@ def test_orpo_gradients_match_float64_autograd():
     nll = torch.tensor([0.3, 2.0, 1e-4], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda c, r, n: orpo_loss(c, r, n, 0.25)[0].double(), (chosen, rejected, nll),
                                     eps=1e-7, atol=1e-4)
+
+
+# --- the loss family: hand values, gradients, and the deviation weight as one multiply ---------------------------
+
+# Two pairs: summed log-probs pi_c, pi_r (policy) and ref_c, ref_r (reference), beta 0.1.
+#   pair 1: log-ratios 2 and -13 -> z = 0.1 * (2 + 13) = 1.5;  pair 2: log-ratios 1 and -3 -> z = 0.1 * 4 = 0.4
+# softplus(-1.5) = log(1 + e^-1.5) = 0.2014133, softplus(-0.4) = 0.5130153 (the DPO losses)
+PAIRS = dict(pi_c=[-10.0, -10.0], pi_r=[-20.0, -12.0], ref_c=[-12.0, -11.0], ref_r=[-7.0, -9.0])
+COUNTS = dict(chosen=[4.0, 5.0], rejected=[5.0, 4.0])  # completion tokens
+
+
+def pair_logps(dtype=torch.float64, grad=False):
+    pi_c, pi_r, ref_c, ref_r = (torch.tensor(PAIRS[k], dtype=dtype) for k in ("pi_c", "pi_r", "ref_c", "ref_r"))
+    return pi_c.requires_grad_(grad), pi_r.requires_grad_(grad), ref_c, ref_r
+
+
+def test_ipo_hand_value_is_per_token_as_trl():
+    # h = 2/4 - (-13)/5 = 3.1 and 1/5 - (-3)/4 = 0.95; 1/(2 beta) = 5 -> (3.1 - 5)^2 = 3.61, (0.95 - 5)^2 = 16.4025
+    counts = torch.tensor(COUNTS["chosen"], dtype=torch.float64), torch.tensor(COUNTS["rejected"], dtype=torch.float64)
+    pi_c, *rest = pair_logps(grad=True)
+    losses, chosen_rewards, rejected_rewards = ipo_loss(pi_c, *rest, 0.1, *counts)
+    torch.testing.assert_close(losses, torch.tensor([3.61, 16.4025], dtype=torch.float64))
+    torch.testing.assert_close(chosen_rewards, torch.tensor([0.2, 0.1], dtype=torch.float64))  # beta * summed log-ratio
+    torch.testing.assert_close(rejected_rewards, torch.tensor([-1.3, -0.3], dtype=torch.float64))
+    losses.sum().backward()  # d/d pi_c = 2 (h - 5) / n_c = 2 * -1.9 / 4 = -0.95 and 2 * -4.05 / 5 = -1.62
+    torch.testing.assert_close(pi_c.grad, torch.tensor([-0.95, -1.62], dtype=torch.float64))
+
+
+def test_hinge_hand_value_and_zero_gradient_past_the_margin():
+    # relu(1 - z): relu(1 - 1.5) = 0 (past the margin), relu(1 - 0.4) = 0.6; d/d pi_c = -beta where active
+    pi_c, *rest = pair_logps(grad=True)
+    losses, chosen_rewards, _ = hinge_loss(pi_c, *rest, 0.1)
+    torch.testing.assert_close(losses, torch.tensor([0.0, 0.6], dtype=torch.float64))
+    losses.sum().backward()
+    torch.testing.assert_close(pi_c.grad, torch.tensor([0.0, -0.1], dtype=torch.float64))
+
+
+def test_robust_and_conservative_dpo_hand_values():
+    # softplus(z) = z + softplus(-z): 1.7014133 and 0.9130153; eps = 0.1
+    # cDPO: 0.9 softplus(-z) + 0.1 softplus(z) = softplus(-z) + 0.1 z = 0.3514133, 0.5530153
+    # rDPO: (0.9 softplus(-z) - 0.1 softplus(z)) / 0.8 = softplus(-z) - 0.1 z / 0.8 = 0.0139133, 0.4630153
+    args = pair_logps()
+    torch.testing.assert_close(cdpo_loss(*args, 0.1, 0.1)[0], torch.tensor([0.3514133, 0.5530153], dtype=torch.float64))
+    torch.testing.assert_close(robust_dpo_loss(*args, 0.1, 0.1)[0],
+                               torch.tensor([0.0139133, 0.4630153], dtype=torch.float64))
+    dpo = dpo_loss(*args, 0.1)[0]
+    torch.testing.assert_close(dpo, torch.tensor([0.2014133, 0.5130153], dtype=torch.float64))
+    for loss in (cdpo_loss, robust_dpo_loss):  # no smoothing: DPO
+        torch.testing.assert_close(loss(*args, 0.1, 0.0)[0], dpo)
+    # rDPO is unbiased: its expectation under flips with probability eps is the clean DPO loss
+    eps = 0.2
+    flipped = robust_dpo_loss(args[1], args[0], args[3], args[2], 0.1, eps)[0]
+    torch.testing.assert_close((1 - eps) * robust_dpo_loss(*args, 0.1, eps)[0] + eps * flipped, dpo)
+
+
+def test_simpo_hand_value():
+    # mean log-probs -1.0 and -1.5, beta 2, gamma 0.5: z = 2 * (-1 + 1.5) - 0.5 = 0.5 -> softplus(-0.5) = 0.4740770
+    chosen = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
+    losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, torch.tensor([-1.5], dtype=torch.float64), 2.0, 0.5)
+    assert losses.item() == pytest.approx(0.4740770, abs=1e-7)
+    assert (chosen_rewards.item(), rejected_rewards.item()) == (-2.0, -3.0)  # beta * mean log-prob
+    losses.sum().backward()  # d/d chosen = -beta sigmoid(-z) = -2 * 0.3775407
+    assert chosen.grad.item() == pytest.approx(-0.7550813, abs=1e-7)
+
+
+def test_rpo_hand_value():
+    # DPO 0.2014133 + alpha 0.5 * NLL 2.5 (mean token log-prob -10/4) = 1.4514133; pair 2: 0.5130153 + 0.5 * 2 = 1.5130153
+    args = pair_logps()
+    nll = -args[0] / torch.tensor(COUNTS["chosen"], dtype=torch.float64)
+    losses, chosen_rewards, _ = rpo_loss(*args, 0.1, nll, 0.5)
+    torch.testing.assert_close(losses, torch.tensor([1.4514133, 1.5130153], dtype=torch.float64))
+    torch.testing.assert_close(chosen_rewards, torch.tensor([0.2, 0.1], dtype=torch.float64))
+
+
+HP = SimpleNamespace(beta=0.1, orpo_lambda=0.25, dorpo_form="per-example", label_smoothing=0.1, simpo_gamma=0.5,
+                     rpo_alpha=1.0, min_weight=0.0)
+NEW = ["ipo", "hinge", "robust", "cdpo", "rpo", "simpo", "sft"]
+
+
+def table_logps(B=5, seed=0, grad=True):
+    """Random completion log-probs of B pairs, in float64; the policy's require grad."""
+    g = torch.Generator().manual_seed(seed)
+    chosen_counts, rejected_counts = (torch.randint(3, 9, (B,), generator=g).double() for _ in range(2))
+    pi_c, pi_r, ref_c, ref_r = (-torch.rand(B, generator=g, dtype=torch.float64) * 4 * chosen_counts for _ in range(4))
+    return Logps(pi_c.requires_grad_(grad), chosen_counts, pi_r.requires_grad_(grad), rejected_counts, ref_c, ref_r)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_gradients_match_finite_differences(name):
+    logps = table_logps(3, grad=True)
+    objective = LOSSES[name].objective
+
+    def losses(pi_c, pi_r):
+        fields = dict(vars(logps), policy_chosen_logps=pi_c, policy_rejected_logps=pi_r)
+        return objective(Logps(**fields), torch.ones(3, dtype=torch.float64), HP).losses
+
+    shift = torch.tensor([0.0, 0.0, 3.0], dtype=torch.float64)  # the hinge's kink is not at a sample point
+    inputs = (logps.policy_chosen_logps.detach() + shift).requires_grad_(), logps.policy_rejected_logps
+    assert torch.autograd.gradcheck(losses, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_twin_is_the_loss_times_the_chosen_weight(name):
+    """dd-<name>: weight 2 doubles a pair's loss, 1 leaves it, 0 zeroes it and its gradient; rewards unchanged."""
+    plain_loss, twin = LOSSES[name], LOSSES[f"dd-{name}"]
+    assert (twin.reference, twin.rejected, twin.truncation) == (plain_loss.reference, plain_loss.rejected,
+                                                                plain_loss.truncation)
+    assert twin.weighted and not plain_loss.weighted
+    weights = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    plain_logps, logps = table_logps(), table_logps()
+    plain = plain_loss.objective(plain_logps, weights, HP)
+    out = twin.objective(logps, weights, HP)
+    torch.testing.assert_close(plain.chosen_weights, torch.ones_like(weights))
+    torch.testing.assert_close(out.chosen_weights, weights)
+    torch.testing.assert_close(out.losses, weights * plain.losses)
+    assert out.losses[2] == 2 * plain.losses[2] and out.losses[1] == plain.losses[1]
+    if plain.chosen_rewards is not None:
+        torch.testing.assert_close(out.chosen_rewards, plain.chosen_rewards)
+    plain.losses.sum().backward()
+    out.losses.sum().backward()
+    for got, want in ((logps.policy_chosen_logps.grad, plain_logps.policy_chosen_logps.grad),
+                      (logps.policy_rejected_logps.grad, plain_logps.policy_rejected_logps.grad)):
+        if want is not None:  # SFT reads no rejected response
+            torch.testing.assert_close(got, weights * want)
+    assert plain_logps.policy_chosen_logps.grad[0] != 0 and logps.policy_chosen_logps.grad[0] == 0
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("name", ["ipo", "simpo"])
+def test_twin_with_in_step_weights_equals_prepared_weights(name, use_triton):
+    """--deviation: the kernel's weights of the pools' embeddings, clamped at --min-weight, times the pair's loss;
+    equal to the weights ddpo.prepare writes (ddpo.deviation) fed as the data's."""
+    g = torch.Generator().manual_seed(3)
+    group = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])  # three prompts' pools, 10 responses
+    embeddings = [torch.randn(10, 6, generator=g), torch.randn(10, 4, generator=g)]
+    chosen = torch.tensor([0, 2, 3, 4, 6, 8])  # each pair's chosen response
+    hp = SimpleNamespace(**{**vars(HP), "min_weight": 0.2})
+    weights, _ = deviation_weights(embeddings, group)
+    prepared = weights[chosen].clamp(min=0.2).float()
+    torch.testing.assert_close(in_step_weights(embeddings, group, chosen, 0.2, use_triton=use_triton), prepared,
+                               atol=1e-5, rtol=1e-5)
+    logps = table_logps(6, grad=False)
+    got = LOSSES[f"dd-{name}"].objective(logps, torch.ones(6), hp, deviation=(embeddings, group, chosen),
+                                         use_triton=use_triton)
+    want = LOSSES[f"dd-{name}"].objective(logps, prepared.double(), hp)
+    torch.testing.assert_close(got.losses, want.losses, atol=1e-5, rtol=1e-5)
+    assert (got.chosen_weights > 1).any() and (got.chosen_weights == 0.2).any()  # weights that move, and the clamp
+
+
+def test_generic_twin_of_dpo_equals_the_fused_ddpo():
+    """deviation_weighted(dpo) (the weights, then one multiply) and ddpo (fused in the kernel) are one loss."""
+    from ddpo.losses import deviation_weighted, dpo_objective
+
+    logps, weights = table_logps(grad=False), torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(deviation_weighted(dpo_objective)(logps, weights, HP).losses,
+                               LOSSES["ddpo"].objective(logps, weights, HP).losses)

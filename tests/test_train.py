@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 import ddpo.checkpoint as checkpoint_mod
 import ddpo.train as train_mod
 from ddpo.data import DataError, collate, collate_packed, load_pairs, tokenize_pairs
+from ddpo.losses import LOSSES
 from ddpo.models import SEGMENT_ATTENTION, load_model, load_tokenizer, segment_attention, sequence_logps, use_segment_attention
 from ddpo.train import main, parse_args, train
 
@@ -115,6 +116,29 @@ def test_train_writes_metrics_and_loadable_checkpoint(tmp_path, tiny_model, loss
     assert isinstance(model, torch.nn.Module)
     saved = json.load(open(os.path.join(path, "train_config.json")))
     assert saved["loss"] == loss and saved["max_steps"] == 3
+
+
+FAMILY = ["ipo", "hinge", "robust", "cdpo", "rpo", "simpo", "sft"]  # beside dpo/ddpo and orpo/dorpo
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_each_loss_and_its_deviation_weighted_twin_train(tmp_path, tiny_model, capsys, name):
+    """Two steps of <name> and of dd-<name> on weighted pairs: finite metrics; the twin reads the weights, the loss
+    does not (and says that --deviation is ignored)."""
+    plain, _ = run(tmp_path, tiny_model, "--loss", name, "--max-steps", "2", "--deviation", "style", name="plain")
+    assert f"--deviation style is ignored: {name} takes no weights" in capsys.readouterr().out
+    twin, path = run(tmp_path, tiny_model, "--loss", f"dd-{name}", "--max-steps", "2", "--label-smoothing", "0.2",
+                     name="twin")
+    for cfg, weighted in ((plain, False), (twin, True)):
+        rows = metrics(cfg.output_dir)
+        assert [r["step"] for r in rows] == [1, 2]
+        assert all(math.isfinite(v) for r in rows for v in r.values()), rows
+        assert ({r["weights/max"] for r in rows} != {1.0}) == weighted
+        if name != "sft":
+            assert all(key in rows[0] for key in METRICS)
+        if LOSSES[name].reference:
+            assert rows[0]["rewards/margins"] == 0.0  # policy == reference at step 1
+    assert json.load(open(os.path.join(path, "train_config.json")))["label_smoothing"] == 0.2
 
 
 def test_ddpo_with_unit_weights_equals_dpo(tmp_path, tiny_model):
@@ -216,13 +240,14 @@ def pool_pairs(path):
     return write_pairs(path, rows)
 
 
-def test_in_step_deviation_equals_prepared_weights(tmp_path, tiny_model):
+@pytest.mark.parametrize("loss", ["ddpo", "dd-ipo"])  # the fused kernel's loss; its weights times IPO's loss
+def test_in_step_deviation_equals_prepared_weights(tmp_path, tiny_model, loss):
     import ddpo.prepare as prep
 
     data = pool_pairs(tmp_path / "pool_pairs.jsonl")
     weighted = str(tmp_path / "weighted.jsonl")
     prep.prepare(prep.parse_args(["--input", data, "--output", weighted, "--deviation", "style"]))
-    common = ("--loss", "ddpo", "--max-steps", "2", "--batch-size", "16")
+    common = ("--loss", loss, "--max-steps", "2", "--batch-size", "16")
     offline, _ = run(tmp_path, tiny_model, *common, name="offline", data=weighted)
     in_step, _ = run(tmp_path, tiny_model, *common, "--deviation", "style", "--kernels", "triton", name="in_step", data=data)
     for a, b in zip(metrics(offline.output_dir), metrics(in_step.output_dir)):
@@ -364,7 +389,8 @@ def test_precomputed_reference_is_keyed_by_the_weights_not_the_path(tmp_path, mo
 
 
 @pytest.mark.parametrize("loss, lengths", [("dpo", (0, 0)), ("ddpo", (0, 0)), ("sft", (0, 0)), ("orpo", (512, 128)),
-                                           ("dorpo", (512, 128))])
+                                           ("dorpo", (512, 128)), *[(name, (0, 0)) for name in FAMILY],
+                                           *[(f"dd-{name}", (0, 0)) for name in FAMILY]])
 def test_truncation_defaults_follow_the_released_code(loss, lengths):
     cfg = parse_args(["--data", "x", "--loss", loss])
     assert (cfg.max_length, cfg.max_prompt_length) == lengths
@@ -401,7 +427,9 @@ BAD_FLAGS = [("--max-grad-norm", "-1"), ("--beta", "0"), ("--beta", "-0.1"), ("-
              ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--lora-dropout", "-0.1"), ("--orpo-lambda", "-1"),
              ("--orpo-lambda", "nan"), ("--min-weight", "-1"), ("--min-weight", "inf"), ("--weight-decay", "-1"),
              ("--max-length", "-2"), ("--max-prompt-length", "-2"), ("--keep-checkpoints", "-1"), ("--seed", "-1"),
-             ("--device", "cuda:99"), ("--device", "nonsense"), ("--device", "meta"), ("--kernels", "triton")]
+             ("--device", "cuda:99"), ("--device", "nonsense"), ("--device", "meta"), ("--kernels", "triton"),
+             ("--label-smoothing", "0.5"), ("--label-smoothing", "-0.1"), ("--simpo-gamma", "-1"),
+             ("--simpo-gamma", "inf"), ("--rpo-alpha", "-1"), ("--rpo-alpha", "nan")]
 
 
 @pytest.mark.parametrize("flag, value", BAD_FLAGS)
