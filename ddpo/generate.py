@@ -76,33 +76,32 @@ def penalise(logits, seen, penalty):
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def truncation_mask(logits, s):
-    """Tokens kept by top-k, then top-p, then min-p on the (temperature-scaled) logits (B, V): bool (B, V)."""
-    keep = torch.ones_like(logits, dtype=torch.bool)
-    if s.top_k and s.top_k < logits.shape[-1]:
-        kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
-        keep &= logits >= kth
+def candidates(logits, s):
+    """The truncation set of (temperature-scaled) logits (B, V): top-k, then top-p, then min-p, each on what the
+    previous kept. Returns the top-k candidates' token ids (B, k), sorted by logit, and which of them are kept (B, k);
+    top-p and min-p never reach past the top-k, so nothing outside them is sorted (k = V when top-k is off)."""
+    values, ids = logits.topk(min(s.top_k or logits.shape[-1], logits.shape[-1]), dim=-1)  # (B, k), descending
+    probs = torch.softmax(values, dim=-1)  # the distribution over the top-k
+    keep = torch.ones_like(probs, dtype=torch.bool)
     if s.top_p < 1.0:
-        probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above
-        keep &= torch.zeros_like(keep).scatter(-1, order, before < s.top_p)
-    if s.min_p > 0.0:
-        probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
-        keep &= probs >= s.min_p * probs.max(dim=-1, keepdim=True).values
-    return keep
+        keep &= probs.cumsum(-1) - probs < s.top_p  # the mass ranked above a token is below top_p
+    if s.min_p > 0.0:  # a ratio to the top token's probability: the same over the top-k as over the top-p set
+        keep &= probs >= s.min_p * probs[:, :1]
+    return ids, keep
 
 
 def next_token_probs(logits_instruct, logits_base, seen, s, w):
-    """The sampling distribution (B, V): instruct truncation set, mixed with the base model when given."""
+    """The sampling distribution on the instruct model's truncation set: candidate ids (B, k) and their probabilities
+    (B, k), 0 outside the set, summing to 1. Conformative decoding (a base model's logits) mixes the distributions,
+    p = (1 - w) p_instruct + w p_base, each over the whole vocabulary, before keeping the set and renormalising."""
     li = penalise(logits_instruct, seen, s.repetition_penalty) / s.temperature
-    keep = truncation_mask(li, s)
-    p = torch.softmax(li, dim=-1)
+    ids, keep = candidates(li, s)
+    p = torch.exp(li.gather(-1, ids) - li.logsumexp(-1, keepdim=True))  # p_instruct of the candidates
     if logits_base is not None:
-        q = torch.softmax(penalise(logits_base, seen, s.repetition_penalty) / s.temperature, dim=-1)
-        p = (1.0 - w) * p + w * q  # conformative decoding: weighted sum of the two distributions
+        lb = penalise(logits_base, seen, s.repetition_penalty) / s.temperature
+        p = (1.0 - w) * p + w * torch.exp(lb.gather(-1, ids) - lb.logsumexp(-1, keepdim=True))
     p = p * keep
-    return p / p.sum(-1, keepdim=True)
+    return ids, p / p.sum(-1, keepdim=True)
 
 
 def render_prompt(tokenizer, prompt, completion_style=False):
@@ -115,29 +114,43 @@ def render_prompt(tokenizer, prompt, completion_style=False):
 
 
 class Stream:
-    """One model's running state: its own prompt ids, attention mask, positions and KV cache."""
+    """One model's running state: its own prompt ids, attention mask, positions and KV cache, over the rows that are
+    still sampling (rows whose sample has ended are dropped, so they cost nothing)."""
 
     def __init__(self, model, rows, pad_id):
         T = max(len(r) for r in rows)
         device = next(model.parameters()).device
         self.model = model
-        self.ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], device=device)  # (B, T) left-padded
-        self.mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=device)
+        self.ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], device=device)  # (P, T) left-padded
+        self.mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=device)  # (P, T)
         self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.past = None
 
     @torch.no_grad()
-    def logits(self, new_tokens=None):
-        if new_tokens is None:
-            ids, pos = self.ids, self.pos
-        else:
-            self.mask = torch.cat([self.mask, torch.ones_like(new_tokens)[:, None]], dim=1)
-            self.pos = self.pos[:, -1:] + 1
-            ids, pos = new_tokens[:, None], self.pos
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.past,
-                         use_cache=True, logits_to_keep=1)
+    def prefill(self, n):
+        """Run the prompts once, then repeat every row n times (a prompt's samples share its prefill). Returns the
+        next-token logits (P n, V), rows grouped by prompt."""
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                         logits_to_keep=1)
         self.past = out.past_key_values
-        return out.logits[:, -1].float()  # (B, V)
+        self.past.batch_repeat_interleave(n)
+        self.mask, self.pos = self.mask.repeat_interleave(n, 0), self.pos[:, -1:].repeat_interleave(n, 0)
+        return out.logits[:, -1].float().repeat_interleave(n, 0)
+
+    @torch.no_grad()
+    def step(self, tokens):
+        """Append one token (R,) to every row; returns the next-token logits (R, V)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], dim=1)
+        self.pos = self.pos + 1
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos,
+                         past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def keep(self, rows):
+        """Keep only these rows (R',) of the batch."""
+        self.mask, self.pos = self.mask[rows], self.pos[rows]
+        self.past.batch_select_indices(rows)
 
 
 def stop_ids(model, tokenizer):
@@ -147,33 +160,35 @@ def stop_ids(model, tokenizer):
 
 def generate_batch(model, tokenizer, rows, s, generator, base=None, base_rows=None, w=0.0):
     """N samples for each prompt, given its token ids (rows; base_rows for the base model): a list (per prompt) of N
-    response strings."""
-    pad = tokenizer.pad_token_id
-    instruct = Stream(model, [r for r in rows for _ in range(s.n)], pad)
-    other = Stream(base, [r for r in base_rows for _ in range(s.n)], pad) if base else None
+    response strings. A sample ends at a stop token (or --max-new-tokens) and leaves the batch."""
+    instruct = Stream(model, rows, tokenizer.pad_token_id)
+    other = Stream(base, base_rows, tokenizer.pad_token_id) if base else None
     eos = stop_ids(model, tokenizer)
     eos_ids = torch.tensor(sorted(eos), device=instruct.ids.device)
-    B, V = len(rows) * s.n, model.get_output_embeddings().weight.shape[0]
-    seen = torch.zeros(B, V, device=instruct.ids.device).scatter_add_(1, instruct.ids, instruct.mask.float()) > 0
-    done = torch.zeros(B, dtype=torch.bool, device=instruct.ids.device)
-    out = []
-    logits_i, logits_b = instruct.logits(), other.logits() if other else None
+    B = len(rows) * s.n
+    active = torch.arange(B, device=instruct.ids.device)  # which samples the batch's rows are
+    prompt_ids = instruct.ids.repeat_interleave(s.n, 0)  # (B, T)
+    seen = torch.zeros(B, model.get_output_embeddings().weight.shape[0], device=prompt_ids.device).scatter_add_(
+        1, prompt_ids, instruct.mask.repeat_interleave(s.n, 0).float()) > 0  # (B, V) tokens the penalty applies to
+    tokens = [[] for _ in range(B)]
+    logits_i, logits_b = instruct.prefill(s.n), other.prefill(s.n) if other else None
     for _ in range(s.max_new_tokens):
-        probs = next_token_probs(logits_i, logits_b, seen, s, w)
-        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        token = torch.where(done, torch.full_like(token, pad), token)
-        out.append(token)
-        seen[torch.arange(B), token] = True
-        done |= torch.isin(token, eos_ids)
-        if done.all():
+        ids, p = next_token_probs(logits_i, logits_b, seen, s, w)
+        token = ids.gather(-1, torch.multinomial(p, 1, generator=generator))[:, 0]  # (R,)
+        for row, t in zip(active.tolist(), token.tolist()):
+            tokens[row].append(t)
+        seen[torch.arange(len(token)), token] = True
+        going = ~torch.isin(token, eos_ids)
+        if not going.any():
             break
-        logits_i = instruct.logits(token)
-        logits_b = other.logits(token) if other else None
-    tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
-    texts = []
-    for seq in tokens:
-        cut = next((i for i, t in enumerate(seq) if t in eos), len(seq))
-        texts.append(tokenizer.decode(seq[:cut], skip_special_tokens=True).strip())
+        if not going.all():  # drop the rows whose sample has ended
+            rows_left = going.nonzero()[:, 0]
+            active, token, seen = active[rows_left], token[rows_left], seen[rows_left]
+            for stream in (instruct, other) if other else (instruct,):
+                stream.keep(rows_left)
+        logits_i = instruct.step(token)
+        logits_b = other.step(token) if other else None
+    texts = [tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True).strip() for seq in tokens]
     return [texts[i * s.n:(i + 1) * s.n] for i in range(len(rows))]
 
 

@@ -8,13 +8,50 @@ import torch
 from conftest import make_tiny_model, read_jsonl, write_jsonl
 
 from ddpo import generate
-from ddpo.generate import Sampling, main, next_token_probs, penalise, truncation_mask
+from ddpo.generate import Sampling, candidates, main, next_token_probs, penalise
 
 
 def test_repetition_penalty_follows_hf_rule():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     seen = torch.tensor([[True, True, False]])
     assert penalise(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def dense(ids, values, V):
+    """Candidates' values (B, k) at their token ids in a (B, V) tensor, 0 elsewhere."""
+    return torch.zeros(ids.shape[0], V, dtype=values.dtype).scatter(1, ids, values)
+
+
+def truncation_mask(logits, s):
+    """The truncation set (B, V) of candidates()."""
+    ids, keep = candidates(logits, s)
+    return dense(ids, keep, logits.shape[-1])
+
+
+def probs(instruct, base, seen, s, w):
+    """next_token_probs as a (B, V) distribution."""
+    ids, p = next_token_probs(instruct, base, seen, s, w)
+    return dense(ids, p, instruct.shape[-1])
+
+
+def reference_probs(instruct, base, seen, s, w):
+    """The rule over the whole vocabulary, sorted in full (the sampler before it kept to the top-k candidates)."""
+    li = penalise(instruct, seen, s.repetition_penalty) / s.temperature
+    keep = torch.ones_like(li, dtype=torch.bool)
+    if s.top_k:
+        keep &= li >= li.topk(s.top_k, dim=-1).values[:, -1:]
+    if s.top_p < 1.0:
+        p = torch.softmax(li.masked_fill(~keep, float("-inf")), dim=-1)
+        sorted_p, order = p.sort(dim=-1, descending=True)
+        keep &= torch.zeros_like(keep).scatter(-1, order, sorted_p.cumsum(-1) - sorted_p < s.top_p)
+    if s.min_p > 0.0:
+        p = torch.softmax(li.masked_fill(~keep, float("-inf")), dim=-1)
+        keep &= p >= s.min_p * p.max(dim=-1, keepdim=True).values
+    p = torch.softmax(li, dim=-1)
+    if base is not None:
+        p = (1 - w) * p + w * torch.softmax(penalise(base, seen, s.repetition_penalty) / s.temperature, dim=-1)
+    p = p * keep
+    return p / p.sum(-1, keepdim=True)
 
 
 def test_truncation_top_k_top_p_min_p():
@@ -25,6 +62,9 @@ def test_truncation_top_k_top_p_min_p():
     assert truncation_mask(logits, Sampling(top_k=0, top_p=0.81)).tolist() == [[True, True, True, False]]
     # min-p 0.25: keep p >= 0.125
     assert truncation_mask(logits, Sampling(top_k=0, top_p=1.0, min_p=0.25)).tolist() == [[True, True, True, False]]
+    # top-p on the top-3's renormalised distribution (0.526, 0.316, 0.158): 0.8 keeps two, 0.85 three
+    assert truncation_mask(logits, Sampling(top_k=3, top_p=0.8)).tolist() == [[True, True, False, False]]
+    assert truncation_mask(logits, Sampling(top_k=3, top_p=0.85)).tolist() == [[True, True, True, False]]
 
 
 def test_conformative_mixing_by_hand():
@@ -32,22 +72,24 @@ def test_conformative_mixing_by_hand():
     base = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
     s = Sampling(top_k=2, top_p=1.0, repetition_penalty=1.0, temperature=1.0)
     seen = torch.zeros(1, 4, dtype=torch.bool)
-    p = next_token_probs(instruct, base, seen, s, w=0.5)
+    p = probs(instruct, base, seen, s, w=0.5)
     # mix = 0.5 * instruct + 0.5 * base on the instruct top-2 {0, 1}: 0.35, 0.25 -> renormalised 7/12, 5/12
     torch.testing.assert_close(p, torch.tensor([[7 / 12, 5 / 12, 0.0, 0.0]]), atol=1e-4, rtol=1e-4)
-    assert next_token_probs(instruct, base, seen, s, w=1.0)[0, 3] == 0  # the base alone never leaves the set
+    assert probs(instruct, base, seen, s, w=1.0)[0, 3] == 0  # the base alone never leaves the set
 
 
-def test_mixture_is_a_distribution_inside_the_truncation_set():
+@pytest.mark.parametrize("top_k, top_p, min_p", [(20, 0.9, 0.05), (0, 0.9, 0.0), (50, 1.0, 0.0), (7, 0.5, 0.3)])
+def test_candidate_sampling_equals_the_rule_over_the_whole_vocabulary(top_k, top_p, min_p):
+    """The distribution over the top-k candidates equals the rule computed over all V tokens, for plain and
+    conformative sampling (continuous random logits: no ties at the k-th)."""
     g = torch.Generator().manual_seed(0)
-    instruct, base = torch.randn(5, 100, generator=g) * 3, torch.randn(5, 100, generator=g) * 3
-    seen = torch.rand(5, 100, generator=g) < 0.1
-    s = Sampling(top_k=20, top_p=0.9, min_p=0.05)
-    for w in (0.0, 0.3, 1.0):
-        p = next_token_probs(instruct, base, seen, s, w)
-        keep = truncation_mask(penalise(instruct, seen, s.repetition_penalty) / s.temperature, s)
+    instruct, base = torch.randn(5, 300, generator=g) * 3, torch.randn(5, 300, generator=g) * 3
+    seen = torch.rand(5, 300, generator=g) < 0.1
+    s = Sampling(top_k=top_k, top_p=top_p, min_p=min_p, temperature=0.8)
+    for w, other in ((0.0, None), (0.3, base), (1.0, base)):
+        p = probs(instruct, other, seen, s, w)
+        torch.testing.assert_close(p, reference_probs(instruct, other, seen, s, w), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(p.sum(-1), torch.ones(5))
-        assert (p[~keep] == 0).all() and (p >= 0).all()
 
 
 PROMPTS = [{"prompt": "Tell a tale."}, {"prompt": "A poem, please."}, {"prompt": [{"role": "user", "content": "Why?"}], "id": "q"}]
