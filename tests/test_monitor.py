@@ -1,6 +1,6 @@
 """Evaluation during training (ddpo/monitor.py) on tiny models: the steps evaluated, equality with the training row
 of the same pairs and with ddpo.generate / ddpo.evaluate, resume, non-finite values, tensorboard and wandb, bad flags
-and files."""
+and files; and the curves of runs (ddpo/curves.py)."""
 
 import importlib.machinery
 import json
@@ -14,7 +14,7 @@ from conftest import STORIES, make_tiny_model, write_jsonl, write_pairs
 
 import ddpo.monitor as monitor_mod
 import ddpo.train as train_mod
-from ddpo import evaluate, generate
+from ddpo import curves, evaluate, generate
 from ddpo.train import main
 from test_train import metrics, no_model, run, strict_rows
 
@@ -266,3 +266,46 @@ def test_bad_files_are_one_line_before_a_model_loads(tmp_path, tiny_model, monke
               *[f.format(tmp=tmp_path) for f in flags]])
     assert re.search(error, str(e.value.code)), e.value.code
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # nothing written
+
+
+def fake_rows(shift):
+    rows = []
+    for step in range(1, 7):
+        rows.append({"step": step, "epoch": step / 3, "loss": 0.7 - 0.05 * step + shift, "rewards/margins": 0.1 * step,
+                     "weights/mean": 1.0, "weights/min": 0.5 + shift, "weights/max": 1.5})
+        if step % 3 == 0:
+            rows.append({"step": step, "epoch": step / 3, "eval_loss": 0.6 - 0.02 * step, "eval_rewards/margins": 0.05,
+                         "eval_semantic_diversity": 0.5 + shift + 0.01 * step, "eval_style_diversity": 0.9,
+                         "eval_quality": 6.0 - step * 0.1})
+    return rows
+
+
+def test_curves_of_two_runs_in_one_png(tmp_path, capsys):
+    for name, shift in (("dpo", 0.0), ("ddpo", 0.05)):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "metrics.jsonl", fake_rows(shift))
+    write_jsonl(tmp_path / "sft.jsonl", [{"step": 1, "loss": 2.0}])  # no evaluations: its panels stay empty
+    out = tmp_path / "plots" / "curves.png"
+    curves.main([str(tmp_path / "dpo"), str(tmp_path / "ddpo"), str(tmp_path / "sft.jsonl"), "--output", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert f"curves: {out}" in capsys.readouterr().out
+    steps, (diversity, quality) = curves.series(fake_rows(0.0), "eval_semantic_diversity", "eval_quality")
+    assert steps == [3, 6] and diversity == pytest.approx([0.53, 0.56]) and quality == pytest.approx([5.7, 5.4])
+
+
+@pytest.mark.parametrize("setup, argv, error", [
+    (lambda t: None, ["{t}/nowhere"], r"^error: .*/nowhere: no metrics.jsonl \(not a ddpo.train output directory\)$"),
+    (lambda t: write_jsonl(t / "m.jsonl", [{"step": 1}, {"loss": 1.0}]), ["{t}/m.jsonl"],
+     r"^error: .*/m.jsonl:2: not a metrics line of ddpo.train \(no integer 'step'\)$"),
+    (lambda t: write_jsonl(t / "m.jsonl", ["{"]), ["{t}/m.jsonl"], r"^error: .*/m.jsonl:1: malformed JSON"),
+    (lambda t: write_jsonl(t / "m.jsonl", [{"step": 1}]), ["{t}/m.jsonl", "--names", "a", "b"],
+     r"^error: --names: 2 names for 1 runs$"),
+    (lambda t: write_jsonl(t / "m.jsonl", [{"step": 1}]), ["{t}/m.jsonl", "{t}/m.jsonl"],
+     r"^error: --names: run names must be distinct"),
+])
+def test_curves_refuse_bad_input_in_one_line(tmp_path, setup, argv, error):
+    setup(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        curves.main([a.format(t=tmp_path) for a in argv] + ["--output", str(tmp_path / "c.png")])
+    assert re.search(error, str(e.value.code)), e.value.code
+    assert not (tmp_path / "c.png").exists()
