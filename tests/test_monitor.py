@@ -72,7 +72,7 @@ def test_evaluations_at_every_nth_and_the_last_step_leave_training_alone(tmp_pat
 def test_an_evaluation_without_update_equals_the_training_row_of_the_same_pairs(tmp_path, tiny_model, monkeypatch,
                                                                                loss, extra):
     """--warmup-steps 2 makes step 1's learning rate 0, so after it the weights are those its row was computed with;
-    the held-out pairs are step 1's pairs (all of them), so every eval_ value equals the training value of step 1. A
+    the held-out pairs are step 1's pairs (all of them, reversed), so every eval_ value equals step 1's training value. A
     reference other than the start model makes the rewards non-zero; with --deviation, pools of 3 to 5 texts make
     weights other than 1."""
     from test_train import pool_pairs
@@ -80,8 +80,10 @@ def test_an_evaluation_without_update_equals_the_training_row_of_the_same_pairs(
     monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
     ref = make_tiny_model(tmp_path / "ref", seed=1)
     data = (pool_pairs if "--deviation" in extra else write_pairs)(tmp_path / "pairs.jsonl")  # 9 or 6 pairs
+    backwards = tmp_path / "reversed.jsonl"  # the same pairs in another order: held-out indices are their own
+    backwards.write_text("".join(reversed(open(data).readlines())))
     cfg, _ = run(tmp_path, tiny_model, "--loss", loss, "--ref-model", ref, "--max-steps", "1", "--warmup-steps", "2",
-                 "--batch-size", "9", "--eval-data", data, *extra, data=data)
+                 "--batch-size", "9", "--eval-data", str(backwards), *extra, data=data)
     trained, held_out = strict_rows(os.path.join(cfg.output_dir, "metrics.jsonl"))
     assert trained["lr"] == 0.0 and held_out["step"] == 1
     keys = [k for k in trained if f"eval_{k}" in held_out]
