@@ -85,9 +85,12 @@ def plot_curves(runs, path):
         steps, (diversity, quality) = series(rows, "eval_semantic_diversity", "eval_quality")
         if steps:
             ax.plot(diversity, quality, color=f"C{i % 10}", marker="o", ms=3, label=name)
-            for j in {0, len(steps) - 1}:
-                ax.annotate(f"{name} step {steps[j]}", (diversity[j], quality[j]), textcoords="offset points",
-                            xytext=(5, 5), fontsize=8)
+            ends = {(diversity[j], quality[j]): [] for j in (0, -1)}  # one label where first and last coincide
+            for j in dict.fromkeys((0, len(steps) - 1)):
+                ends[diversity[j], quality[j]].append(str(steps[j]))
+            for (x, y), labels in ends.items():
+                ax.annotate(f"{name} step{'s' if len(labels) > 1 else ''} {', '.join(labels)}", (x, y),
+                            textcoords="offset points", xytext=(5, 5), fontsize=8)
             drawn = True
     ax.set_xlabel("eval_semantic_diversity (higher = more diverse)")
     finish(ax, "quality against diversity, step by step", "eval_quality", drawn)
