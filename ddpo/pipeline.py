@@ -179,6 +179,8 @@ def parse_args(argv=None):
         cfg = PipelineConfig(**{**asdict(cfg), **{k: v for k, v in QUICK.items() if not given(argv, k)}})
     if cfg.eval_n == 1:
         p.error("argument --eval-n: diversity needs at least 2 samples per prompt (0 = --n)")
+    if cfg.monitor_prompts > (held_out := len(prompt_lines("eval"))):
+        p.error(f"argument --monitor-prompts: {cfg.monitor_prompts}, but ddpo/data/prompts_eval.jsonl holds {held_out}")
     return cfg
 
 
