@@ -25,7 +25,10 @@ Outputs in --output-dir: checkpoint-<step>/ (Hugging Face model + tokenizer, tra
 scheduler, step and RNG, train_config.json), metrics.jsonl (one line per log step) and train_config.json (every flag
 and the sha256 of the data). Checkpoints are written to a temporary directory and renamed into place
 (ddpo/checkpoint.py); a run holds <output_dir>/.lock while it writes there, so a second run into the same directory
-is refused, and removes the temporaries a killed run left there when it starts.
+is refused, and removes the temporaries a killed run left there when it starts. With --eval-data / --eval-prompts,
+every --eval-every steps and at the last an evaluation row follows the step's row (held-out pairs under the training
+objective, the diversity and quality of sampled responses in eval_samples/; ddpo/monitor.py), and --report-to
+tensorboard|wandb sends every row there too.
 
 Flags are checked before anything loads: numeric ranges at parse time, then model paths, the output directory and
 the data. A step whose loss, gradient norm or any logged metric is not finite (NaN or inf: a huge 'weight' in the
