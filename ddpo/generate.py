@@ -36,6 +36,7 @@ it adds).
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -190,6 +191,25 @@ def generate_batch(model, tokenizer, rows, s, generator, base=None, base_rows=No
         logits_b = other.step(token) if other else None
     texts = [tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True).strip() for seq in tokens]
     return [texts[i * s.n:(i + 1) * s.n] for i in range(len(rows))]
+
+
+def batch_generator(s, index, device):
+    """The generator of prompt batch `index`: seeded by --seed and the batch's index alone, so a sample depends on
+    neither interruptions nor which process samples its batch."""
+    return torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + index)
+
+
+def sample(model, tokenizer, prompts, s, batch_prompts=4, batches=None):
+    """s.n responses for each prompt ({"prompt": str | [messages]} dicts) as ddpo.generate samples them without a base
+    model: the same batches of batch_prompts, prompts cut to the same limit, the same seeds, so the same texts.
+    `batches`: the indices of the batches to run (default: all). Returns {batch index: [per prompt: n responses]}."""
+    limit = prompt_limit([model], s.max_new_tokens)
+    device = next(model.parameters()).device
+    out = {}
+    for index in range(math.ceil(len(prompts) / batch_prompts)) if batches is None else batches:
+        rows = [render_prompt(tokenizer, p["prompt"])[-limit:] for p in prompts[index * batch_prompts:][:batch_prompts]]
+        out[index] = generate_batch(model, tokenizer, rows, s, batch_generator(s, index, device))
+    return out
 
 
 def read_prompts(path):
@@ -347,7 +367,7 @@ def generate(args):
         os.truncate(args.output, complete)  # the torn last line of our own output
     for index, start in tqdm(todo, desc="generate", dynamic_ncols=True):
         end = start + size
-        generator = torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + index)
+        generator = batch_generator(s, index, device)
         responses = generate_batch(model, tokenizer, [r[-limit:] for r in rows[start:end]], s, generator, base,
                                    [r[-limit:] for r in base_rows[start:end]], args.conform_weight)
         lines = [json.dumps({"prompt_id": p["id"], "prompt": p["prompt"], "response": r, "sample": j, **settings},

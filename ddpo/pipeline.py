@@ -7,9 +7,12 @@
 1. the starting model writes --n stories for each of the first --train-prompts prompts of ddpo/data/prompts_train.jsonl
 2. ddpo.prepare scores them (offline proxy), embeds them (packaged all-MiniLM-L6-v2 + the stylometric profile) and
    pairs them (released gap rule), each pair weighted by the deviation of its chosen story
-3. ddpo.train trains DPO and DDPO from the same start, same pairs, seed and steps
+3. ddpo.train trains DPO and DDPO from the same start, same pairs, seed and steps; every --monitor-every steps and
+   at the last it samples 4 stories of 48 tokens for each of the first --monitor-prompts held-out prompts and logs
+   their diversity and quality in <arm>/metrics.jsonl (ddpo/monitor.py; about 5% of the default run's time)
 4. both write --n stories for each of the first --eval-prompts held-out prompts of ddpo/data/prompts_eval.jsonl
-5. ddpo.evaluate prints the comparison table, DDPO's paired differences to DPO, and writes the plot
+5. ddpo.evaluate prints the comparison table, DDPO's paired differences to DPO, and writes the plot; ddpo.curves
+   draws both runs' training curves and sampled trajectories into <work-dir>/eval/curves.png
 Every stage writes into --work-dir and is skipped when its output is already there, so a stopped run resumes.
 experiments/ builds its comparisons from the same functions (`run_arms`).
 """
@@ -21,13 +24,16 @@ import sys
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
-from ddpo import evaluate, generate, prepare
+from ddpo import curves, evaluate, generate, prepare
 from ddpo import train as trainer
 from ddpo.checkpoint import checkpoint_path
 from ddpo.config import add_config_args, given
 from ddpo.data import atomic_write, in_range
 from ddpo.embedders import DEFAULT_EMBEDDERS
 from ddpo.models import DEFAULT_MODEL
+
+
+MONITOR = {"samples": 4, "max_new_tokens": 48}  # of the evaluations during training: cheap enough to leave on
 
 
 def _(default, help, type=None):
@@ -52,13 +58,18 @@ class PipelineConfig:
     semantic_embedder: str = _(DEFAULT_EMBEDDERS["semantic"], "semantic embedder of weights and evaluation")
     trust_remote_code: bool = _(False, "run the embedders' own code (e.g. jinaai/jina-embeddings-v3)")
     train_flags: str = _("", "extra ddpo.train flags for every arm, e.g. \"--lora-r 128 --gradient-checkpointing\"")
+    monitor_prompts: int = _(2, "first held-out prompts sampled during training (ddpo.train --eval-prompts: "
+                                f"{MONITOR['samples']} samples of {MONITOR['max_new_tokens']} tokens each); 0 = off",
+                             in_range(int, 0))
+    monitor_every: int = _(5, "steps between those evaluations (and at the last step)", in_range(int, 1))
     seed: int = _(0, "seed of sampling, pairing and training", in_range(int, 0))
     quick: bool = _(False, "tiny sizes for a smoke test, for every size not given on the command line: "
                            "train-prompts 3, eval-prompts 2, n 3, max-new-tokens 24, steps 2, batch-size 2")
 
 
 GROUPS = {"sizes": ["train_prompts", "eval_prompts", "n", "eval_n", "max_new_tokens", "quick"],
-          "training": ["steps", "batch_size", "lr", "beta", "gap", "train_flags", "seed"],
+          "training": ["steps", "batch_size", "lr", "beta", "gap", "train_flags", "seed", "monitor_prompts",
+                       "monitor_every"],
           "models": ["model", "semantic_embedder", "trust_remote_code"]}
 QUICK = dict(train_prompts=3, eval_prompts=2, n=3, max_new_tokens=24, steps=2, batch_size=2)
 
@@ -109,6 +120,16 @@ def make_pairs(cfg, responses, flags, output):
     return output
 
 
+def monitor_flags(cfg):
+    """ddpo.train's flags of the sampled evaluations during training (none with --monitor-prompts 0)."""
+    if not cfg.monitor_prompts:
+        return []
+    prompts = first_prompts("eval", cfg.monitor_prompts, os.path.join(cfg.work_dir, "prompts_monitor.jsonl"))
+    return ["--eval-prompts", prompts, "--eval-every", str(cfg.monitor_every), "--eval-samples",
+            str(MONITOR["samples"]), "--eval-max-new-tokens", str(MONITOR["max_new_tokens"]), "--semantic-embedder",
+            cfg.semantic_embedder, *remote_code(cfg)]
+
+
 def train_arm(cfg, arm, pairs, output_dir):
     final = checkpoint_path(output_dir, cfg.steps)
     if not os.path.exists(final):
@@ -117,7 +138,8 @@ def train_arm(cfg, arm, pairs, output_dir):
             "--max-steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
             "--beta", str(cfg.beta), "--seed", str(cfg.seed), "--save-every", "0", "--keep-checkpoints", "1",
             *(["--precompute-ref"] if arm.loss in ("dpo", "ddpo") else []),
-            *(["--resume"] if os.path.isdir(output_dir) else []), *cfg.train_flags.split(), *arm.train]))
+            *(["--resume"] if os.path.isdir(output_dir) else []), *monitor_flags(cfg), *cfg.train_flags.split(),
+            *arm.train]))
     return final
 
 
@@ -140,10 +162,13 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
         checkpoint = train_arm(cfg, arm, pairs, os.path.join(cfg.work_dir, name))
         samples[name] = sample(cfg, checkpoint, eval_prompts, os.path.join(cfg.work_dir, name, "samples.jsonl"),
                                cfg.eval_n)
-    return evaluate.run(evaluate.parse_args([*samples.values(), "--names", *samples, "--semantic-embedder",
-                                             cfg.semantic_embedder, "--output-dir", os.path.join(cfg.work_dir, "eval"),
-                                             *remote_code(cfg),
-                                             *(["--baseline", baseline] if baseline in samples else [])]))
+    results = evaluate.run(evaluate.parse_args([*samples.values(), "--names", *samples, "--semantic-embedder",
+                                                cfg.semantic_embedder, "--output-dir", os.path.join(cfg.work_dir, "eval"),
+                                                *remote_code(cfg),
+                                                *(["--baseline", baseline] if baseline in samples else [])]))
+    curves.run(curves.parse_args([os.path.join(cfg.work_dir, name) for name in arms] + [
+        "--names", *arms, "--output", os.path.join(cfg.work_dir, "eval", "curves.png")]))
+    return results
 
 
 def parse_args(argv=None):
@@ -154,6 +179,8 @@ def parse_args(argv=None):
         cfg = PipelineConfig(**{**asdict(cfg), **{k: v for k, v in QUICK.items() if not given(argv, k)}})
     if cfg.eval_n == 1:
         p.error("argument --eval-n: diversity needs at least 2 samples per prompt (0 = --n)")
+    if cfg.monitor_prompts > (held_out := len(prompt_lines("eval"))):
+        p.error(f"argument --monitor-prompts: {cfg.monitor_prompts}, but ddpo/data/prompts_eval.jsonl holds {held_out}")
     return cfg
 
 

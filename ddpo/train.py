@@ -30,7 +30,10 @@ Outputs in --output-dir: checkpoint-<step>/ (Hugging Face model + tokenizer, tra
 scheduler, step and RNG, train_config.json), metrics.jsonl (one line per log step) and train_config.json (every flag
 and the sha256 of the data). Checkpoints are written to a temporary directory and renamed into place
 (ddpo/checkpoint.py); a run holds <output_dir>/.lock while it writes there, so a second run into the same directory
-is refused, and removes the temporaries a killed run left there when it starts.
+is refused, and removes the temporaries a killed run left there when it starts. With --eval-data / --eval-prompts,
+every --eval-every steps and at the last an evaluation row follows the step's row (held-out pairs under the training
+objective, the diversity and quality of sampled responses in eval_samples/; ddpo/monitor.py), and --report-to
+tensorboard|wandb sends every row there too.
 
 Flags are checked before anything loads: numeric ranges at parse time, then model paths, the output directory and
 the data. A step whose loss, gradient norm or any logged metric is not finite (NaN or inf: a huge 'weight' in the
@@ -68,6 +71,7 @@ from ddpo.distributed import data_parallel, gather_metrics, no_sync, peak_memory
 from ddpo.embedders import DEFAULT_EMBEDDERS, InStepDeviation, check_embedder
 from ddpo.losses import LOSSES, Logps
 from ddpo.models import DEFAULT_MODEL, check_model_path, load_policy, load_tokenizer, use_triton
+from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
 
 
@@ -159,6 +163,23 @@ class TrainConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "run the embedders' own code from their directory "
                                                                      "or hub repo (--deviation with jinaai/jina-"
                                                                      "embeddings-v3); only for models you trust"})
+    # evaluation and reporting (ddpo/monitor.py)
+    eval_data: str = field(default="", metadata={"help": "held-out pairs JSONL (file or directory): the training "
+                                                          "objective on them, no update, at every evaluation: "
+                                                          "eval_loss, eval_rewards/margins, eval_rewards/accuracies, ..."})
+    eval_prompts: str = field(default="", metadata={"help": "prompts JSONL: at every evaluation sample --eval-samples "
+                                                             "responses per prompt (ddpo.generate's sampler, seeded) and "
+                                                             "log ddpo.evaluate's metrics of them: eval_semantic_"
+                                                             "diversity, eval_style_diversity, eval_quality, ..."})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps and at the last (0 = at the last "
+                                                          "step only)", "type": in_range(int, 0)})
+    eval_samples: int = field(default=4, metadata={"help": "responses per --eval-prompts prompt (2+: diversity)",
+                                                    "type": in_range(int, 2)})
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "tokens per sampled response", "type": in_range(int, 1)})
+    eval_quality: str = field(default="proxy", metadata={"help": "quality of the samples: proxy or reward-model:PATH"})
+    report_to: str = field(default="none", metadata={"help": "where metrics go besides metrics.jsonl: none, "
+                                                              "tensorboard, wandb, or tensorboard,wandb (optional "
+                                                              "packages)", "type": report_targets})
 
 
 GROUPS = {  # headers of --help
@@ -170,10 +191,13 @@ GROUPS = {  # headers of --help
     "speed and memory": ["dtype", "device", "kernels", "precompute_ref", "lean", "gradient_checkpointing", "fsdp"],
     "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora"],
     "checkpoints and logs": ["log_every", "save_every", "keep_checkpoints", "resume"],
+    "evaluation and reporting": ["eval_data", "eval_prompts", "eval_every", "eval_samples", "eval_max_new_tokens",
+                                 "eval_quality", "report_to"],
 }
 
 
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cfg = TrainConfig(**vars(add_config_args(parser, TrainConfig, GROUPS).parse_args(argv)))
     if not cfg.data:
@@ -184,6 +208,7 @@ def parse_args(argv=None):
     if cfg.max_length and cfg.max_prompt_length >= cfg.max_length:
         parser.error(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length ({cfg.max_length})")
     check_device(parser, cfg)
+    check_flags(parser, cfg, argv)
     return cfg
 
 
@@ -314,11 +339,12 @@ def train(cfg):
     # 1. paths and data first: bad input fails here, before a model is loaded or anything is written
     check_paths(cfg)
     pairs = load_pairs(cfg.data, weight_field=cfg.weight_field)
+    held_out = read_held_out(cfg)  # --eval-data, --eval-prompts
     with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
-        return train_locked(cfg, rank, world, device, pairs)
+        return train_locked(cfg, rank, world, device, pairs, held_out)
 
 
-def train_locked(cfg, rank, world, device, pairs):
+def train_locked(cfg, rank, world, device, pairs, held_out):
     # 2. the output directory: a checkpoint there is resumed from (--resume) or refused
     config, last_checkpoint, state = open_output_dir(cfg, rank, world)
     resume_from = last_checkpoint if state else None
@@ -342,6 +368,8 @@ def train_locked(cfg, rank, world, device, pairs):
     if cfg.packing:
         check_packing(cfg, policy_logps, pairs, tokenizer.pad_token_id, device)
     ref = load_reference(cfg, policy_logps, device, world) if LOSSES[cfg.loss].reference else None
+    monitor = Monitor(cfg, held_out, rank, world, device, tokenizer, policy, policy_logps, ref, autocast_dtype,
+                      functools.partial(micro_batch, cfg), functools.partial(pair_weights, cfg), embedders(cfg))
     if ref and cfg.precompute_ref:
         with autocast():
             ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, autocast_dtype, save=rank == 0)
@@ -369,6 +397,7 @@ def train_locked(cfg, rank, world, device, pairs):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps), last_epoch=start_step - 1)
     if rank == 0:
         atomic_write(os.path.join(cfg.output_dir, "train_config.json"), json.dumps(config, indent=2))
+    reporter = Reporter(cfg, start_step, tqdm.write) if rank == 0 else None  # metrics.jsonl, --report-to
 
     # 5. the loop: each rank runs its share of the step's micro-batches; gradients summed over ranks; clip, update
     print0(f"training {cfg.loss} on {device}{f' x {world} ranks' if world > 1 else ''} "
@@ -397,12 +426,14 @@ def train_locked(cfg, rank, world, device, pairs):
         if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
             n_pairs = sum(len(b) for b in step_batches)
             row = log_row(step + 1, epoch, sums, n_pairs, used_weights, grad_norm, lr, time.perf_counter() - t0, device)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
-            bar.write(f"step {step + 1}/{total_steps} | " + " | ".join(f"{key} {row[key]:.4g}" for key in PRINTED if key in row))
+            reporter.log(row, f"step {step + 1}/{total_steps} | "
+                         + " | ".join(f"{key} {row[key]:.4g}" for key in PRINTED if key in row))
+        monitor.after_step(step + 1, total_steps, epoch, path, reporter)  # held-out pairs, samples: when due
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
             path = save(cfg, step + 1, policy, tokenizer, optimizer, scheduler, rank, world)
     print0(f"saved {path}", flush=True)
+    if reporter:
+        reporter.close()
     if world > 1:
         dist.destroy_process_group()
     return path

@@ -72,3 +72,33 @@ def test_fsdp_refuses_one_process_and_lora(tmp_path, tiny_model):
                               env={**os.environ, "WORLD_SIZE": "1"})
         assert proc.returncode != 0 and "--fsdp" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_evaluate_as_one_process(tmp_path, tiny_model, mode):
+    """Evaluation under torchrun: the held-out pairs in 3 micro-batches dealt out to two ranks (one runs a pass to
+    discard, as FSDP's collectives need) and, data parallel, the 2 prompt batches sampled one per rank: the eval rows
+    and the sampled texts are one process's, and no rank waits forever. Sampling is refused with --fsdp."""
+    from conftest import STORIES, write_jsonl
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    common = ["--model", tiny_model, "--data", data, "--loss", "ddpo", "--max-steps", "2", "--batch-size", "2",
+              "--lr", "1e-3", "--eval-every", "1", "--eval-data", data]
+    if mode == "ddp":
+        common += ["--eval-prompts", write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _, _ in STORIES]),
+                   "--eval-samples", "2", "--eval-max-new-tokens", "8", "--semantic-embedder", "stylometric"]
+    run([*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "single")], tmp_path)
+    out = run([*common, *(["--fsdp"] if mode == "fsdp" else []), "--output-dir", str(tmp_path / "two")], tmp_path,
+              ranks=2)
+    assert out.count("eval step") == 2  # rank 0 alone logs
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "two")
+    assert [(r["step"], "eval_loss" in r) for r in a] == [(r["step"], "eval_loss" in r) for r in b] == \
+           [(1, False), (1, True), (2, False), (2, True)]
+    for x, y in zip(a, b):
+        for key in x:
+            if key.startswith("eval_") and key != "eval_runtime":
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    if mode == "ddp":
+        for step in (1, 2):
+            name = f"eval_samples/step-{step}.jsonl"
+            assert (tmp_path / "single" / name).read_text() == (tmp_path / "two" / name).read_text()

@@ -14,11 +14,16 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model, capsys):
     out = capsys.readouterr().out
     assert "| dpo |" in out and "| ddpo |" in out and "plot:" in out
     assert "difference to dpo" in out and "\nddpo - dpo: semantic diversity " in out  # the reading, after the tables
+    assert f"curves: {tmp_path / 'eval' / 'curves.png'}" in out and "eval step 2/2 | eval_semantic_diversity" in out
+    assert (tmp_path / "eval" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("dpo", "ddpo"):
         metrics = json.load(open(tmp_path / "eval" / f"{name}.metrics.json"))
         assert metrics["prompts"] == 2 and metrics["samples"] == 6
         assert ("vs_baseline" in metrics) == (name == "ddpo")
         assert os.path.isdir(tmp_path / name / "checkpoint-2")
+        rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]  # sampled during training
+        assert [r["step"] for r in rows if "eval_semantic_diversity" in r] == [2]  # --quick: 2 steps, the last
+        assert len(open(tmp_path / name / "eval_samples" / "step-2.jsonl").readlines()) == 2 * 4  # 2 prompts x 4
     pairs = [json.loads(line) for line in open(tmp_path / "pairs-deviation_both.jsonl")]
     assert pairs and all("weight" in p for p in pairs)
     for prompt in {p["prompt"] for p in pairs}:  # the pool: the texts of the prompt's kept pairs (released order)
@@ -86,6 +91,8 @@ def test_evidence_runs_every_arm_and_pools_the_seeds(tmp_path, tiny_model):
     (["--lr", "nan"], "argument --lr"),
     (["--beta", "-1"], "argument --beta"),
     (["--eval-prompts", "1"], "argument --eval-prompts"),
+    (["--monitor-prompts", "33"], "argument --monitor-prompts: 33, but ddpo/data/prompts_eval.jsonl holds 32"),
+    (["--monitor-every", "0"], "argument --monitor-every: must be >= 1"),
 ])
 def test_pipeline_flags_are_checked_at_parse_time(argv, message, capsys):
     from ddpo.pipeline import parse_args
