@@ -17,6 +17,12 @@ decoding mixes the distributions, p = (1 - w) p_instruct + w p_base, keeps only 
 and renormalises; each model keeps its own KV cache and may read its own prompt format. With w = 0 the tokens are
 those of plain sampling with the same seed.
 
+Speed: each prompt is run once and its KV cache repeated for its N samples; a step works on the top-k candidates
+only (top-p and min-p never reach past them; one logsumexp over the vocabulary gives their probabilities); a
+sample that has ended leaves the batch. Top-k keeps exactly k tokens (ties at the k-th are cut, where the earlier
+whole-vocabulary mask kept them). The distribution is the same as before, but the draws are not: since 2026-11-23
+a seed gives other samples than it did before (multinomial over k candidates, and over the rows still going).
+
 A prompt longer than the context (the smaller max_position_embeddings of the models, minus --max-new-tokens) keeps
 its last tokens, as training keeps a prompt's end; how many were cut is printed (the sample lines keep the whole
 prompt). No room at all for a prompt is an error.
