@@ -3,9 +3,9 @@ power analysis; DDPO-sem, DDPO-sty, DivPO and the start model beside them; and t
 
     python experiments/evidence.py                               # ~/ddpo-runs/evidence: the sized run, 2 CPU cores
     python experiments/evidence.py --power runs/pilot/eval --arm ddpo --baseline dpo    # power from a finished eval
-    python experiments/evidence.py --model meta-llama/Llama-3.1-8B-Instruct --train-prompts 130 --eval-prompts 32 \
+    python experiments/evidence.py --model meta-llama/Llama-3.1-8B-Instruct --train-prompts 98 --eval-prompts 64 \
         --n 8 --eval-n 8 --steps 200 --lr 5e-6 --max-new-tokens 512 --work-dir runs/evidence-8b \
-        --train-flags="--lora-r 128 --lora-alpha 256 --gradient-checkpointing"                # one GPU; not yet run
+        --train-flags="--lora-r 128 --lora-alpha 256 --gradient-checkpointing"    # one GPU, a few hours; not yet run
 
 Every stage (training responses, pairs, each arm's training and held-out samples, evaluation, the mechanism pool and
 its log-probs) writes into --work-dir and is skipped when its output is there: stop at any point, run the same
