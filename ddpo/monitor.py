@@ -19,10 +19,10 @@ the in-step kernel would compute for them; DORPO (released) takes the mean over 
 log-probs come from the training reference (with --precompute-ref they are cached too, before the copy is freed).
 
 Sampled diversity (--eval-prompts, ddpo.generate's prompts format): the policy samples --eval-samples responses for
-every prompt with ddpo.generate's sampler (generate.sample: its batches of 4 prompts, its seeds from --seed, its
-default settings but --max-new-tokens from --eval-max-new-tokens), so each evaluation draws with the same random
-numbers and steps differ by the model alone, and the texts are those `python -m ddpo.generate --model
-checkpoint-<step> --n K --max-new-tokens M --seed S` writes. They are scored with ddpo.evaluate's code
+every prompt with ddpo.generate's sampler (generate.sample: its batches of generate.BATCH_PROMPTS prompts, its
+seeds from --seed, its default settings but --max-new-tokens from --eval-max-new-tokens), so each evaluation draws
+with the same random numbers and steps differ by the model alone, and the texts are those `python -m ddpo.generate
+--model checkpoint-<step> --n K --max-new-tokens M --seed S` writes. They are scored with ddpo.evaluate's code
 (evaluate.evaluate), logged as the means over prompts eval_semantic_diversity, eval_style_diversity,
 eval_compression_ratio, eval_ngram_diversity, eval_homogenization, eval_distinct_1, eval_distinct_2, eval_length and
 eval_quality (--eval-quality: proxy or reward-model:PATH), with --semantic-embedder and --style-embedder (the
@@ -74,7 +74,6 @@ from ddpo.reference import Reference
 
 REPORTERS = ("none", "tensorboard", "wandb")
 SAMPLES_DIR = "eval_samples"  # in --output-dir: step-<N>.jsonl
-BATCH_PROMPTS = 4  # ddpo.generate's default --batch-prompts: its batches, so its seeds and texts
 PRINTED = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_semantic_diversity",
            "eval_style_diversity", "eval_quality", "eval_length", "eval_runtime")  # of an evaluation row, when there
 SAMPLING_FLAGS = ("eval_samples", "eval_max_new_tokens", "eval_quality")  # mean nothing without --eval-prompts
@@ -255,9 +254,9 @@ class Monitor:
 
     def sampled_metrics(self, step):
         """ddpo.evaluate's metrics of --eval-samples responses per prompt (rank 0; {} on the others)."""
-        n_batches = math.ceil(len(self.prompts) / BATCH_PROMPTS)
+        n_batches = math.ceil(len(self.prompts) / generate.BATCH_PROMPTS)
         with sampling_mode(self.policy):
-            mine = generate.sample(self.policy, self.tokenizer, self.prompts, self.sampling, BATCH_PROMPTS,
+            mine = generate.sample(self.policy, self.tokenizer, self.prompts, self.sampling, generate.BATCH_PROMPTS,
                                    range(self.rank, n_batches, self.world))
         if self.world > 1:
             gathered = [None] * self.world
