@@ -205,6 +205,7 @@ def batch_generator(s, index, device):
     return torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + index)
 
 
+SAMPLER = 2  # the version of the draws a seed gives: 2 since 2026-11-23 (top-k candidates, ended rows leave)
 BATCH_PROMPTS = 16  # prompts per batch (x N rows): 2x the tokens/s of 4 on 2 CPU cores (bench/generate.py)
 
 
@@ -290,7 +291,7 @@ def written_samples(output, meta, prompts, settings):
     if not old:
         raise DataError(f"{output}: exists and was not written by ddpo.generate (no {meta_path(output)}); "
                         "choose another --output or remove it")
-    if (differ := [k for k in meta if old.get(k) != meta[k]]):
+    if (differ := [k for k in meta if k != "sampler" and old.get(k) != meta[k]]):
         raise DataError(f"{output}: holds samples with other settings: "
                         + ", ".join(f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in differ)
                         + "; choose another --output")
@@ -310,6 +311,9 @@ def written_samples(output, meta, prompts, settings):
         if key in lines:
             raise DataError(f"{output}:{lineno}: sample {key[1]} of prompt {key[0]!r} is already on line {lines[key]}")
         lines[key] = lineno
+    if old.get("sampler", 1) != meta["sampler"] and len(lines) < len(prompts) * settings["n"]:  # complete: nothing to draw
+        raise DataError(f"{output}: written by an earlier version of the sampler (sampler {old.get('sampler', 1)}, now "
+                        f"{meta['sampler']}), whose draws differ: choose another --output to finish it")
     return set(lines), len(complete)
 
 
@@ -331,8 +335,9 @@ def parse_args(argv=None):
                    help="w in p = (1 - w) p_instruct + w p_base")
     p.add_argument("--base-prompt-format", default="chat", choices=["chat", "completion"],
                    help="how the base model reads the prompt: the chat template, or the plain prompt text")
-    p.add_argument("--batch-prompts", type=in_range(int, 1), default=BATCH_PROMPTS,
-                   help="prompts per batch (x n sequences); part of what a seed's samples depend on")
+    p.add_argument("--batch-prompts", type=in_range(int, 1), default=None,
+                   help=f"prompts per batch (x n sequences), part of what a seed's samples depend on (default: "
+                        f"{BATCH_PROMPTS}, or the value of the output being resumed)")
     add_config_args(p, Sampling, {"sampling": [f.name for f in fields(Sampling)]})
     return p.parse_args(argv)
 
@@ -347,7 +352,10 @@ def generate(args):
     settings = {"model": args.model, **asdict(s), "base_model": args.base_model or None,
                 "conform_weight": args.conform_weight,
                 "base_prompt_format": args.base_prompt_format if args.base_model else None}
-    meta = {"written_by": WRITTEN_BY, **settings, "batch_prompts": args.batch_prompts,
+    if args.batch_prompts is None:  # an output being resumed keeps its batches (and so its seeds)
+        resumed = read_meta(meta_path(args.output)) if os.path.exists(args.output) else {}
+        args.batch_prompts = resumed.get("batch_prompts", BATCH_PROMPTS)
+    meta = {"written_by": WRITTEN_BY, "sampler": SAMPLER, **settings, "batch_prompts": args.batch_prompts,
             "prompts_sha256": prompts_sha256(prompts)}
     done, complete = written_samples(args.output, meta, prompts, settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -190,13 +190,16 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     padded rows come with the 2D key mask (flash-attention style) and take one masked sdpa call; rows of equal
     length come without a mask and are one sequence each."""
     gqa, dtype = query.shape[1] != key.shape[1], query.dtype
-    if query.device.type == "cpu" and dtype == torch.bfloat16:  # the CPU's bf16 sdpa backward is slower than fp32's
-        query, key, value = query.float(), key.float(), value.float()  # (bench/bf16.py): attention in fp32 there
+    if query.device.type == "cpu" and dtype == torch.bfloat16:  # the CPU's bf16 sdpa backward is slower than fp32's:
+        with torch.autocast("cpu", enabled=False):  # attention in fp32 (autocast off, else sdpa casts back to bf16)
+            out, _ = segment_attention(module, query.float(), key.float(), value.float(), attention_mask, dropout,
+                                       scaling, position_ids, segment_lengths)
+        return out.to(dtype), None
     if attention_mask is not None:  # padded rows: causal & key padding, the plain sdpa result
         T = query.shape[2]
         mask = torch.ones(T, T, dtype=torch.bool, device=query.device).tril() & attention_mask[:, None, None, :].bool()
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        return out.transpose(1, 2).to(dtype).contiguous(), None
+        return out.transpose(1, 2).contiguous(), None
     if segment_lengths is not None:
         lengths = segment_lengths
     elif query.shape[0] == 1 and position_ids is not None:  # one row: sequences restart at position 0
@@ -206,7 +209,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         lengths = [query.shape[2]]
     out = torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)  # split,
                      for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))], dim=2)  # not slices:
-    return out.transpose(1, 2).to(dtype).contiguous(), None  # its backward is one cat, not a buffer per sequence
+    return out.transpose(1, 2).contiguous(), None  # its backward is one cat, not a zero-filled buffer per sequence
 
 
 def use_segment_attention(model):

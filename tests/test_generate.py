@@ -1,5 +1,6 @@
 """ddpo.generate: sampling processors, conformative mixing, w = 0 equals plain sampling, resume, bad input."""
 
+import json
 import os
 import shutil
 
@@ -132,6 +133,27 @@ def test_resume_writes_exactly_the_missing_samples(tmp_path, tiny_model, batch_p
     moved = shutil.copy(prompts, str(tmp_path / "moved.jsonl"))  # the prompts file may move
     main(common + ["--prompts", moved, "--output", str(tmp_path / "part.jsonl")])
     assert (tmp_path / "part.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+
+
+def test_resume_keeps_the_outputs_batches_and_refuses_to_finish_an_older_samplers_output(tmp_path, tiny_model):
+    """Without --batch-prompts a resumed output keeps its own batches (so its seeds), not today's default; an output of
+    the sampler before 2026-11-23 (no 'sampler' in its settings file) is accepted when complete, refused when not."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out, meta = tmp_path / "s.jsonl", tmp_path / "s.jsonl.meta.json"
+    common = ["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "6", "--n", "2", "--output", str(out)]
+    main(common + ["--batch-prompts", "2"])
+    full = out.read_text()
+    out.write_text("".join(full.splitlines(keepends=True)[:3]))  # interrupted in batch 1
+    main(common)
+    assert out.read_text() == full
+    settings = json.loads(meta.read_text())
+    del settings["sampler"]
+    meta.write_text(json.dumps(settings))
+    main(common)  # complete: nothing is drawn
+    assert out.read_text() == full
+    out.write_text("".join(full.splitlines(keepends=True)[:3]))
+    with pytest.raises(SystemExit, match=r"s.jsonl: written by an earlier version of the sampler \(sampler 1, now 2\)"):
+        main(common)
 
 
 @pytest.mark.parametrize("flags, differing", [
