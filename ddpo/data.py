@@ -302,7 +302,10 @@ def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
     stats = {"pairs": len(pairs), "prompts_truncated": 0, "completions_truncated": 0}
     for pair in pairs:
-        prompt_ids, chosen_ids, rejected_ids = tokenize_pair(tokenizer, pair.prompt, pair.chosen, pair.rejected)
+        try:
+            prompt_ids, chosen_ids, rejected_ids = tokenize_pair(tokenizer, pair.prompt, pair.chosen, pair.rejected)
+        except DataError as e:
+            raise DataError(f"{pair.source}: {e}") from None
         if not chosen_ids or not rejected_ids:
             raise DataError(f"{pair.source}: a completion has no tokens after the prompt")
         if max_prompt_length and len(prompt_ids) > max_prompt_length:

@@ -317,11 +317,11 @@ def written_samples(output, meta, prompts, settings):
     return set(lines), len(complete)
 
 
-def prompt_limit(models, max_new_tokens):
+def prompt_limit(models, max_new_tokens, flag="--max-new-tokens"):
     """Prompt tokens that fit: the smallest context (max_position_embeddings) of the models minus max_new_tokens."""
     context = min(getattr(m.config, "max_position_embeddings", None) or sys.maxsize for m in models)
     if context - max_new_tokens < 1:
-        raise DataError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in a context of {context}")
+        raise DataError(f"{flag} {max_new_tokens} leaves no room for a prompt in a context of {context}")
     return context - max_new_tokens
 
 
@@ -360,12 +360,11 @@ def generate(args):
     done, complete = written_samples(args.output, meta, prompts, settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(args.model)
+    if args.base_model and tokenizer.get_vocab() != load_tokenizer(args.base_model).get_vocab():
+        raise DataError(f"--base-model {args.base_model}: conformative decoding needs one vocabulary, and its "
+                        f"tokenizer's differs from {args.model}'s")
     model = load_model(args.model, device=device).eval()
-    base = None
-    if args.base_model:
-        if tokenizer.get_vocab() != load_tokenizer(args.base_model).get_vocab():
-            raise ValueError(f"conformative decoding needs one vocabulary: {args.model} and {args.base_model} differ")
-        base = load_model(args.base_model, device=device).eval()
+    base = load_model(args.base_model, device=device).eval() if args.base_model else None
     limit = prompt_limit([m for m in (model, base) if m is not None], s.max_new_tokens)
     rows = [render_prompt(tokenizer, p["prompt"]) for p in prompts]
     completion = args.base_prompt_format == "completion"

@@ -195,6 +195,7 @@ class Monitor:
                 with self.autocast():
                     self.ref.precompute(cfg, self.pairs, tokenizer.pad_token_id, device, autocast_dtype, rank == 0)
         if self.prompts:
+            generate.prompt_limit([policy], cfg.eval_max_new_tokens, "--eval-max-new-tokens")  # fail now, not at step N
             self.sampling = generate.Sampling(n=cfg.eval_samples, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
             if rank == 0:  # the scorers of ddpo.evaluate
                 load = lambda name: load_embedder(name, trust_remote_code=cfg.trust_remote_code)  # noqa: E731

@@ -25,9 +25,8 @@ import math
 import os
 import sys
 
-
 from ddpo.data import atomic_write
-from ddpo.evaluate import METRICS, paired
+from ddpo.evaluate import METRICS, paired, relative, span
 from ddpo.pipeline import Arm, parse_args, prompt_lines, run_arms
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -36,7 +35,6 @@ import mechanism  # noqa: E402
 WORK_DIR = ["--work-dir", os.path.join(os.path.expanduser("~"), "ddpo-runs", "evidence")]
 SIZED = ["--train-prompts", "48", "--n", "8", "--eval-prompts", "64", "--eval-n", "4", "--steps", "32", "--lr", "3e-5",
          "--batch-size", "4"]  # the sized settings; --quick replaces them with its smoke-test sizes
-KEY_METRICS = ("semantic_diversity", "style_diversity", "quality", "length")
 
 
 def arms(seeds):
@@ -91,13 +89,10 @@ def power(diff_mean, diff_sd, prompts, z_alpha=1.96, z_power=0.84):
 
 
 def reading(name, d):
-    q = d["quality"]
-    return (f"{name}: semantic diversity {d['semantic_diversity']['diff']:+.4f} "
-            f"[{d['semantic_diversity']['ci95'][0]:+.4f}, {d['semantic_diversity']['ci95'][1]:+.4f}] "
-            f"(p={d['semantic_diversity']['p_value']:.3g}), style diversity {d['style_diversity']['diff']:+.4f} "
-            f"[{d['style_diversity']['ci95'][0]:+.4f}, {d['style_diversity']['ci95'][1]:+.4f}], quality "
-            f"{q['relative_pct']:+.1f}% [{q['relative_ci95'][0]:+.1f}%, {q['relative_ci95'][1]:+.1f}%], length "
-            f"{d['length']['diff']:+.1f} words, over {d['semantic_diversity']['prompts']} prompts")
+    sem, sty = d["semantic_diversity"], d["style_diversity"]
+    return (f"{name}: semantic diversity {span(sem['diff'], sem['ci95'], '+.4f')} (p={sem['p_value']:.3g}), style "
+            f"diversity {span(sty['diff'], sty['ci95'], '+.4f')}, quality {relative(d['quality'])}, length "
+            f"{d['length']['diff']:+.1f} words, over {sem['prompts']} prompts")
 
 
 def main(argv=None):

@@ -152,7 +152,7 @@ def test_plain_tokenisation_appends_eos(tiny_model_plain):
     p = load_pairs_from(tok, [{"prompt": "Once", "chosen": " upon", "rejected": " more<|im_end|>"}])[0]
     assert tok.decode(p.prompt_ids) == "Once"
     assert tok.decode(p.chosen_ids) == " upon<|im_end|>" and tok.decode(p.rejected_ids) == " more<|im_end|>"
-    with pytest.raises(DataError, match="chat template"):
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: message lists need a tokenizer with a chat template"):
         load_pairs_from(tok, [{"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"}])
 
 

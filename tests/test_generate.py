@@ -297,7 +297,7 @@ def test_mismatched_tokenizers_and_bad_prompts(tmp_path, tiny_model):
     tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
     tok.save_pretrained(other)
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    with pytest.raises(ValueError, match="one vocabulary"):
+    with pytest.raises(SystemExit, match=f"--base-model {other}: conformative decoding needs one vocabulary"):
         main(["--model", tiny_model, "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"), "--base-model", other])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
     with pytest.raises(SystemExit, match=f"{bad}:2: missing field 'prompt'"):

@@ -273,6 +273,16 @@ def test_bad_files_are_one_line_before_a_model_loads(tmp_path, tiny_model, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # nothing written
 
 
+def test_sampled_evaluation_longer_than_the_context_stops_before_step_one(tmp_path, tiny_model):
+    # the tiny model's context is 512 tokens: the error comes when the policy is known, not at the first evaluation
+    with pytest.raises(SystemExit, match="^error: --eval-max-new-tokens 600 leaves no room for a prompt in a context "
+                                         "of 512$"):
+        main(["--model", tiny_model, "--data", write_pairs(tmp_path / "pairs.jsonl"), "--output-dir",
+              str(tmp_path / "out"), "--max-steps", "2", "--eval-prompts", prompts_file(tmp_path),
+              "--eval-max-new-tokens", "600"])
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
 def fake_rows(shift):
     rows = []
     for step in range(1, 7):
