@@ -174,19 +174,19 @@ def generate_batch(model, tokenizer, rows, s, generator, base=None, base_rows=No
     eos_ids = torch.tensor(sorted(eos), device=instruct.ids.device)
     B = len(rows) * s.n
     active = torch.arange(B, device=instruct.ids.device)  # which samples the batch's rows are
-    prompt_ids = instruct.ids.repeat_interleave(s.n, 0)  # (B, T)
-    seen = torch.zeros(B, model.get_output_embeddings().weight.shape[0], device=prompt_ids.device).scatter_add_(
-        1, prompt_ids, instruct.mask.repeat_interleave(s.n, 0).float()) > 0  # (B, V) tokens the penalty applies to
+    prompt_tokens = instruct.ids.repeat_interleave(s.n, 0)  # (B, T)
+    seen = torch.zeros(B, model.get_output_embeddings().weight.shape[0], device=prompt_tokens.device).scatter_add_(
+        1, prompt_tokens, instruct.mask.repeat_interleave(s.n, 0).float()) > 0  # (B, V) tokens the penalty applies to
     tokens = [[] for _ in range(B)]
     logits_i, logits_b = instruct.prefill(s.n), other.prefill(s.n) if other else None
-    for _ in range(s.max_new_tokens):
+    for i in range(s.max_new_tokens):
         ids, p = next_token_probs(logits_i, logits_b, seen, s, w)
         token = ids.gather(-1, torch.multinomial(p, 1, generator=generator))[:, 0]  # (R,)
         for row, t in zip(active.tolist(), token.tolist()):
             tokens[row].append(t)
         seen[torch.arange(len(token)), token] = True
         going = ~torch.isin(token, eos_ids)
-        if not going.any():
+        if not going.any() or i == s.max_new_tokens - 1:  # no forward for a token nobody will sample after
             break
         if not going.all():  # drop the rows whose sample has ended
             rows_left = going.nonzero()[:, 0]
@@ -209,17 +209,20 @@ SAMPLER = 2  # the version of the draws a seed gives: 2 since 2026-11-23 (top-k 
 BATCH_PROMPTS = 16  # prompts per batch (x N rows): 2x the tokens/s of 4 on 2 CPU cores (bench/generate.py)
 
 
-def sample(model, tokenizer, prompts, s, batch_prompts=BATCH_PROMPTS, batches=None):
-    """s.n responses for each prompt ({"prompt": str | [messages]} dicts) as ddpo.generate samples them without a base
-    model: the same batches of batch_prompts, prompts cut to the same limit, the same seeds, so the same texts.
-    `batches`: the indices of the batches to run (default: all). Returns {batch index: [per prompt: n responses]}."""
-    limit = prompt_limit([model], s.max_new_tokens)
+def sample(model, tokenizer, prompts, s, batch_prompts=BATCH_PROMPTS, batches=None, base=None, w=0.0,
+           base_prompt_format="chat"):
+    """Yield (batch index, [per prompt: s.n responses]) for the batches of batch_prompts prompts ({"prompt": str |
+    [messages]} dicts) at `batches` (default: all): each batch seeded by its index, prompts cut to what fits the
+    models' context, so a batch gives the same texts wherever and whenever it runs. With `base`: conformative
+    decoding at weight w, the base model reading the prompt as base_prompt_format says."""
+    limit = prompt_limit([m for m in (model, base) if m is not None], s.max_new_tokens)
     device = next(model.parameters()).device
-    out = {}
     for index in range(math.ceil(len(prompts) / batch_prompts)) if batches is None else batches:
-        rows = [render_prompt(tokenizer, p["prompt"])[-limit:] for p in prompts[index * batch_prompts:][:batch_prompts]]
-        out[index] = generate_batch(model, tokenizer, rows, s, batch_generator(s, index, device))
-    return out
+        chunk = prompts[index * batch_prompts:][:batch_prompts]
+        rows = [render_prompt(tokenizer, p["prompt"])[-limit:] for p in chunk]
+        base_rows = [render_prompt(tokenizer, p["prompt"], base_prompt_format == "completion")[-limit:]
+                     for p in chunk] if base else None
+        yield index, generate_batch(model, tokenizer, rows, s, batch_generator(s, index, device), base, base_rows, w)
 
 
 def read_prompts(path):
@@ -369,27 +372,25 @@ def generate(args):
     rows = [render_prompt(tokenizer, p["prompt"]) for p in prompts]
     completion = args.base_prompt_format == "completion"
     base_rows = [render_prompt(tokenizer, p["prompt"], completion) for p in prompts] if base else rows
-    if (long := sum(max(len(a), len(b)) > limit for a, b in zip(rows, base_rows))):
+    if (long := sum(max(len(a), len(b)) > limit for a, b in zip(rows, base_rows))):  # sample() keeps their ends
         print(f"{long} of {len(prompts)} prompts are longer than {limit} tokens (the context less --max-new-tokens): "
               f"each keeps its last {limit}", flush=True)
     size = args.batch_prompts
-    todo = [(index, start) for index, start in enumerate(range(0, len(prompts), size))
-            if any((p["id"], j) not in done for p in prompts[start:start + size] for j in range(s.n))]
-    print(f"generating {s.n} samples for {sum(len(prompts[i:i + size]) for _, i in todo)} prompts "
+    todo = [index for index in range(math.ceil(len(prompts) / size))  # the batches with a sample still to write
+            if any((p["id"], j) not in done for p in prompts[index * size:][:size] for j in range(s.n))]
+    print(f"generating {s.n} samples for {sum(len(prompts[i * size:][:size]) for i in todo)} prompts "
           f"({len(done)} samples written before) with {args.model}"
           + (f" + {args.conform_weight} x {args.base_model}" if base else ""), flush=True)
     if not os.path.exists(args.output):
         atomic_write(meta_path(args.output), json.dumps({**meta, "prompts": args.prompts}, indent=1) + "\n")
     elif complete < os.path.getsize(args.output):
         os.truncate(args.output, complete)  # the torn last line of our own output
-    for index, start in tqdm(todo, desc="generate", dynamic_ncols=True):
-        end = start + size
-        generator = batch_generator(s, index, device)
-        responses = generate_batch(model, tokenizer, [r[-limit:] for r in rows[start:end]], s, generator, base,
-                                   [r[-limit:] for r in base_rows[start:end]], args.conform_weight)
+    batches = sample(model, tokenizer, prompts, s, size, todo, base, args.conform_weight, args.base_prompt_format)
+    for index, responses in tqdm(batches, desc="generate", total=len(todo), dynamic_ncols=True):
         lines = [json.dumps({"prompt_id": p["id"], "prompt": p["prompt"], "response": r, "sample": j, **settings},
                             ensure_ascii=False) + "\n"
-                 for p, rs in zip(prompts[start:end], responses) for j, r in enumerate(rs) if (p["id"], j) not in done]
+                 for p, rs in zip(prompts[index * size:][:size], responses) for j, r in enumerate(rs)
+                 if (p["id"], j) not in done]
         with open(args.output, "a", encoding="utf-8") as f:
             f.write("".join(lines))
             f.flush()

@@ -11,6 +11,7 @@ The GGUF conversion reads the tensors with transformers' own GGUF reader and bui
 needs the `gguf` package but not `accelerate` (which `from_pretrained(gguf_file=...)` would require).
 """
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -260,6 +261,11 @@ class SequenceLogps(torch.nn.Module):
 
     def forward(self, batch):
         return sequence_logps(self.model, batch, self.use_triton)
+
+
+def autocast_context(device, dtype):
+    """The factory of the autocast context that --dtype resolved to (dtype None: fp32, autocast off)."""
+    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def use_triton(kernels, device):

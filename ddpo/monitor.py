@@ -68,7 +68,7 @@ from ddpo.config import given
 from ddpo.data import DataError, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
 from ddpo.embedders import InStepDeviation, check_embedder, load_embedder
-from ddpo.models import SEGMENT_ATTENTION, check_model_path, use_triton
+from ddpo.models import SEGMENT_ATTENTION, autocast_context, check_model_path
 from ddpo.quality import load_scorer, scorer_spec
 from ddpo.reference import Reference
 
@@ -182,7 +182,7 @@ class Monitor:
         before --precompute-ref frees the reference copy, whose held-out log-probs it caches too."""
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.tokenizer, self.policy, self.policy_logps, self.micro_batch = tokenizer, policy, policy_logps, micro_batch
-        self.autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        self.autocast = autocast_context(device, autocast_dtype)
         self.pairs, self.prompts = held_out.pairs, held_out.prompts
         if self.pairs:
             stats = tokenize_pairs(self.pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
@@ -241,8 +241,7 @@ class Monitor:
             with self.autocast():
                 out, metrics = self.micro_batch(self.policy_logps, self.ref, self.pairs, batch or batches[0],
                                                 self.weights, self.tokenizer.pad_token_id, self.device,
-                                                weights_mean=weights_mean,
-                                                use_triton=use_triton(self.cfg.kernels, self.device))
+                                                weights_mean=weights_mean)
             if batch is not None:
                 used.append(out.chosen_weights.float().cpu())
                 for key, value in metrics.items():
@@ -257,8 +256,8 @@ class Monitor:
         """ddpo.evaluate's metrics of --eval-samples responses per prompt (rank 0; {} on the others)."""
         n_batches = math.ceil(len(self.prompts) / generate.BATCH_PROMPTS)
         with sampling_mode(self.policy):
-            mine = generate.sample(self.policy, self.tokenizer, self.prompts, self.sampling, generate.BATCH_PROMPTS,
-                                   range(self.rank, n_batches, self.world))
+            mine = dict(generate.sample(self.policy, self.tokenizer, self.prompts, self.sampling,
+                                        generate.BATCH_PROMPTS, range(self.rank, n_batches, self.world)))
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, mine)

@@ -30,6 +30,7 @@ from ddpo.checkpoint import checkpoint_path
 from ddpo.config import add_config_args, given
 from ddpo.data import atomic_write, in_range
 from ddpo.embedders import DEFAULT_EMBEDDERS
+from ddpo.losses import LOSSES
 from ddpo.models import DEFAULT_MODEL
 
 
@@ -137,7 +138,7 @@ def train_arm(cfg, arm, pairs, output_dir):
             "--model", cfg.model, "--data", pairs, "--output-dir", output_dir, "--loss", arm.loss,
             "--max-steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
             "--beta", str(cfg.beta), "--seed", str(cfg.seed), "--save-every", "0", "--keep-checkpoints", "1",
-            *(["--precompute-ref"] if arm.loss in ("dpo", "ddpo") else []),
+            *(["--precompute-ref"] if LOSSES[arm.loss].reference else []),
             *(["--resume"] if os.path.isdir(output_dir) else []), *monitor_flags(cfg), *cfg.train_flags.split(),
             *arm.train]))
     return final

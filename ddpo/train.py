@@ -70,7 +70,7 @@ from ddpo.deviation import METRICS
 from ddpo.distributed import data_parallel, gather_metrics, no_sync, peak_memory_gb, print0, rank_share, setup_distributed
 from ddpo.embedders import DEFAULT_EMBEDDERS, InStepDeviation, check_embedder
 from ddpo.losses import LOSSES, Logps
-from ddpo.models import DEFAULT_MODEL, check_model_path, load_policy, load_tokenizer, use_triton
+from ddpo.models import DEFAULT_MODEL, autocast_context, check_model_path, load_policy, load_tokenizer, use_triton
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
 
@@ -244,7 +244,7 @@ def lr_lambda(cfg, total_steps):
 def micro_batch(cfg, policy_logps, ref, pairs, index, weights, pad_token_id, device, **kwargs):
     """Per-pair losses of the micro-batch of pairs at positions `index` (weights: the chosen weights of all pairs).
     Returns (Objective, metric sums over its pairs). kwargs go to the objective: in-step `deviation` (embeddings,
-    group, chosen index of the micro-batch's pools), `weights_mean` of the step, `use_triton`."""
+    group, chosen index of the micro-batch's pools), `weights_mean` of the step."""
     loss = LOSSES[cfg.loss]
     batch = make_batch([pairs[j] for j in index], pad_token_id, device, cfg.packing, rejected=loss.rejected)
     policy, counts = policy_logps(batch)  # (2B,): [chosen; rejected], or (B,): the chosen alone
@@ -254,7 +254,7 @@ def micro_batch(cfg, policy_logps, ref, pairs, index, weights, pad_token_id, dev
         logps.policy_rejected_logps, logps.rejected_counts = policy[B:], counts[B:]
     if loss.reference:
         logps.ref_chosen_logps, logps.ref_rejected_logps = ref(batch, index)
-    out = loss.objective(logps, weights[index].to(device), cfg, **kwargs)
+    out = loss.objective(logps, weights[index].to(device), cfg, use_triton=use_triton(cfg.kernels, device), **kwargs)
     metrics = {"loss": out.losses.detach().sum(), **out.metrics, "tokens": torch.as_tensor(batch.tokens)}
     if out.chosen_rewards is not None:
         margins = out.chosen_rewards - out.rejected_rewards
@@ -312,7 +312,7 @@ def accumulate(cfg, forward, ref, pairs, weights, step_batches, rank, world, aut
             with autocast():
                 out, metrics = micro_batch(cfg, forward, ref, pairs, batch, weights, pad_token_id, device,
                                            deviation=deviation(batch) if deviation else None,
-                                           weights_mean=weights_mean, use_triton=use_triton(cfg.kernels, device))
+                                           weights_mean=weights_mean)
             (out.losses.sum() / n_pairs * (0.0 if idle else 1.0)).backward()  # sum over pairs / pairs in the step
         if not idle:
             used_weights.append(out.chosen_weights.detach().float().cpu())
@@ -362,7 +362,7 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
         print0(f"warning: --deviation {cfg.deviation} is ignored: {cfg.loss} takes no weights (its weighted twin does)",
                flush=True)
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
-    autocast = functools.partial(torch.autocast, device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    autocast = autocast_context(device, autocast_dtype)
     torch.manual_seed(cfg.seed)
     policy, policy_logps, params = load_policy(cfg, device, world, resume_from)
     if cfg.packing:
