@@ -268,6 +268,13 @@ class Objective(NamedTuple):
     metrics: dict
 
 
+def concat(objectives):
+    """One Objective of those of consecutive groups of pairs (the fused head's, ddpo/models.py), detached."""
+    cat = lambda ts: None if ts[0] is None else torch.cat([t.detach() for t in ts])  # noqa: E731
+    return Objective(*(cat([o[i] for o in objectives]) for i in range(4)),
+                     {key: sum(o.metrics[key] for o in objectives).detach() for key in objectives[0].metrics})
+
+
 def dpo_args(logps, hp):
     return (logps.policy_chosen_logps, logps.policy_rejected_logps, logps.ref_chosen_logps, logps.ref_rejected_logps,
             hp.beta)

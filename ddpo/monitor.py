@@ -239,7 +239,7 @@ class Monitor:
         sums, used = {}, []
         for batch in rank_share(batches, self.rank, self.world):  # None: a pass to discard, as many passes per rank
             with self.autocast():
-                out, metrics = self.micro_batch(self.policy_logps, self.ref, self.pairs, batch or batches[0],
+                out, metrics, _ = self.micro_batch(self.policy_logps, self.ref, self.pairs, batch or batches[0],
                                                 self.weights, self.tokenizer.pad_token_id, self.device,
                                                 weights_mean=weights_mean)
             if batch is not None:

@@ -69,7 +69,7 @@ from ddpo.data import (DataError, atomic_write, check_output_dir, in_range, load
 from ddpo.deviation import METRICS
 from ddpo.distributed import data_parallel, gather_metrics, no_sync, peak_memory_gb, print0, rank_share, setup_distributed
 from ddpo.embedders import DEFAULT_EMBEDDERS, InStepDeviation, check_embedder
-from ddpo.losses import LOSSES, Logps
+from ddpo.losses import LOSSES, Logps, concat, in_step_weights
 from ddpo.models import DEFAULT_MODEL, autocast_context, check_model_path, load_policy, load_tokenizer, use_triton
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
@@ -145,6 +145,9 @@ class TrainConfig:
                                                         "recompute the rest in the backward (ddpo/lean.py; same "
                                                         "arithmetic)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward"})
+    fused_loss: bool = field(default=True, metadata={"help": "the loss of each group of pairs computed inside the "
+                                                              "log-prob head, its gradients in the forward (3 matmuls "
+                                                              "instead of 4); off: the head, then the loss"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning; paper: 128); the reference "
                                                       "is then the base weights with adapters off", "type": in_range(int, 0)})
     lora_alpha: float = field(default=256.0, metadata={"help": "LoRA alpha (scale alpha / r)", "type": in_range(float, 0, above=True)})
@@ -188,7 +191,8 @@ GROUPS = {  # headers of --help
     "optimisation": ["lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "epochs", "max_steps",
                      "batch_size", "grad_accum", "seed"],
     "sequences": ["max_length", "max_prompt_length", "packing"],
-    "speed and memory": ["dtype", "device", "kernels", "precompute_ref", "lean", "gradient_checkpointing", "fsdp"],
+    "speed and memory": ["dtype", "device", "kernels", "fused_loss", "precompute_ref", "lean", "gradient_checkpointing",
+                         "fsdp"],
     "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora"],
     "checkpoints and logs": ["log_every", "save_every", "keep_checkpoints", "resume"],
     "evaluation and reporting": ["eval_data", "eval_prompts", "eval_every", "eval_samples", "eval_max_new_tokens",
@@ -241,26 +245,51 @@ def lr_lambda(cfg, total_steps):
     return f
 
 
-def micro_batch(cfg, policy_logps, ref, pairs, index, weights, pad_token_id, device, **kwargs):
+def micro_batch(cfg, policy_logps, ref, pairs, index, weights, pad_token_id, device, deviation=None,
+                weights_mean=None):
     """Per-pair losses of the micro-batch of pairs at positions `index` (weights: the chosen weights of all pairs).
-    Returns (Objective, metric sums over its pairs). kwargs go to the objective: in-step `deviation` (embeddings,
-    group, chosen index of the micro-batch's pools), `weights_mean` of the step."""
+    Returns (Objective, metric sums over its pairs, the summed loss to differentiate). `deviation`: in-step deviation's
+    (embeddings, group, chosen index of the micro-batch's pools); `weights_mean`: the step's mean weight (DORPO).
+    With --fused-loss, when gradients are wanted, the head computes the loss of each group of pairs in its forward."""
     loss = LOSSES[cfg.loss]
     batch = make_batch([pairs[j] for j in index], pad_token_id, device, cfg.packing, rejected=loss.rejected)
-    policy, counts = policy_logps(batch)  # (2B,): [chosen; rejected], or (B,): the chosen alone
-    B = len(index)
-    logps = Logps(policy[:B], counts[:B])
-    if loss.rejected:
-        logps.policy_rejected_logps, logps.rejected_counts = policy[B:], counts[B:]
-    if loss.reference:
-        logps.ref_chosen_logps, logps.ref_rejected_logps = ref(batch, index)
-    out = loss.objective(logps, weights[index].to(device), cfg, use_triton=use_triton(cfg.kernels, device), **kwargs)
+    ref_chosen, ref_rejected = ref(batch, index) if loss.reference else (None, None)
+    triton = use_triton(cfg.kernels, device)
+    weights = weights[index].to(device)
+
+    def objective(at, policy, counts, weights, **kwargs):  # the Objective of the pairs at positions `at`
+        k = len(at)
+        logps = Logps(policy[:k], counts[:k])
+        if loss.rejected:
+            logps.policy_rejected_logps, logps.rejected_counts = policy[k:], counts[k:]
+        if loss.reference:
+            logps.ref_chosen_logps, logps.ref_rejected_logps = ref_chosen[at], ref_rejected[at]
+        return loss.objective(logps, weights[at], cfg, weights_mean=weights_mean, use_triton=triton, **kwargs)
+
+    everything = torch.arange(len(index), device=device)
+    if cfg.fused_loss and torch.is_grad_enabled():
+        if deviation is not None:  # the pools' weights first: the loss of a group of pairs needs only its own
+            weights = in_step_weights(*deviation, min_weight=cfg.min_weight, use_triton=triton)
+        if weights_mean is None:
+            weights_mean = weights.mean()
+        parts = []
+
+        def pair_loss(at, policy, counts):  # a group of pairs: its Objective kept for the metrics, its loss summed
+            parts.append(objective(at, policy, counts, weights))
+            return parts[-1].losses.sum()
+
+        total, policy, counts = policy_logps(batch, pair_loss=pair_loss, pairs=len(index))
+        out = concat(parts)
+    else:
+        policy, counts = policy_logps(batch)  # (2B,): [chosen; rejected], or (B,): the chosen alone
+        out = objective(everything, policy, counts, weights, deviation=deviation)
+        total = out.losses.sum()
     metrics = {"loss": out.losses.detach().sum(), **out.metrics, "tokens": torch.as_tensor(batch.tokens)}
     if out.chosen_rewards is not None:
         margins = out.chosen_rewards - out.rejected_rewards
         metrics.update({"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
                         "rewards/margins": margins.sum(), "rewards/accuracies": (margins > 0).float().sum()})
-    return out, metrics
+    return out, metrics, total
 
 
 def pair_weights(cfg, pairs):
@@ -310,10 +339,10 @@ def accumulate(cfg, forward, ref, pairs, weights, step_batches, rank, world, aut
         batch = step_batches[0] if idle else batch
         with no_sync(forward, last=i == len(mine) - 1):  # DDP: the all-reduce runs in the last backward only
             with autocast():
-                out, metrics = micro_batch(cfg, forward, ref, pairs, batch, weights, pad_token_id, device,
-                                           deviation=deviation(batch) if deviation else None,
-                                           weights_mean=weights_mean)
-            (out.losses.sum() / n_pairs * (0.0 if idle else 1.0)).backward()  # sum over pairs / pairs in the step
+                out, metrics, total = micro_batch(cfg, forward, ref, pairs, batch, weights, pad_token_id, device,
+                                                  deviation=deviation(batch) if deviation else None,
+                                                  weights_mean=weights_mean)
+            (total / n_pairs * (0.0 if idle else 1.0)).backward()  # sum over pairs / pairs in the step
         if not idle:
             used_weights.append(out.chosen_weights.detach().float().cpu())
             for key, value in metrics.items():

@@ -9,9 +9,16 @@ weight gradients. Only N log-sum-exp values are saved, and no (N, V) tensor ever
 
 Positions whose label is IGNORE_INDEX (-100) get log-prob 0 and no gradient.
 
-Layout: logprobs_ref (naive, materialises (N, V): the ground truth of the tests), the Triton kernels, the
-launchers, one autograd.Function (Triton on CUDA or under TRITON_INTERPRET=1, chunked PyTorch otherwise),
-and the functional alias fused_logprobs.
+When the loss is a function of whole sequences' summed log-probs that splits into terms over groups of sequences
+(the pairs of a preference loss), fused_logprobs_loss computes it in the forward, group by group, as Liger's fused
+preference losses do: a group's logits tiles give its sequences' log-probs, the loss of the group gives each
+sequence's gradient g, and the same tiles become dlogits = g * (onehot - softmax) at once. The gradients are then
+ready before the backward, and the logits are computed once (3 matmuls instead of 4). The price is memory: a whole
+group's (C, V) tile at a time (a group holds at least one pair, whatever its length).
+
+Layout: logprobs_ref and logprobs_loss_ref (naive, materialise (N, V): the ground truth of the tests), the Triton
+kernels, the launchers, the autograd.Functions (Triton on CUDA or under TRITON_INTERPRET=1, chunked PyTorch
+otherwise), and the functional aliases fused_logprobs and fused_logprobs_loss.
 """
 
 import os
@@ -29,6 +36,13 @@ def logprobs_ref(hidden, weight, labels):
     valid = labels != IGNORE_INDEX
     logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, logps, torch.zeros_like(logps))
+
+
+def logprobs_loss_ref(hidden, weight, labels, sequences, groups, loss_fn):
+    """Naive reference of fused_logprobs_loss: sequence sums of logprobs_ref, then the sum of the groups' losses."""
+    n_seq = sum(len(group) for group in groups)
+    logps = torch.zeros(n_seq, device=hidden.device).index_add(0, sequences, logprobs_ref(hidden, weight, labels).float())
+    return sum(loss_fn(group, logps[group]) for group in groups), logps.detach()
 
 
 @triton.jit
@@ -112,6 +126,24 @@ def _logprobs_bwd_torch(logits, labels, lse, grad_logps):
     return dlogits.to(logits.dtype)
 
 
+def _softmax_torch(logits, labels):
+    """The forward that keeps the tile for the gradient: returns (logps (C,), exp(logits - row max) (C, V) fp32, written
+    over the tile when it is fp32, and its row sums (C,)), so that softmax = exps / sums without a second exp."""
+    logits = logits.float()
+    target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    row_max = logits.amax(-1, keepdim=True)  # (C, 1)
+    exps = logits.sub_(row_max).exp_()  # in place
+    sums = exps.sum(-1)
+    lse = sums.log() + row_max.squeeze(-1)
+    return torch.where(labels != IGNORE_INDEX, target - lse, torch.zeros_like(lse)), exps, sums
+
+
+def _dlogits_torch(exps, sums, labels, grad_logps):
+    """dlogits = g * (onehot - softmax), written over the exps tile of _softmax_torch."""
+    g = torch.where(labels != IGNORE_INDEX, grad_logps.float(), torch.zeros_like(sums))
+    return exps.mul_((-g / sums).unsqueeze(-1)).scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), g.unsqueeze(-1))
+
+
 CHUNK_ELEMENTS = 1 << 24  # a (C, V) tile of at least 16M elements keeps each matmul large enough to be efficient
 
 
@@ -190,3 +222,75 @@ def fused_logprobs(hidden, weight, labels, chunk_size=None, use_triton=None):
     if use_triton is None:
         use_triton = use_triton_for(hidden)
     return FusedLogprobs.apply(hidden.contiguous(), weight, labels.contiguous(), chunk_size, use_triton)
+
+
+class FusedLogprobsLoss(torch.autograd.Function):
+    """The head and the loss in one pass, the gradients computed in the forward (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, sequences, groups, loss_fn, use_triton):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = compute_dtype(hidden, weight)
+        logps = torch.zeros(sum(len(group) for group in groups), dtype=torch.float32, device=hidden.device)  # (S,)
+        local = torch.empty_like(logps, dtype=torch.long)  # a sequence's position within its group
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit
+            w = weight.to(dtype)
+            for group in groups:
+                rows = torch.isin(sequences, group).nonzero().squeeze(-1)  # the group's tokens
+                local[group] = torch.arange(len(group), device=group.device)
+                seq, lab = local[sequences[rows]], labels[rows]
+                h = hidden[rows].to(dtype)
+                logits = h @ w.t()  # (C, V), kept until the group's loss says what its gradient is
+                if use_triton:
+                    token_logps, lse = _logprobs_fwd_triton(logits, lab)
+                else:
+                    token_logps, exps, sums = _softmax_torch(logits, lab)
+                group_logps = torch.zeros(len(group), device=h.device).index_add(0, seq, token_logps)
+                with torch.enable_grad():
+                    x = group_logps.requires_grad_()
+                    group_loss = loss_fn(group, x)
+                    g = (torch.autograd.grad(group_loss, x)[0] if group_loss.requires_grad  # dloss/dlogp (k,)
+                         else torch.zeros_like(x))
+                loss += group_loss.detach().float()
+                logps[group] = group_logps.detach()
+                if not (need_hidden or need_weight):
+                    continue
+                g = g[seq]  # each token's: its sequence's gradient
+                if use_triton:
+                    dlogits = _logprobs_bwd_triton(logits, lab, lse, g)  # in place
+                else:
+                    dlogits = _dlogits_torch(exps, sums, lab, g).to(dtype)
+                if need_hidden:
+                    grad_hidden[rows] = (dlogits @ w).to(hidden.dtype)  # (C, H)
+                if need_weight:
+                    grad_weight += dlogits.t() @ h  # (V, H), summed over groups in fp32
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(logps)
+        ctx.weight_dtype = weight.dtype
+        return loss, logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def fused_logprobs_loss(hidden, weight, labels, sequences, groups, loss_fn, use_triton=None):
+    """A loss of sequences' summed log-probs under softmax(hidden @ weight.T), with its gradients computed in the
+    forward. Returns (loss (), the sequences' log-probs (S,) fp32, not differentiable).
+
+    hidden (N, H), weight (V, H), labels (N,) as fused_logprobs; sequences (N,): the sequence (0..S-1) of each row;
+    groups: LongTensors that split 0..S-1; loss_fn(group, logps of its sequences (len(group),)) -> the group's loss,
+    which must depend on no other group's log-probs (each pair's loss, its own weight). The loss is their sum.
+    """
+    if use_triton is None:
+        use_triton = use_triton_for(hidden)
+    return FusedLogprobsLoss.apply(hidden.contiguous(), weight, labels.contiguous(), sequences, groups, loss_fn,
+                                   use_triton)

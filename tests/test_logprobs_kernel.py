@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from kernels.logprobs import IGNORE_INDEX, default_chunk_size, fused_logprobs, logprobs_ref
+from kernels.logprobs import (IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss, logprobs_loss_ref,
+                              logprobs_ref)
 
 SHAPES = [(47, 31, 1003), (1, 8, 17), (64, 16, 4099), (9, 64, 257)]
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=0.1, rtol=0.05)}
@@ -114,3 +115,76 @@ def test_autocast_gradients_as_accurate_as_plain_autograd(use_triton, logit_scal
     for name, f, p, e in zip(("logps", "grad_hidden", "grad_weight"), fused, plain, exact):
         assert f.dtype == e.dtype, name
         assert (f - e).norm() <= 1.2 * (p - e).norm() + 1e-6, (name, ((f - e).norm() / (p - e).norm()).item())
+
+
+# --- fused_logprobs_loss: the head and a loss of pairs, gradients in the forward ---------------------------------
+
+
+def pair_problem(N, H, V, dtype, pairs, pairs_per_group, seed=0):
+    """Rows scattered over 2 * pairs sequences ([chosen; rejected], in random order as packed rows are not), groups
+    of whole pairs, and a DPO-like loss of each group with per-pair weights."""
+    hidden, weight, labels, _ = inputs(N, H, V, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    sequences = torch.randperm(N, generator=g) % (2 * pairs)  # every sequence has a row
+    ref_logps, weights = torch.randn(2 * pairs, generator=g) * 5, torch.rand(pairs, generator=g) * 2
+    groups = [torch.cat([p, p + pairs]) for p in torch.arange(pairs).split(pairs_per_group)]
+
+    def loss_fn(group, logps):  # (2k,) [chosen; rejected] of the group's pairs
+        k = len(group) // 2
+        margin = 0.1 * ((logps[:k] - ref_logps[group[:k]]) - (logps[k:] - ref_logps[group[k:]]))
+        return (weights[group[:k]] * -torch.nn.functional.logsigmoid(margin)).sum() - 0.01 * logps[:k].sum()
+
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return hidden, weight, labels, to(sequences), [to(gr) for gr in groups], loss_fn
+
+
+def loss_and_grads(fn, hidden, weight, *args, scale=0.7):
+    hidden.grad = weight.grad = None
+    loss, logps = fn(hidden, weight, *args)
+    (scale * loss).backward()  # the upstream gradient reaches both gradients
+    return loss.detach(), logps, hidden.grad.clone(), None if weight.grad is None else weight.grad.clone()
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape, pairs, per_group", [((47, 31, 1003), 5, 2), ((6, 8, 17), 3, 3), ((64, 16, 4099), 8, 1),
+                                                     ((9, 64, 257), 2, 5)], ids=["odd", "one-group", "pair-groups",
+                                                                                  "tiny-V"])
+def test_loss_in_the_forward_matches_reference(shape, pairs, per_group, dtype, use_triton):
+    hidden, weight, labels, sequences, groups, loss_fn = pair_problem(*shape, dtype, pairs, per_group)
+    got = loss_and_grads(lambda h, w, *a: fused_logprobs_loss(h, w, *a, use_triton=use_triton), hidden, weight,
+                         labels, sequences, groups, loss_fn)
+    want = loss_and_grads(logprobs_loss_ref, hidden, weight, labels, sequences, groups, loss_fn)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=0.3, rtol=0.05)  # bf16: sums over up to 16 tokens
+    for name, g, w in zip(("loss", "logps", "grad_hidden", "grad_weight"), got, want):
+        assert g.dtype == w.dtype, name
+        assert not (name == "logps" and g.requires_grad)
+        torch.testing.assert_close(g.float(), w.float(), **tol, msg=name)
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
+def test_loss_in_the_forward_under_autocast(use_triton):
+    """bf16 autocast on fp32 inputs: bf16 logits, fp32 loss, gradients in the inputs' dtype, as close to exact fp32
+    as plain autograd's under the same autocast."""
+    hidden, weight, labels, sequences, groups, loss_fn = pair_problem(64, 32, 999, torch.float32, 6, 2)
+    exact = loss_and_grads(logprobs_loss_ref, hidden, weight, labels, sequences, groups, loss_fn)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        fused = loss_and_grads(lambda h, w, *a: fused_logprobs_loss(h, w, *a, use_triton=use_triton), hidden, weight,
+                               labels, sequences, groups, loss_fn)
+        plain = loss_and_grads(lambda h, w, lab, seq, grs, fn: logprobs_loss_ref(
+            h.bfloat16(), w.bfloat16(), lab, seq, grs, fn), hidden, weight, labels, sequences, groups, loss_fn)
+    for name, f, p, e in zip(("loss", "logps", "grad_hidden", "grad_weight"), fused, plain, exact):
+        assert f.dtype == e.dtype == torch.float32, name
+        assert (f - e).norm() <= 1.2 * (p - e).norm() + 1e-6, (name, ((f - e).norm() / (p - e).norm()).item())
+
+
+def test_loss_in_the_forward_with_a_frozen_head_and_a_constant_group():
+    hidden, weight, labels, sequences, groups, loss_fn = pair_problem(30, 8, 50, torch.float32, 4, 2)
+    weight.requires_grad_(False)  # LoRA: the output layer is frozen
+    constant = lambda group, logps: (loss_fn(group, logps) if group[0] == 0 else torch.tensor(2.0))  # noqa: E731
+    got = loss_and_grads(fused_logprobs_loss, hidden, weight, labels, sequences, groups, constant)
+    want = loss_and_grads(logprobs_loss_ref, hidden, weight, labels, sequences, groups, constant)
+    assert got[3] is None
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+    assert (got[2][torch.isin(sequences, groups[1])] == 0).all()  # the constant group's rows get no gradient
