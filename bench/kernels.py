@@ -1,11 +1,12 @@
 """Kernel benchmarks: fused log-prob head and fused deviation loss against eager PyTorch, torch.compile and Liger.
 
     python -m bench.kernels                                   # on a GPU: 8 pairs x 1024 tokens, V = 49152 and 128256
-    python -m bench.kernels --tokens 2048 --vocab 49152 --hidden 576 --dtype float32   # a CPU-sized run
+    python -m bench.kernels --tokens 600 --vocab 49152 --hidden 576 --dtype float32 --sequence-tokens 150  # CPU
     python -m bench.kernels --vocab 49152 128256 --hidden 576 4096 --deviation-pairs   # the head only, H per V
 Forward+backward time (median, p20, p80; triton.testing.do_bench on CUDA, wall-clock repeats on CPU), TFLOP/s
 and peak memory above the inputs (CUDA). TFLOP/s counts the naive head's three (N, H, V) matmuls, 2 N H V FLOPs
-each, for every implementation (ours does a fourth, the recompute), so the column compares like with like. Rows go to bench/results.jsonl; the closing table is
+each, for every implementation (the head alone does a fourth, the recompute; with the loss in its forward it does
+not), so the column compares like with like. Rows go to bench/results.jsonl; the closing table is
 printed in Markdown for bench/RESULTS.md. Liger-Kernel is used when installed, else skipped with a message.
 """
 
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from bench.common import append_rows
 from ddpo.deviation import chosen_weights, deviation_weights
 from kernels.deviation_loss import deviation_loss
-from kernels.logprobs import fused_logprobs
+from ddpo.losses import dpo_loss
+from ddpo.models import pair_groups
+from kernels.logprobs import default_chunk_size, fused_logprobs, fused_logprobs_loss
 
 
 def bench(fn, device, rep_ms=100, repeats=10):
@@ -46,7 +49,7 @@ def bench(fn, device, rep_ms=100, repeats=10):
     return statistics.median(times), q[1], q[7], None
 
 
-def logprob_rows(N, H, V, dtype, device, rep_ms=100):
+def logprob_rows(N, H, V, dtype, device, rep_ms=100, sequence_tokens=1024):
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(N, H, device=device, dtype=dtype, generator=g).requires_grad_()
     weight = (torch.randn(V, H, device=device, dtype=dtype, generator=g) / H**0.5).requires_grad_()
@@ -69,16 +72,49 @@ def logprob_rows(N, H, V, dtype, device, rep_ms=100):
             h, w, lab, None, None, -100, 0.0, 0.0, "none")[0]
     except ImportError:
         print("liger-kernel not installed: skipping its row")
-    rows = []
-    flops = 3 * 2 * N * H * V
+    steps = {}
     for name, fn in impls.items():
-        def step():
+        def step(fn=fn):
             hidden.grad = weight.grad = None
             (fn(hidden, weight, labels) * grad).sum().backward()
+        steps[name] = step
+    steps.update(dpo_steps(hidden, weight, labels, sequence_tokens))
+    rows = []
+    flops = 3 * 2 * N * H * V
+    for name, step in steps.items():
         med, p20, p80, peak = bench(step, device, rep_ms)
         rows.append({"bench": "logprobs", "impl": name, "N": N, "H": H, "V": V, "dtype": str(dtype).split(".")[-1],
                      "ms_median": med, "ms_p20": p20, "ms_p80": p80, "tflops": flops / med / 1e9, "peak_mib": peak})
     return rows
+
+
+def dpo_steps(hidden, weight, labels, sequence_tokens):
+    """The head with a DPO loss of pairs of sequence_tokens-token sequences: the fused head, then the loss (train's
+    --no-fused-loss), and the loss in the head's forward (--fused-loss), grouped as ddpo.train groups pairs."""
+    N, H, V = *hidden.shape, weight.shape[0]
+    pairs = max(1, N // (2 * sequence_tokens))
+    sequences = (torch.arange(N, device=hidden.device) // sequence_tokens).clamp(max=2 * pairs - 1)  # [chosen; rej.]
+    ref_logps = torch.randn(2 * pairs, device=hidden.device) - 2.0 * sequence_tokens
+
+    def dpo(group, logps):  # summed over the group's pairs, as train's micro-batch loss
+        k = len(group) // 2
+        return dpo_loss(logps[:k], logps[k:], ref_logps[group[:k]], ref_logps[group[k:]], 0.1)[0].sum()
+
+    everything = torch.arange(2 * pairs, device=hidden.device)
+    counts = torch.bincount(sequences, minlength=2 * pairs)
+    groups = pair_groups(counts, pairs, default_chunk_size(N, V, H))
+
+    def then_loss():
+        hidden.grad = weight.grad = None
+        logps = torch.zeros(2 * pairs, device=hidden.device).index_add(0, sequences, fused_logprobs(hidden, weight, labels))
+        dpo(everything, logps).backward()
+
+    def in_forward():
+        hidden.grad = weight.grad = None
+        fused_logprobs_loss(hidden, weight, labels, sequences, groups, dpo)[0].backward()
+
+    return {f"fused, then DPO of {pairs} pairs (ours, --no-fused-loss)": then_loss,
+            f"DPO of {pairs} pairs in the fused forward (ours, --fused-loss)": in_forward}
 
 
 def eager_deviation_loss(logits, embs, group, chosen):
@@ -121,6 +157,7 @@ def main():
     ap.add_argument("--vocab", type=int, nargs="*", default=[49152, 128256], help="V of the head rows (none: no head)")
     ap.add_argument("--deviation-pairs", type=int, nargs="*", default=[8, 4096],
                     help="pairs of the deviation-loss rows, groups of 8, D 1024 (none: no deviation rows)")
+    ap.add_argument("--sequence-tokens", type=int, default=1024, help="tokens per sequence of the DPO rows' pairs")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--rep-ms", type=int, default=100, help="CUDA: milliseconds of timed calls a row (do_bench's rep)")
     ap.add_argument("--out", default="bench/results.jsonl")
@@ -130,7 +167,8 @@ def main():
         ap.error("--hidden: one value, or one per --vocab")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    rows = [r for V, H in zip(args.vocab, hidden) for r in logprob_rows(args.tokens, H, V, dtype, device, args.rep_ms)]
+    rows = [r for V, H in zip(args.vocab, hidden)
+            for r in logprob_rows(args.tokens, H, V, dtype, device, args.rep_ms, args.sequence_tokens)]
     rows += [r for pairs in args.deviation_pairs for r in deviation_rows(pairs, 8, 1024, device, args.rep_ms)]
     append_rows(args.out, rows)
     print("| bench | impl | shape | median ms (p20-p80) | TFLOP/s | peak MiB |\n|---|---|---|---|---|---|")

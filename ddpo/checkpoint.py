@@ -34,9 +34,9 @@ LOCK = ".lock"
 # how it runs (device, reference cache, kernels, memory savers), what is evaluated and where metrics go (they never
 # touch the weights); everything else must equal the checkpoint's
 MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "device", "precompute_ref",
-              "resume", "output_dir", "data", "kernels", "packing", "lean", "gradient_checkpointing", "merge_lora",
-              "trust_remote_code", "eval_data", "eval_prompts", "eval_every", "eval_samples", "eval_max_new_tokens",
-              "eval_quality", "report_to"}
+              "resume", "output_dir", "data", "kernels", "fused_loss", "packing", "lean", "gradient_checkpointing",
+              "merge_lora", "trust_remote_code", "eval_data", "eval_prompts", "eval_every", "eval_samples",
+              "eval_max_new_tokens", "eval_quality", "report_to"}
 
 
 PREFIX = "checkpoint-"

@@ -24,7 +24,9 @@ tensor). The losses with a reference (DPO, IPO, hinge, robust, cDPO, RPO and the
 from a frozen copy of the starting model in the same layout (ddpo/reference.py). The objective of --loss and what it
 needs come from the table ddpo.losses.LOSSES; a weighted loss (ddpo, dorpo, dd-*) multiplies each pair's loss by its
 chosen weight: the data's 'weight' (--weight-field), or computed in the step with --deviation. Every loss is
-sum(per-pair losses) / (pairs in the step), so accumulation is exact. Dropout is off.
+sum(per-pair losses) / (pairs in the step), so accumulation is exact. Dropout is off. With --fused-loss (default)
+the head computes each group of pairs' loss and its gradients in its forward (the logits once, not again in the
+backward); --no-fused-loss runs the head and then the loss, the same numbers (tested).
 
 Outputs in --output-dir: checkpoint-<step>/ (Hugging Face model + tokenizer, trainer_state.pt with optimiser,
 scheduler, step and RNG, train_config.json), metrics.jsonl (one line per log step) and train_config.json (every flag
