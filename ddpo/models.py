@@ -256,11 +256,20 @@ def sequence_logps(model, batch, use_triton=None, pair_loss=None, pairs=None):
         token_logps = fused_logprobs(hidden, weight, targets, use_triton=use_triton)  # (N,)
         return torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add(0, seq, token_logps), counts
     k = n_seq // pairs  # sequences per pair: 2 (chosen, rejected) or 1
+    assert n_seq == k * pairs and k in (1, 2), (n_seq, pairs)
+    if counts.view(k, pairs).sum(0).max() * weight.shape[0] > FUSED_TILE_ELEMENTS:  # a pair too long for one tile:
+        token_logps = fused_logprobs(hidden, weight, targets, use_triton=use_triton)  # the chunked head, then the loss
+        logps = torch.zeros(n_seq, dtype=torch.float32, device=hidden.device).index_add(0, seq, token_logps)
+        return pair_loss(torch.arange(pairs, device=hidden.device), logps, counts), logps.detach(), counts
     groups = pair_groups(counts, pairs, default_chunk_size(*hidden.shape[:1], *weight.shape))
     loss, logps = fused_logprobs_loss(hidden, weight, targets, seq, groups,
                                       lambda group, lp: pair_loss(group[:len(group) // k], lp, counts[group]),
                                       use_triton=use_triton)
     return loss, logps, counts
+
+
+FUSED_TILE_ELEMENTS = 1 << 28  # the largest (pair tokens, V) logits tile of the fused loss (1 GB in fp32); longer
+# pairs take the chunked head and then the loss, whose tiles are default_chunk_size rows
 
 
 def pair_groups(counts, pairs, rows):

@@ -268,7 +268,6 @@ def micro_batch(cfg, policy_logps, ref, pairs, index, weights, pad_token_id, dev
             logps.ref_chosen_logps, logps.ref_rejected_logps = ref_chosen[at], ref_rejected[at]
         return loss.objective(logps, weights[at], cfg, weights_mean=weights_mean, use_triton=triton, **kwargs)
 
-    everything = torch.arange(len(index), device=device)
     if cfg.fused_loss and torch.is_grad_enabled():
         if deviation is not None:  # the pools' weights first: the loss of a group of pairs needs only its own
             weights = in_step_weights(*deviation, min_weight=cfg.min_weight, use_triton=triton)
@@ -280,11 +279,11 @@ def micro_batch(cfg, policy_logps, ref, pairs, index, weights, pad_token_id, dev
             parts.append(objective(at, policy, counts, weights))
             return parts[-1].losses.sum()
 
-        total, policy, counts = policy_logps(batch, pair_loss=pair_loss, pairs=len(index))
+        total, _, _ = policy_logps(batch, pair_loss=pair_loss, pairs=len(index))
         out = concat(parts)
     else:
         policy, counts = policy_logps(batch)  # (2B,): [chosen; rejected], or (B,): the chosen alone
-        out = objective(everything, policy, counts, weights, deviation=deviation)
+        out = objective(torch.arange(len(index), device=device), policy, counts, weights, deviation=deviation)
         total = out.losses.sum()
     metrics = {"loss": out.losses.detach().sum(), **out.metrics, "tokens": torch.as_tensor(batch.tokens)}
     if out.chosen_rewards is not None:

@@ -14,7 +14,8 @@ When the loss is a function of whole sequences' summed log-probs that splits int
 preference losses do: a group's logits tiles give its sequences' log-probs, the loss of the group gives each
 sequence's gradient g, and the same tiles become dlogits = g * (onehot - softmax) at once. The gradients are then
 ready before the backward, and the logits are computed once (3 matmuls instead of 4). The price is memory: a whole
-group's (C, V) tile at a time (a group holds at least one pair, whatever its length).
+group's (C, V) tile at a time (a group holds at least one pair: the caller bounds the pairs' length, as
+ddpo/models.py does).
 
 Layout: logprobs_ref and logprobs_loss_ref (naive, materialise (N, V): the ground truth of the tests), the Triton
 kernels, the launchers, the autograd.Functions (Triton on CUDA or under TRITON_INTERPRET=1, chunked PyTorch
@@ -248,6 +249,7 @@ class FusedLogprobsLoss(torch.autograd.Function):
                     token_logps, lse = _logprobs_fwd_triton(logits, lab)
                 else:
                     token_logps, exps, sums = _softmax_torch(logits, lab)
+                    del logits  # a bf16 tile is not needed beside its fp32 exps
                 group_logps = torch.zeros(len(group), device=h.device).index_add(0, seq, token_logps)
                 with torch.enable_grad():
                     x = group_logps.requires_grad_()
@@ -276,7 +278,7 @@ class FusedLogprobsLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_hidden = (grad_hidden.float() * grad_loss).to(grad_hidden.dtype)  # the scale in fp32, as the weight's
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None

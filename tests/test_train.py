@@ -284,15 +284,21 @@ def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_model, m
 
 @pytest.mark.parametrize("loss, extra", [("dpo", ()), ("ddpo", ()), ("dorpo", ()), ("dd-simpo", ()), ("sft", ()),
                                          ("rpo", ("--no-packing",)), ("ddpo", ("--deviation", "style")),
+                                         ("dorpo", ("--deviation", "style")),
                                          ("dorpo", ("--deviation", "style", "--dorpo-form", "per-example"))])
-@pytest.mark.parametrize("rows", [None, 1], ids=["one-group", "a-group-per-pair"])
-def test_loss_fused_in_the_head_equals_the_head_then_the_loss(tmp_path, tiny_model, monkeypatch, loss, extra, rows):
+@pytest.mark.parametrize("grouping", ["one-group", "a-group-per-pair", "pairs-too-long-for-a-tile"])
+def test_loss_fused_in_the_head_equals_the_head_then_the_loss(tmp_path, tiny_model, monkeypatch, loss, extra,
+                                                               grouping):
     """--fused-loss (each group of pairs' loss and gradients in the head's forward) against --no-fused-loss: the same
-    metrics, gradient norms and weights after two steps, with one group per micro-batch or one per pair."""
+    metrics, gradient norms and weights after two steps, with one group per micro-batch, one per pair, or pairs too
+    long for one logits tile (which take the chunked head, then the loss)."""
     import ddpo.models as models
 
-    if rows:
-        monkeypatch.setattr(models, "default_chunk_size", lambda N, V, H: rows)
+    if grouping == "a-group-per-pair":
+        monkeypatch.setattr(models, "default_chunk_size", lambda N, V, H: 1)
+    if grouping == "pairs-too-long-for-a-tile":
+        monkeypatch.setattr(models, "FUSED_TILE_ELEMENTS", 1)
+        monkeypatch.setattr(models, "fused_logprobs_loss", None)  # never reached
     data = pool_pairs(tmp_path / "pool_pairs.jsonl") if "--deviation" in extra else None
     common = ("--loss", loss, "--max-steps", "2", "--batch-size", "4", *extra)
     fused, a = run(tmp_path, tiny_model, *common, name="fused", data=data)
@@ -302,7 +308,7 @@ def test_loss_fused_in_the_head_equals_the_head_then_the_loss(tmp_path, tiny_mod
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
     wa, wb = AutoModelForCausalLM.from_pretrained(a).state_dict(), AutoModelForCausalLM.from_pretrained(b).state_dict()
     for key in wa:  # Adam's first steps are about lr * sign(grad): gradients within float noise of 0 may flip
-        assert (wa[key] - wb[key]).abs().gt(1e-6).float().mean() < 1e-2, key
+        assert (wa[key] - wb[key]).abs().gt(1e-5).float().mean() < 1e-2, key
 
 
 def test_gradient_checkpointing_and_padding_give_the_same_step(tmp_path, tiny_model):
