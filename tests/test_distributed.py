@@ -15,7 +15,11 @@ from test_train import metrics
 def run(args, tmp_path, ranks=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPO_CACHE": str(tmp_path / "cache")}
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
-    proc = subprocess.run([sys.executable, *launch, "-m", "ddpo.train", *args], env=env, capture_output=True, text=True)
+    try:  # a rank stuck in a collective fails the test with its output instead of stalling CI
+        proc = subprocess.run([sys.executable, *launch, "-m", "ddpo.train", *args], env=env, capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"no result after {e.timeout} s: {(e.stderr or b'')[-3000:]!r}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
