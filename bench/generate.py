@@ -2,6 +2,7 @@
 
     python -m bench.generate                                  # 8 prompts x 4 samples x 128 tokens, SmolLM2-135M, CPU
     python -m bench.generate --prompts 16 --batch-prompts 4 16 --max-new-tokens 256 --baseline-rev 96e8c9a
+    python -m bench.generate --batch-prompts 16 --dtypes float32 bfloat16 --impls ours before
 
 Every implementation samples the same prompts (the first --prompts of the packaged eval split, chat template) with
 the paper's settings (temperature 1, top-k 50, top-p 0.95, repetition penalty 1.1), N samples per prompt, in batches
@@ -9,8 +10,9 @@ of --batch-prompts prompts (x N rows), with the same model object:
   ours       ddpo.generate.generate_batch of the working tree
   before     ddpo/generate.py of --baseline-rev (read with `git show`, imported beside ours): today's code
   hf         transformers' model.generate(do_sample=True, num_return_sequences=N, the same settings)
-Tokens/s = tokens sampled (up to and including each sample's stop token) / wall time, the implementations taking
-turns --repeats times (medians), so that they share the machine's state. Rows go to bench/results.jsonl.
+Each runs under each of --dtypes (bfloat16: bf16 autocast, as ddpo.generate's --dtype). Tokens/s = tokens sampled
+(up to and including each sample's stop token) / wall time, the implementations taking turns --repeats times
+(medians), so that they share the machine's state. Rows go to bench/results.jsonl.
 """
 
 import argparse
@@ -85,6 +87,8 @@ def main():
     ap.add_argument("--baseline-rev", default="96e8c9a", help="git revision of 'before' (2026-11-23's start)")
     ap.add_argument("--impls", nargs="+", default=["ours", "before", "hf"], choices=["ours", "before", "hf"])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="autocast dtypes to run under; ratios are to 'before' in the first")
     ap.add_argument("--out", default="bench/results.jsonl")
     args = ap.parse_args()
 
@@ -98,22 +102,26 @@ def main():
            "hf": lambda b: run_hf(model, tokenizer, prompts, s, b)}
     rows = []
     for batch_prompts in args.batch_prompts:
-        rates = {impl: [] for impl in args.impls}
+        rates = {(impl, dtype): [] for dtype in args.dtypes for impl in args.impls}
         for _ in range(args.repeats):
-            for impl in args.impls:  # taking turns
+            for impl, dtype in rates:  # taking turns
                 t0 = time.perf_counter()
-                tokens = run[impl](batch_prompts)
-                rates[impl].append(tokens / (time.perf_counter() - t0))
-        for impl, r in rates.items():
-            rows.append({"bench": "generate", "impl": impl, "model": args.model, "prompts": args.prompts, "n": args.n,
-                         "max_new_tokens": args.max_new_tokens, "batch_prompts": batch_prompts,
-                         "threads": torch.get_num_threads(), "tokens_per_s": statistics.median(r), "all": r})
-            print(f"batch {batch_prompts} x {args.n}: {impl:7s} {statistics.median(r):7.1f} tokens/s  {r}", flush=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                    tokens = run[impl](batch_prompts)
+                rates[impl, dtype].append(tokens / (time.perf_counter() - t0))
+        for (impl, dtype), r in rates.items():
+            rows.append({"bench": "generate", "impl": impl, "dtype": dtype, "model": args.model,
+                         "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
+                         "batch_prompts": batch_prompts, "threads": torch.get_num_threads(),
+                         "tokens_per_s": statistics.median(r), "all": r})
+            print(f"batch {batch_prompts} x {args.n}: {impl:7s} {dtype:8s} {statistics.median(r):7.1f} tokens/s  {r}",
+                  flush=True)
     append_rows(args.out, rows)
-    base = {r["batch_prompts"]: r["tokens_per_s"] for r in rows if r["impl"] == "before"}
+    base = {r["batch_prompts"]: r["tokens_per_s"] for r in rows if (r["impl"], r["dtype"]) == ("before", args.dtypes[0])}
     for r in rows:
-        if r["impl"] != "before" and r["batch_prompts"] in base:
-            print(f"batch {r['batch_prompts']}: {r['impl']} / before = {r['tokens_per_s'] / base[r['batch_prompts']]:.2f}x")
+        if (r["impl"], r["dtype"]) != ("before", args.dtypes[0]) and r["batch_prompts"] in base:
+            print(f"batch {r['batch_prompts']}: {r['impl']} {r['dtype']} / before {args.dtypes[0]} = "
+                  f"{r['tokens_per_s'] / base[r['batch_prompts']]:.2f}x")
 
 
 if __name__ == "__main__":

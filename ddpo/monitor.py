@@ -21,9 +21,9 @@ log-probs come from the training reference (with --precompute-ref they are cache
 Sampled diversity (--eval-prompts, ddpo.generate's prompts format): the policy samples --eval-samples responses for
 every prompt with ddpo.generate's sampler (generate.sample: its batches of generate.BATCH_PROMPTS prompts, its
 seeds from --seed, its default settings but --max-new-tokens from --eval-max-new-tokens), so each evaluation draws
-with the same random numbers and steps differ by the model alone, and the texts are those `python -m ddpo.generate
---model checkpoint-<step> --n K --max-new-tokens M --seed S` writes. They are scored with ddpo.evaluate's code
-(evaluate.evaluate), logged as the means over prompts eval_semantic_diversity, eval_style_diversity,
+with the same random numbers and steps differ by the model alone, under training's autocast, and the texts are
+those `python -m ddpo.generate --model checkpoint-<step> --n K --max-new-tokens M --seed S --dtype D` writes (D: the
+--dtype of training). They are scored with ddpo.evaluate's code (evaluate.evaluate), logged as the means over prompts eval_semantic_diversity, eval_style_diversity,
 eval_compression_ratio, eval_ngram_diversity, eval_homogenization, eval_distinct_1, eval_distinct_2, eval_length and
 eval_quality (--eval-quality: proxy or reward-model:PATH), with --semantic-embedder and --style-embedder (the
 stylometric style profile is standardised over each evaluation's samples), and written to
@@ -182,7 +182,7 @@ class Monitor:
         before --precompute-ref frees the reference copy, whose held-out log-probs it caches too."""
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.tokenizer, self.policy, self.policy_logps, self.micro_batch = tokenizer, policy, policy_logps, micro_batch
-        self.autocast = autocast_context(device, autocast_dtype)
+        self.autocast, self.dtype = autocast_context(device, autocast_dtype), autocast_dtype
         self.pairs, self.prompts = held_out.pairs, held_out.prompts
         if self.pairs:
             stats = tokenize_pairs(self.pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
@@ -257,7 +257,8 @@ class Monitor:
         n_batches = math.ceil(len(self.prompts) / generate.BATCH_PROMPTS)
         with sampling_mode(self.policy):
             mine = dict(generate.sample(self.policy, self.tokenizer, self.prompts, self.sampling,
-                                        generate.BATCH_PROMPTS, range(self.rank, n_batches, self.world)))
+                                        generate.BATCH_PROMPTS, range(self.rank, n_batches, self.world),
+                                        dtype=self.dtype))
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, mine)
@@ -272,7 +273,7 @@ class Monitor:
         return {f"eval_{metric}": result[metric]["mean"] for metric in evaluate.METRICS}
 
     def write_samples(self, step, prompts):
-        settings = dataclasses.asdict(self.sampling)
+        settings = {**dataclasses.asdict(self.sampling), "dtype": generate.dtype_name(self.dtype)}
         lines = [json.dumps({"prompt_id": key, "prompt": v["prompt"], "response": text, "sample": j, "step": step,
                              **settings}, ensure_ascii=False) + "\n"
                  for key, v in prompts.items() for j, text in enumerate(v["responses"])]

@@ -72,7 +72,7 @@ from ddpo.deviation import METRICS
 from ddpo.distributed import data_parallel, gather_metrics, no_sync, peak_memory_gb, print0, rank_share, setup_distributed
 from ddpo.embedders import DEFAULT_EMBEDDERS, InStepDeviation, check_embedder
 from ddpo.losses import LOSSES, Logps, concat, in_step_weights
-from ddpo.models import DEFAULT_MODEL, autocast_context, check_model_path, load_policy, load_tokenizer, use_triton
+from ddpo.models import DEFAULT_MODEL, autocast_context, autocast_dtype, check_model_path, load_policy, load_tokenizer, use_triton
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
 
@@ -134,7 +134,9 @@ class TrainConfig:
                                                                   "-1 = as released: 128 for orpo/dorpo, off for "
                                                                   "the others)", "type": in_range(int, -1)})
     seed: int = field(default=42, metadata={"help": "seed of data order and initialisation", "type": in_range(int, 0, 2**32 - 1)})
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "float32", "bfloat16"]})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where bf16 matmuls are native (CUDA, "
+                                                         "CPUs with AVX512-BF16 or AMX), else fp32",
+                                                 "choices": ["auto", "float32", "bfloat16"]})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     packing: bool = field(default=True, metadata={"help": "padding-free micro-batches: sequences packed in one row "
                                                           "(checked against padding on the first pairs at start)"})
@@ -391,18 +393,18 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
     if cfg.deviation != "none" and not LOSSES[cfg.loss].weighted:
         print0(f"warning: --deviation {cfg.deviation} is ignored: {cfg.loss} takes no weights (its weighted twin does)",
                flush=True)
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
-    autocast = autocast_context(device, autocast_dtype)
+    amp_dtype = autocast_dtype(cfg.dtype, device)  # None: fp32
+    autocast = autocast_context(device, amp_dtype)
     torch.manual_seed(cfg.seed)
     policy, policy_logps, params = load_policy(cfg, device, world, resume_from)
     if cfg.packing:
         check_packing(cfg, policy_logps, pairs, tokenizer.pad_token_id, device)
     ref = load_reference(cfg, policy_logps, device, world) if LOSSES[cfg.loss].reference else None
-    monitor = Monitor(cfg, held_out, rank, world, device, tokenizer, policy, policy_logps, ref, autocast_dtype,
+    monitor = Monitor(cfg, held_out, rank, world, device, tokenizer, policy, policy_logps, ref, amp_dtype,
                       functools.partial(micro_batch, cfg), functools.partial(pair_weights, cfg), embedders(cfg))
     if ref and cfg.precompute_ref:
         with autocast():
-            ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, autocast_dtype, save=rank == 0)
+            ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, amp_dtype, save=rank == 0)
     deviation = None
     if cfg.deviation != "none" and LOSSES[cfg.loss].weighted:
         deviation = InStepDeviation(pairs, embedders(cfg), cfg.min_weight, device, cfg.trust_remote_code)
@@ -431,7 +433,7 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
 
     # 5. the loop: each rank runs its share of the step's micro-batches; gradients summed over ranks; clip, update
     print0(f"training {cfg.loss} on {device}{f' x {world} ranks' if world > 1 else ''} "
-           f"({'bf16 autocast' if autocast_dtype else 'fp32'}, {'Triton' if policy_logps.use_triton else 'chunked PyTorch'} "
+           f"({'bf16 autocast' if amp_dtype else 'fp32'}, {'Triton' if policy_logps.use_triton else 'chunked PyTorch'} "
            f"log-prob head): {total_steps} steps of up to {cfg.batch_size * cfg.grad_accum * world} pairs "
            f"({steps_per_epoch} steps/epoch)", flush=True)
     path = last_checkpoint

@@ -10,6 +10,7 @@ from conftest import make_tiny_model, read_jsonl, write_jsonl
 
 from ddpo import generate
 from ddpo.generate import Sampling, candidates, main, next_token_probs, penalise
+from ddpo.models import autocast_dtype
 
 
 def test_repetition_penalty_follows_hf_rule():
@@ -156,10 +157,31 @@ def test_resume_keeps_the_outputs_batches_and_refuses_to_finish_an_older_sampler
         main(common)
 
 
+def test_outputs_written_before_the_dtype_setting_were_float32(tmp_path, tiny_model):
+    """An output from before --dtype (no 'dtype' in its settings file or lines) is read as float32: a rerun with
+    --dtype float32 finishes it, one with bfloat16 is refused, naming the setting."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out, meta = tmp_path / "s.jsonl", tmp_path / "s.jsonl.meta.json"
+    common = ["--model", tiny_model, "--prompts", prompts, "--max-new-tokens", "6", "--n", "2", "--output", str(out)]
+    main(common + ["--dtype", "float32"])
+    full = out.read_text()
+    settings = json.loads(meta.read_text())
+    del settings["dtype"]
+    meta.write_text(json.dumps(settings))
+    lines = [json.loads(line) for line in full.splitlines()]
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "dtype"}) + "\n" for r in lines[:3]))
+    with pytest.raises(SystemExit, match=r"s.jsonl: holds samples with other settings: dtype: 'float32' there, "
+                                         r"'bfloat16' now"):
+        main(common + ["--dtype", "bfloat16"])
+    main(common + ["--dtype", "float32"])
+    done = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["response"] for r in done] == [r["response"] for r in lines] and len(done) == len(PROMPTS) * 2
+
+
 @pytest.mark.parametrize("flags, differing", [
     (["--n", "3"], "n"), (["--seed", "1"], "seed"), (["--top-p", "0.9"], "top_p"),
     (["--batch-prompts", "1"], "batch_prompts"), (["--model", "OTHER"], "model"),
-    (["--prompts", "EDITED"], "prompts_sha256"),
+    (["--prompts", "EDITED"], "prompts_sha256"), (["--dtype", "NOT_AUTO"], "dtype"),
 ])
 def test_rerun_with_other_settings_is_refused(tmp_path, tiny_model, flags, differing):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
@@ -168,7 +190,8 @@ def test_rerun_with_other_settings_is_refused(tmp_path, tiny_model, flags, diffe
     main(common)
     before = output.read_bytes()
     other = {"OTHER": lambda: make_tiny_model(tmp_path / "other", seed=1),
-             "EDITED": lambda: write_jsonl(tmp_path / "edited.jsonl", PROMPTS[:2] + [{"prompt": "Why not?", "id": "q"}])}
+             "EDITED": lambda: write_jsonl(tmp_path / "edited.jsonl", PROMPTS[:2] + [{"prompt": "Why not?", "id": "q"}]),
+             "NOT_AUTO": lambda: "float32" if autocast_dtype("auto", torch.device("cpu")) else "bfloat16"}
     flags = [other[f]() if f in other else f for f in flags]
     with pytest.raises(SystemExit, match=f"o.jsonl: holds samples with other settings: {differing}: "):
         main(common + flags)

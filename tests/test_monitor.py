@@ -94,22 +94,24 @@ def test_an_evaluation_without_update_equals_the_training_row_of_the_same_pairs(
     assert trained["rewards/margins"] != 0.0 and (loss == "dpo") == (trained["weights/max"] == 1.0)
 
 
-@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]])
-def test_sampled_texts_are_those_of_ddpo_generate(tmp_path, tiny_model, extra):
-    """The step-2 samples equal `ddpo.generate` on checkpoint-2 with the same n, max-new-tokens and seed: one sampler
-    (its batches and seeds), run with the KV cache (no gradient checkpointing) and the model's own attention (the
-    batch of one prompt has no padding, which packed segment attention would decode wrongly)."""
+@pytest.mark.parametrize("dtype, extra", [("float32", []), ("bfloat16", []), ("float32", ["--gradient-checkpointing"])])
+def test_sampled_texts_are_those_of_ddpo_generate(tmp_path, tiny_model, dtype, extra):
+    """The step-2 samples equal `ddpo.generate` on checkpoint-2 with the same n, max-new-tokens, seed and dtype: one
+    sampler (its batches and seeds), under training's autocast, run with the KV cache (no gradient checkpointing) and
+    the model's own attention (the batch of one prompt has no padding, which packed segment attention would decode
+    wrongly)."""
     cfg, path = run(tmp_path, tiny_model, "--max-steps", "2", *sampling(tmp_path, samples=3, tokens=16, prompts=5),
-                    *extra)
+                    "--dtype", dtype, *extra)
     generate.main(["--model", path, "--prompts", str(tmp_path / "prompts.jsonl"), "--output",
-                   str(tmp_path / "gen.jsonl"), "--n", "3", "--max-new-tokens", "16", "--seed", str(cfg.seed)])
+                   str(tmp_path / "gen.jsonl"), "--n", "3", "--max-new-tokens", "16", "--seed", str(cfg.seed),
+                   "--dtype", dtype])
 
     def texts(name):
-        return [(r["prompt_id"], r["sample"], r["response"]) for r in map(json.loads, open(name))]
+        return [(r["prompt_id"], r["sample"], r["response"], r["dtype"]) for r in map(json.loads, open(name))]
 
     sampled = texts(os.path.join(cfg.output_dir, "eval_samples", "step-2.jsonl"))
     assert len(sampled) == 15 and sampled == texts(tmp_path / "gen.jsonl")
-    assert len({t for _, _, t in sampled}) > 9  # not one text repeated
+    assert len({t for _, _, t, _ in sampled}) > 9 and {d for *_, d in sampled} == {dtype}  # not one text repeated
 
 
 def test_resume_trims_evaluations_after_the_checkpoint(tmp_path, tiny_model, monkeypatch):

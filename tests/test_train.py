@@ -20,7 +20,7 @@ import ddpo.checkpoint as checkpoint_mod
 import ddpo.train as train_mod
 from ddpo.data import DataError, collate, collate_packed, load_pairs, tokenize_pairs
 from ddpo.losses import LOSSES
-from ddpo.models import SEGMENT_ATTENTION, load_model, load_tokenizer, segment_attention, sequence_logps, use_segment_attention
+from ddpo.models import SEGMENT_ATTENTION, autocast_dtype, load_model, load_tokenizer, segment_attention, sequence_logps, use_segment_attention
 from ddpo.train import main, parse_args, train
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -30,8 +30,9 @@ METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 def run(tmp_path, tiny_model, *extra, name="run", data=None):
     out = str(tmp_path / name)
     data = data or write_pairs(tmp_path / "pairs.jsonl")
-    cfg = parse_args(["--model", tiny_model, "--data", data, "--output-dir", out, "--lr", "1e-3", *extra])
-    return cfg, train(cfg)
+    cfg = parse_args(["--model", tiny_model, "--data", data, "--output-dir", out, "--lr", "1e-3", "--dtype", "float32",
+                      *extra])  # fp32 unless a test says: --dtype auto is bf16 on CPUs with native bf16, and tests
+    return cfg, train(cfg)  # here compare two paths to ~1e-5
 
 
 def metrics(path):
@@ -334,6 +335,25 @@ def test_lr_schedule_equals_hugging_face(schedule, warmup):
         assert ours(step) == pytest.approx(theirs.lr_lambdas[0](step), abs=1e-12), step
     if warmup:
         assert ours(0) == 0.0
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, want", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                      (False, False, None)])
+def test_dtype_auto_is_bf16_on_cpus_with_native_bf16_matmuls(monkeypatch, avx512_bf16, amx, want):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == want
+    assert autocast_dtype("float32", cpu) is None and autocast_dtype("bfloat16", cpu) == torch.bfloat16
+
+
+def test_dtype_auto_trains_in_the_dtype_it_resolves_to(tmp_path, tiny_model):
+    """--dtype auto gives the run of the dtype it names on this machine, to the last digit."""
+    want = "bfloat16" if autocast_dtype("auto", torch.device("cpu")) else "float32"
+    auto, _ = run(tmp_path, tiny_model, "--max-steps", "2", "--dtype", "auto", name="auto")
+    named, _ = run(tmp_path, tiny_model, "--max-steps", "2", "--dtype", want, name="named")
+    for a, b in zip(metrics(auto.output_dir), metrics(named.output_dir), strict=True):
+        assert [a[k] for k in METRICS + ["grad_norm"]] == [b[k] for k in METRICS + ["grad_norm"]]
 
 
 @pytest.mark.parametrize("path", ["live", "precompute", "lora"])
