@@ -304,7 +304,9 @@ def written_samples(output, meta, prompts, settings):
     if (differ := [k for k in meta if k != "sampler" and old.get(k, BEFORE.get(k)) != meta[k]]):
         raise DataError(f"{output}: holds samples with other settings: "
                         + ", ".join(f"{k}: {old.get(k, BEFORE.get(k))!r} there, {meta[k]!r} now" for k in differ)
-                        + "; choose another --output")
+                        + "; choose another --output"
+                        + (f" (or --dtype {old.get('dtype', BEFORE['dtype'])} to go on with it)"
+                           if "dtype" in differ else ""))
     with open(output, "rb") as f:
         data = f.read()
     complete = data[: data.rfind(b"\n") + 1]  # a torn last line (killed mid-write) is no sample

@@ -1,6 +1,6 @@
 """The whole method, offline, end to end: sample -> score -> weighted pairs -> DPO and DDPO -> sample -> evaluate.
 
-    python -m ddpo.pipeline                          # the default run on the packaged models (2 CPU cores: ~15 min)
+    python -m ddpo.pipeline                          # the default run on the packaged models (2 CPU cores: ~4 min)
     python -m ddpo.pipeline --quick --work-dir /tmp/p # a minute-long smoke run
     python -m ddpo.pipeline --model HuggingFaceTB/SmolLM2-1.7B-Instruct --train-prompts 130 --eval-prompts 32 --n 8
 
@@ -58,6 +58,10 @@ class PipelineConfig:
     gap: float = _(1.0, "gap pairing: minimum proxy-score gap before falling back", in_range(float, 0))
     semantic_embedder: str = _(DEFAULT_EMBEDDERS["semantic"], "semantic embedder of weights and evaluation")
     trust_remote_code: bool = _(False, "run the embedders' own code (e.g. jinaai/jina-embeddings-v3)")
+    dtype: str = field(default="auto", metadata={"help": "ddpo.generate's and ddpo.train's --dtype: auto is bf16 "
+                                                         "autocast where bf16 matmuls are native, else fp32; "
+                                                         "float32 gives the tables of fp32 machines",
+                                                 "choices": ["auto", "float32", "bfloat16"]})
     train_flags: str = _("", "extra ddpo.train flags for every arm, e.g. \"--lora-r 128 --gradient-checkpointing\"")
     monitor_prompts: int = _(2, "first held-out prompts sampled during training (ddpo.train --eval-prompts: "
                                 f"{MONITOR['samples']} samples of {MONITOR['max_new_tokens']} tokens each); 0 = off",
@@ -71,7 +75,7 @@ class PipelineConfig:
 GROUPS = {"sizes": ["train_prompts", "eval_prompts", "n", "eval_n", "max_new_tokens", "quick"],
           "training": ["steps", "batch_size", "lr", "beta", "gap", "train_flags", "seed", "monitor_prompts",
                        "monitor_every"],
-          "models": ["model", "semantic_embedder", "trust_remote_code"]}
+          "models": ["model", "semantic_embedder", "trust_remote_code", "dtype"]}
 QUICK = dict(train_prompts=3, eval_prompts=2, n=3, max_new_tokens=24, steps=2, batch_size=2)
 
 
@@ -105,7 +109,7 @@ def first_prompts(split, count, path):
 
 def sample(cfg, model, prompts, output, n=None, extra=()):
     generate.main(["--model", model, "--prompts", prompts, "--output", output, "--n", str(n or cfg.n),
-                   "--max-new-tokens", str(cfg.max_new_tokens), "--seed", str(cfg.seed), *extra])
+                   "--max-new-tokens", str(cfg.max_new_tokens), "--seed", str(cfg.seed), "--dtype", cfg.dtype, *extra])
     return output
 
 
@@ -138,6 +142,7 @@ def train_arm(cfg, arm, pairs, output_dir):
             "--model", cfg.model, "--data", pairs, "--output-dir", output_dir, "--loss", arm.loss,
             "--max-steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
             "--beta", str(cfg.beta), "--seed", str(cfg.seed), "--save-every", "0", "--keep-checkpoints", "1",
+            "--dtype", cfg.dtype,
             *(["--precompute-ref"] if LOSSES[arm.loss].reference else []),
             *(["--resume"] if os.path.isdir(output_dir) else []), *monitor_flags(cfg), *cfg.train_flags.split(),
             *arm.train]))

@@ -10,7 +10,9 @@ power analysis; DDPO-sem, DDPO-sty, DivPO and the start model beside them; and t
 Every stage (training responses, pairs, each arm's training and held-out samples, evaluation, the mechanism pool and
 its log-probs) writes into --work-dir and is skipped when its output is there: stop at any point, run the same
 command again (also in a later session), and it goes on. Flags are ddpo.pipeline's; the defaults below are the
-sized settings (experiments/LOG.md has the power analysis that chose them).
+sized settings (experiments/LOG.md has the power analysis that chose them). The run in the LOG (2026-11-23) was
+fp32, before --dtype auto became bf16 on CPUs with native bf16 matmuls: add --dtype float32 to repeat it or to go on
+with its work dir.
 
 Held-out prompts: the 32 of the eval split, then (for --eval-prompts > 32) training-split prompts from the end,
 which the run never trains on. The mechanism check's pool is the first 32 eval prompts x --n responses.
@@ -126,7 +128,7 @@ def main(argv=None):
          *[f"ddpo-both-s{s}" for s in seeds], f"ddpo-sem-s{seeds[0]}", f"ddpo-sty-s{seeds[0]}", f"divpo-s{seeds[0]}",
          "--baseline", f"dpo-s{seeds[0]}", "--pool-prompts", str(min(cfg.eval_prompts, 32)), "--n", str(cfg.n),
          "--max-new-tokens", str(cfg.max_new_tokens), "--semantic-embedder", cfg.semantic_embedder,
-         *(["--pool", pool] if pool else [])]))
+         "--dtype", cfg.dtype, *(["--pool", pool] if pool else [])]))
     results["mechanism"] = check
     lines = [reading(f"{name} - dpo", results[name]) for name in comparisons]
     with open(os.path.join(eval_dir, "report.md")) as f:

@@ -80,7 +80,7 @@ def run(args):
         rows = [rec for _, rec in read_jsonl(args.pool)]
     else:
         prompts = first_prompts("eval", args.pool_prompts, os.path.join(out_dir, "prompts.jsonl"))
-        cfg = argparse.Namespace(n=args.n, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        cfg = argparse.Namespace(n=args.n, max_new_tokens=args.max_new_tokens, seed=args.seed, dtype=args.dtype)
         rows = [rec for _, rec in read_jsonl(sample(cfg, args.model, prompts, os.path.join(out_dir, "pool.jsonl")))]
     weights, group = pool_weights(rows, args.semantic_embedder)
     start = per_token_logps(args.model, rows)
@@ -118,6 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=100, help="length of the pool's responses")
     p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"], help="semantic embedder of the weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the pool's sampling")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the pool's sampling dtype (ddpo.generate's --dtype)")
     return p.parse_args(argv)
 
 

@@ -171,7 +171,7 @@ def test_outputs_written_before_the_dtype_setting_were_float32(tmp_path, tiny_mo
     lines = [json.loads(line) for line in full.splitlines()]
     out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "dtype"}) + "\n" for r in lines[:3]))
     with pytest.raises(SystemExit, match=r"s.jsonl: holds samples with other settings: dtype: 'float32' there, "
-                                         r"'bfloat16' now"):
+                                         r"'bfloat16' now; choose another --output \(or --dtype float32 to go on"):
         main(common + ["--dtype", "bfloat16"])
     main(common + ["--dtype", "float32"])
     done = [json.loads(line) for line in out.read_text().splitlines()]

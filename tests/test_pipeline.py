@@ -4,12 +4,17 @@ import json
 import os
 
 import pytest
+import torch
 
+from ddpo.models import autocast_dtype
 from ddpo.pipeline import main
+
+NOT_AUTO = "float32" if autocast_dtype("auto", torch.device("cpu")) else "bfloat16"  # the dtype auto is not here
 
 
 def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model, capsys):
-    args = ["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "stylometric"]
+    args = ["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "stylometric",
+            "--dtype", NOT_AUTO]
     main(args)
     out = capsys.readouterr().out
     assert "| dpo |" in out and "| ddpo |" in out and "plot:" in out
@@ -21,6 +26,9 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model, capsys):
         assert metrics["prompts"] == 2 and metrics["samples"] == 6
         assert ("vs_baseline" in metrics) == (name == "ddpo")
         assert os.path.isdir(tmp_path / name / "checkpoint-2")
+        assert json.load(open(tmp_path / name / "train_config.json"))["dtype"] == NOT_AUTO  # --dtype reaches
+        for samples in (tmp_path / name / "samples.jsonl", tmp_path / "responses.jsonl"):  # every stage
+            assert {json.loads(line)["dtype"] for line in open(samples)} == {NOT_AUTO}
         rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]  # sampled during training
         assert [r["step"] for r in rows if "eval_semantic_diversity" in r] == [2]  # --quick: 2 steps, the last
         assert len(open(tmp_path / name / "eval_samples" / "step-2.jsonl").readlines()) == 2 * 4  # 2 prompts x 4
