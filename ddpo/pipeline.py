@@ -9,7 +9,7 @@
    pairs them (released gap rule), each pair weighted by the deviation of its chosen story
 3. ddpo.train trains DPO and DDPO from the same start, same pairs, seed and steps; every --monitor-every steps and
    at the last it samples 4 stories of 48 tokens for each of the first --monitor-prompts held-out prompts and logs
-   their diversity and quality in <arm>/metrics.jsonl (ddpo/monitor.py; about 5% of the default run's time)
+   their diversity and quality in <arm>/metrics.jsonl (ddpo/monitor.py; about 7% of the default run's time)
 4. both write --n stories for each of the first --eval-prompts held-out prompts of ddpo/data/prompts_eval.jsonl
 5. ddpo.evaluate prints the comparison table, DDPO's paired differences to DPO, and writes the plot; ddpo.curves
    draws both runs' training curves and sampled trajectories into <work-dir>/eval/curves.png
