@@ -109,13 +109,24 @@ def _logprobs_bwd_triton(logits, labels, lse, grad_logps):
     return logits
 
 
-def _logprobs_fwd_torch(logits, labels):
-    """Consumes the tile: in-place ops, so no (C, V) temporary is allocated (on CPU each fresh tile is page faults)."""
+def _softmax_torch(logits, labels):
+    """Log-probs of a tile and what its gradient needs: returns (logps (C,), exp(logits - row max) (C, V) fp32, written
+    over the tile when it is fp32, its row sums (C,), and the log-sum-exp (C,)), so that softmax = exps / sums without
+    a second exp."""
     logits = logits.float()
     target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     row_max = logits.amax(-1, keepdim=True)  # (C, 1)
-    lse = logits.sub_(row_max).exp_().sum(-1).log_() + row_max.squeeze(-1)  # logsumexp, in place
-    return torch.where(labels != IGNORE_INDEX, target - lse, torch.zeros_like(lse)), lse
+    exps = logits.sub_(row_max).exp_()  # in place
+    sums = exps.sum(-1)
+    lse = sums.log() + row_max.squeeze(-1)  # logsumexp
+    return torch.where(labels != IGNORE_INDEX, target - lse, torch.zeros_like(lse)), exps, sums, lse
+
+
+def _logprobs_fwd_torch(logits, labels):
+    """Consumes the tile: in-place ops, so no (C, V) temporary is allocated (on CPU each fresh tile is page faults).
+    Returns (logps (C,), lse (C,))."""
+    token_logps, _, _, lse = _softmax_torch(logits, labels)
+    return token_logps, lse
 
 
 def _logprobs_bwd_torch(logits, labels, lse, grad_logps):
@@ -125,18 +136,6 @@ def _logprobs_bwd_torch(logits, labels, lse, grad_logps):
     dlogits = logits.float().sub_(lse.unsqueeze(-1)).exp_().mul_(-g)  # -g * softmax, in place
     dlogits.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), g)
     return dlogits.to(logits.dtype)
-
-
-def _softmax_torch(logits, labels):
-    """The forward that keeps the tile for the gradient: returns (logps (C,), exp(logits - row max) (C, V) fp32, written
-    over the tile when it is fp32, and its row sums (C,)), so that softmax = exps / sums without a second exp."""
-    logits = logits.float()
-    target = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    row_max = logits.amax(-1, keepdim=True)  # (C, 1)
-    exps = logits.sub_(row_max).exp_()  # in place
-    sums = exps.sum(-1)
-    lse = sums.log() + row_max.squeeze(-1)
-    return torch.where(labels != IGNORE_INDEX, target - lse, torch.zeros_like(lse)), exps, sums
 
 
 def _dlogits_torch(exps, sums, labels, grad_logps):
@@ -248,7 +247,7 @@ class FusedLogprobsLoss(torch.autograd.Function):
                 if use_triton:
                     token_logps, lse = _logprobs_fwd_triton(logits, lab)
                 else:
-                    token_logps, exps, sums = _softmax_torch(logits, lab)
+                    token_logps, exps, sums, _ = _softmax_torch(logits, lab)
                     del logits  # a bf16 tile is not needed beside its fp32 exps
                 group_logps = torch.zeros(len(group), device=h.device).index_add(0, seq, token_logps)
                 with torch.enable_grad():
@@ -279,8 +278,8 @@ class FusedLogprobsLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = (grad_hidden.float() * grad_loss).to(grad_hidden.dtype)  # the scale in fp32, as the weight's
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        if grad_weight is not None:  # scaled in place: no second (V, H) fp32 copy (a second backward raises)
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
