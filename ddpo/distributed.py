@@ -10,6 +10,7 @@ averaged, so the loss scaling is that of one process. print0 prints on rank 0 on
 """
 
 import contextlib
+import gc
 import math
 import os
 import resource
@@ -53,6 +54,17 @@ def setup_distributed(cfg):
         raise SystemExit("--fsdp with --lora-r is not supported: LoRA trains a small part of the model, use plain "
                          "torchrun (data parallel) with --lora-r")
     return rank, world, device
+
+
+def shutdown_distributed(world):
+    """End torchrun's process group (after a successful run; a failing rank just exits and torchrun stops the rest),
+    once the modules that hold it are freed. The order matters: freed from DDP's reducer (C++, which keeps the GIL),
+    the group's destructor joins gloo's worker threads while one of them may be waiting for the GIL to free a
+    collective's tensor, and the rank hangs forever (seen about once in 4 two-rank runs). Freed by
+    destroy_process_group instead, the destructor releases the GIL first."""
+    if world > 1:
+        gc.collect()  # a DDP wrapper kept by a reference cycle would free its reducer later, holding the GIL
+        dist.destroy_process_group()
 
 
 def shard(logps, device, world):

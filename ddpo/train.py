@@ -60,7 +60,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -69,7 +68,8 @@ from ddpo.config import add_config_args
 from ddpo.data import (DataError, atomic_write, check_output_dir, in_range, load_pairs, make_batch, optimizer_steps,
                        tokenize_pairs)
 from ddpo.deviation import METRICS
-from ddpo.distributed import data_parallel, gather_metrics, no_sync, peak_memory_gb, print0, rank_share, setup_distributed
+from ddpo.distributed import (data_parallel, gather_metrics, no_sync, peak_memory_gb, print0, rank_share,
+                              setup_distributed, shutdown_distributed)
 from ddpo.embedders import DEFAULT_EMBEDDERS, InStepDeviation, check_embedder
 from ddpo.losses import LOSSES, Logps, concat, in_step_weights
 from ddpo.models import DEFAULT_MODEL, autocast_context, autocast_dtype, check_model_path, load_policy, load_tokenizer, use_triton
@@ -373,7 +373,9 @@ def train(cfg):
     pairs = load_pairs(cfg.data, weight_field=cfg.weight_field)
     held_out = read_held_out(cfg)  # --eval-data, --eval-prompts
     with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
-        return train_locked(cfg, rank, world, device, pairs, held_out)
+        path = train_locked(cfg, rank, world, device, pairs, held_out)
+    shutdown_distributed(world)  # once train_locked's DDP wrapper is freed
+    return path
 
 
 def train_locked(cfg, rank, world, device, pairs, held_out):
@@ -466,8 +468,6 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
     print0(f"saved {path}", flush=True)
     if reporter:
         reporter.close()
-    if world > 1:
-        dist.destroy_process_group()
     return path
 
 

@@ -12,16 +12,33 @@ from safetensors.torch import load_file
 from test_train import metrics
 
 
+def children(pid):
+    """The processes whose parent is pid (torchrun's ranks, each in a session of its own)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
 def run(args, tmp_path, ranks=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPO_CACHE": str(tmp_path / "cache")}
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
-    try:  # a rank stuck in a collective fails the test with its output instead of stalling CI
-        proc = subprocess.run([sys.executable, *launch, "-m", "ddpo.train", *args], env=env, capture_output=True,
-                              text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"no result after {e.timeout} s: {(e.stderr or b'')[-3000:]!r}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    with subprocess.Popen([sys.executable, *launch, "-m", "ddpo.train", *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:  # a rank stuck in a collective or at exit fails the test with its output instead of stalling CI
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for pid in children(proc.pid) + [proc.pid]:  # the ranks too: they would hold the pipes open forever
+                os.kill(pid, 9)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"no result after 300 s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    return stdout
 
 
 def assert_same_run(a, b, steps):
