@@ -21,6 +21,7 @@ prompt is what the completion continues from); then a completion that does not f
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -326,20 +327,28 @@ def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
 
 @dataclass
 class Batch:
-    """A micro-batch of token sequences, in one of two layouts (make_batch picks one):
+    """A micro-batch of token sequences, in one of three layouts (make_batch picks one):
     padded: one sequence per row, right-padded, attention_mask set, each tensor (S, T);
-    packed: every sequence in one row without padding, position_ids restarting at 0 per sequence, each (1, L).
+    packed: every sequence in one row without padding, position_ids restarting at 0 per sequence, each (1, L);
+    shared: packed, but each pair's prompt once, followed by its chosen and then its rejected completion, both at the
+      positions after the prompt (the rejected one attends to the prompt and itself, not to the chosen one).
     labels hold the token ids at completion positions and IGNORE_INDEX elsewhere; seq_ids says which sequence each
-    position belongs to. Sequences 0..B-1 are the chosen completions, B..2B-1 the rejected (when present)."""
+    position belongs to (a shared prompt: its chosen sequence's). Sequences 0..B-1 are the chosen completions,
+    B..2B-1 the rejected (when present). The label at position t is predicted at t - 1, or in the shared layout at
+    predicted_at[t] (the prompt's last position for a rejected completion's first token). segments (packed layouts):
+    per sequence, or per pair sharing a prompt, the lengths (prompt and chosen, ...) or (prompt, chosen, rejected)."""
     input_ids: torch.Tensor
     labels: torch.Tensor
     seq_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None  # padded layout only
-    position_ids: torch.Tensor | None = None  # packed layout only
+    position_ids: torch.Tensor | None = None  # packed layouts only
+    segments: list | None = None  # packed layouts only
+    predicted_at: torch.Tensor | None = None  # shared layout only
 
     def to(self, device):
-        return Batch(*(None if t is None else t.to(device) for t in (self.input_ids, self.labels, self.seq_ids,
-                                                                       self.attention_mask, self.position_ids)))
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in (
+            "input_ids", "labels", "seq_ids", "attention_mask", "position_ids", "predicted_at")
+            if getattr(self, k) is not None})
 
     @property
     def packed(self):
@@ -347,8 +356,11 @@ class Batch:
 
     @property
     def tokens(self):
-        """Real (non-padding) tokens."""
-        return self.input_ids.numel() if self.packed else int(self.attention_mask.sum())
+        """The sequences' tokens (prompt and completion each), whatever the layout: a shared prompt counts for both
+        of its sequences, padding for none."""
+        if self.segments is not None:  # (length,) or (prompt, completion, completion, ...)
+            return sum(group[0] * max(1, len(group) - 1) + sum(group[1:]) for group in self.segments)
+        return int(self.attention_mask.sum())
 
 
 def completion_sequences(pairs, rejected=True):
@@ -373,24 +385,43 @@ def collate(pairs, pad_token_id, rejected=True):
     return Batch(input_ids, labels, seq_ids, attention_mask=attention_mask)
 
 
-def collate_packed(pairs, rejected=True):
+def collate_packed(pairs, rejected=True, share_prompts=False):
     """The same sequences as `collate`, packed into one row without padding (no FLOPs spent on pad tokens): a Batch
     of (1, L) tensors. Positions restart at 0 for every sequence, which transformers turns into a block-diagonal
-    causal mask when no attention mask is given."""
-    ids, labels, positions, seq_ids = [], [], [], []
-    for i, (prompt, completion) in enumerate(completion_sequences(pairs, rejected)):
-        ids += prompt + completion
-        labels += [IGNORE_INDEX] * len(prompt) + completion
-        positions += range(len(prompt) + len(completion))
-        seq_ids += [i] * (len(prompt) + len(completion))
-    input_ids, labels, positions, seq_ids = (torch.tensor([x]) for x in (ids, labels, positions, seq_ids))  # (1, L)
-    return Batch(input_ids, labels, seq_ids, position_ids=positions)
+    causal mask when no attention mask is given. With share_prompts (and rejected), each pair's prompt appears once,
+    followed by its chosen and its rejected completion (the shared layout: its attention needs
+    models.segment_attention, which reads the segments)."""
+    if not (share_prompts and rejected):
+        ids, labels, positions, seq_ids, segments = [], [], [], [], []
+        for i, (prompt, completion) in enumerate(completion_sequences(pairs, rejected)):
+            ids += prompt + completion
+            labels += [IGNORE_INDEX] * len(prompt) + completion
+            positions += range(len(prompt) + len(completion))
+            seq_ids += [i] * (len(prompt) + len(completion))
+            segments.append((len(prompt) + len(completion),))
+        input_ids, labels, positions, seq_ids = (torch.tensor([x]) for x in (ids, labels, positions, seq_ids))  # (1, L)
+        return Batch(input_ids, labels, seq_ids, position_ids=positions, segments=segments)
+    ids, labels, positions, seq_ids, predicted_at, segments = [], [], [], [], [], []
+    for i, p in enumerate(pairs):
+        start, n_prompt = len(ids), len(p.prompt_ids)
+        ids += p.prompt_ids + p.chosen_ids + p.rejected_ids
+        labels += [IGNORE_INDEX] * n_prompt + p.chosen_ids + p.rejected_ids
+        positions += [*range(n_prompt + len(p.chosen_ids)), *range(n_prompt, n_prompt + len(p.rejected_ids))]
+        seq_ids += [i] * (n_prompt + len(p.chosen_ids)) + [len(pairs) + i] * len(p.rejected_ids)
+        after_chosen = start + n_prompt + len(p.chosen_ids)  # where the rejected completion starts in the row
+        predicted_at += [*range(start - 1, after_chosen - 1), start + n_prompt - 1,  # after the prompt, as the chosen
+                         *range(after_chosen, after_chosen + len(p.rejected_ids) - 1)]
+        segments.append((n_prompt, len(p.chosen_ids), len(p.rejected_ids)))
+    input_ids, labels, positions, seq_ids, predicted_at = (torch.tensor([x]) for x in (
+        ids, labels, positions, seq_ids, predicted_at))  # (1, L)
+    return Batch(input_ids, labels, seq_ids, position_ids=positions, segments=segments, predicted_at=predicted_at)
 
 
-def make_batch(pairs, pad_token_id, device, packing=True, rejected=True):
-    """A micro-batch on `device`: packed in one row (collate_packed) or padded (collate); the chosen alone when not
-    `rejected`."""
-    return (collate_packed(pairs, rejected) if packing else collate(pairs, pad_token_id, rejected)).to(device)
+def make_batch(pairs, pad_token_id, device, packing=True, rejected=True, share_prompts=False):
+    """A micro-batch on `device`: packed in one row (collate_packed; with share_prompts, each pair's prompt once) or
+    padded (collate); the chosen alone when not `rejected`."""
+    batch = collate_packed(pairs, rejected, share_prompts) if packing else collate(pairs, pad_token_id, rejected)
+    return batch.to(device)
 
 
 def epoch_order(n, seed, epoch):

@@ -45,6 +45,7 @@ import torch
 from ddpo.data import DataError, atomic_write, check_output_dir, read_jsonl
 from ddpo.deviation import mean_cosine_distance
 from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
+from ddpo.malloc import keep_freed_memory
 from ddpo.quality import load_scorer
 
 METRICS = ["semantic_diversity", "style_diversity", "compression_ratio", "ngram_diversity", "homogenization",
@@ -381,6 +382,7 @@ def run(args):
 
 
 def main(argv=None):
+    keep_freed_memory()
     try:
         run(parse_args(argv))
     except DataError as e:

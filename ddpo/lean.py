@@ -66,6 +66,8 @@ def lean_mlp(x, w_gate, w_up, w_down):
 
 
 def _lean_forward(self, x):
+    if not torch.is_grad_enabled():  # nothing to save: the layer's own forward, whose weight casts autocast caches
+        return type(self).forward(self, x)  # (LeanMLP casts them on every call: each token of sampling)
     return lean_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
@@ -93,6 +95,8 @@ def lean_rms_norm(x, weight, eps):
 
 
 def _lean_norm_forward(self, x):
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, x)
     return lean_rms_norm(x, self.weight, self.variance_epsilon)
 
 
@@ -108,12 +112,12 @@ def _norm_fits(module):
             and isinstance(getattr(module, "variance_epsilon", None), float))
 
 
-@torch.no_grad()
+@torch.enable_grad()  # the lean Functions run only where gradients are wanted
 def _same(module, lean_forward, width):
     """The module's own forward and the lean one agree on a random input (its class computes what we assume)."""
     weight = next(module.parameters())
     x = torch.randn(2, 3, width, device=weight.device, dtype=weight.dtype)
-    return torch.allclose(module(x), lean_forward(module, x), rtol=1e-3, atol=1e-5)
+    return torch.allclose(module(x).detach(), lean_forward(module, x).detach(), rtol=1e-3, atol=1e-5)
 
 
 def use_lean(model):

@@ -68,7 +68,7 @@ from ddpo.config import given
 from ddpo.data import DataError, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
 from ddpo.embedders import InStepDeviation, check_embedder, load_embedder
-from ddpo.models import SEGMENT_ATTENTION, autocast_context, check_model_path
+from ddpo.models import autocast_context, check_model_path
 from ddpo.quality import load_scorer, scorer_spec
 from ddpo.reference import Reference
 
@@ -159,17 +159,13 @@ def read_held_out(cfg):
 
 @contextlib.contextmanager
 def sampling_mode(model):
-    """Eval mode (gradient checkpointing off: the KV cache is used) and the model's own attention (segment attention
-    is for packed rows, not cached decoding) for the duration; then the training state again."""
-    training, attention = model.training, model.config._attn_implementation
+    """Eval mode (gradient checkpointing off: the KV cache is used) for the duration; then the training state again.
+    The attention stays: segment attention decodes with the cache too (models.cached_attention)."""
+    training = model.training
     model.eval()
-    if attention == SEGMENT_ATTENTION:
-        model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
-        if attention == SEGMENT_ATTENTION:
-            model.set_attn_implementation(attention)
         model.train(training)
 
 

@@ -31,6 +31,7 @@ from ddpo.config import add_config_args, given
 from ddpo.data import atomic_write, in_range
 from ddpo.embedders import DEFAULT_EMBEDDERS
 from ddpo.losses import LOSSES
+from ddpo.malloc import keep_freed_memory
 from ddpo.models import DEFAULT_MODEL
 
 
@@ -154,6 +155,7 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
     differences to the arm named baseline, when there is one).
 
     Returns the evaluation results {name: metrics}; outputs under cfg.work_dir."""
+    keep_freed_memory()  # every stage runs in this process
     os.makedirs(cfg.work_dir, exist_ok=True)
     train_prompts = first_prompts("train", cfg.train_prompts, os.path.join(cfg.work_dir, "prompts_train.jsonl"))
     eval_prompts = eval_prompts or first_prompts("eval", cfg.eval_prompts, os.path.join(cfg.work_dir, "prompts_eval.jsonl"))

@@ -43,6 +43,7 @@ from ddpo.data import (DataError, atomic_write, check_text, check_writable, in_r
                        remove_temporaries)
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
+from ddpo.malloc import keep_freed_memory
 from ddpo.models import check_model_path
 from ddpo.quality import load_scorer, scorer_spec
 
@@ -306,6 +307,7 @@ def prepare(args):
 
 
 def main(argv=None):
+    keep_freed_memory()
     try:
         prepare(parse_args(argv))
     except DataError as e:

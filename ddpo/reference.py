@@ -52,7 +52,8 @@ class Reference:
             rows = []
             for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="reference log-probs", dynamic_ncols=True):
                 chunk = pairs[i:i + cfg.batch_size]
-                rows.append(torch.stack(self(make_batch(chunk, pad_token_id, device, cfg.packing), None), -1).float().cpu())
+                batch = make_batch(chunk, pad_token_id, device, cfg.packing, share_prompts=self.logps.share_prompts)
+                rows.append(torch.stack(self(batch, None), -1).float().cpu())
             self.cached = torch.cat(rows)  # (P, 2)
             if save:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -69,8 +70,6 @@ def load_reference(cfg, policy_logps, device, world):
     if cfg.lora_r and not cfg.ref_model:
         return Reference(policy_logps, lora=True)
     model = load_model(cfg.ref_model or cfg.model, torch.float32, torch.device("cpu") if cfg.fsdp else device)
-    if cfg.packing:
-        use_segment_attention(model)
     disable_dropout(model.eval().requires_grad_(False))
     ref_logps = SequenceLogps(model, policy_logps.use_triton)
     if cfg.fsdp:
@@ -78,15 +77,19 @@ def load_reference(cfg, policy_logps, device, world):
     return Reference(ref_logps)
 
 
-def check_packing(cfg, policy_logps, pairs, pad_token_id, device):
-    """Switch the policy to segment attention where it fits (models.use_segment_attention), then compare packed
-    log-probs with padded ones under the model's own attention, once: packing needs the model to honour position
-    ids as sequence boundaries."""
+def check_packing(cfg, policy_logps, ref, pairs, pad_token_id, device, rejected=True):
+    """Switch the policy (and a frozen reference) to segment attention where it fits (models.use_segment_attention),
+    where pairs with a rejected completion then share their prompt in packed rows (when both switched: the reference
+    takes the policy's batches); then compare the packed log-probs with padded ones under the model's own attention,
+    once: packing needs the model to honour position ids as sequence boundaries."""
     sample = pairs[:2]
     with torch.no_grad():
-        padded, _ = policy_logps(collate(sample, pad_token_id).to(device))
-        use_segment_attention(policy_logps.model)
-        packed, _ = policy_logps(collate_packed(sample).to(device))
+        padded, _ = policy_logps(collate(sample, pad_token_id, rejected).to(device))
+        models = [policy_logps] + ([ref.logps] if ref and not ref.lora else [])
+        switched = [use_segment_attention(m.model) for m in models]
+        for m in models:
+            m.share_prompts = rejected and all(switched)
+        packed, _ = policy_logps(collate_packed(sample, rejected, policy_logps.share_prompts).to(device))
     if not (padded.isfinite().all() and packed.isfinite().all()):
         raise SystemExit(f"error: {cfg.model} gives non-finite log-probs on the first pairs: its logits overflow")
     if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):

@@ -72,6 +72,7 @@ from ddpo.distributed import (data_parallel, gather_metrics, no_sync, peak_memor
                               setup_distributed, shutdown_distributed)
 from ddpo.embedders import DEFAULT_EMBEDDERS, InStepDeviation, check_embedder
 from ddpo.losses import LOSSES, Logps, concat, in_step_weights
+from ddpo.malloc import keep_freed_memory
 from ddpo.models import DEFAULT_MODEL, autocast_context, autocast_dtype, check_model_path, load_policy, load_tokenizer, use_triton
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
@@ -256,7 +257,8 @@ def micro_batch(cfg, policy_logps, ref, pairs, index, weights, pad_token_id, dev
     (embeddings, group, chosen index of the micro-batch's pools); `weights_mean`: the step's mean weight (DORPO).
     With --fused-loss, when gradients are wanted, the head computes the loss of each group of pairs in its forward."""
     loss = LOSSES[cfg.loss]
-    batch = make_batch([pairs[j] for j in index], pad_token_id, device, cfg.packing, rejected=loss.rejected)
+    batch = make_batch([pairs[j] for j in index], pad_token_id, device, cfg.packing, loss.rejected,
+                       getattr(policy_logps, "module", policy_logps).share_prompts)  # (DDP holds it as .module)
     ref_chosen, ref_rejected = ref(batch, index) if loss.reference else (None, None)
     triton = use_triton(cfg.kernels, device)
     weights = weights[index].to(device)
@@ -399,9 +401,9 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
     autocast = autocast_context(device, amp_dtype)
     torch.manual_seed(cfg.seed)
     policy, policy_logps, params = load_policy(cfg, device, world, resume_from)
-    if cfg.packing:
-        check_packing(cfg, policy_logps, pairs, tokenizer.pad_token_id, device)
     ref = load_reference(cfg, policy_logps, device, world) if LOSSES[cfg.loss].reference else None
+    if cfg.packing:
+        check_packing(cfg, policy_logps, ref, pairs, tokenizer.pad_token_id, device, LOSSES[cfg.loss].rejected)
     monitor = Monitor(cfg, held_out, rank, world, device, tokenizer, policy, policy_logps, ref, amp_dtype,
                       functools.partial(micro_batch, cfg), functools.partial(pair_weights, cfg), embedders(cfg))
     if ref and cfg.precompute_ref:
@@ -473,6 +475,7 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    keep_freed_memory()
     try:
         train(cfg)
     except DataError as e:

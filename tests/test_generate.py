@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_tiny_model, read_jsonl, write_jsonl
 
 from ddpo import generate
 from ddpo.generate import Sampling, candidates, main, next_token_probs, penalise
-from ddpo.models import autocast_dtype
+from ddpo.models import autocast_dtype, cached_attention, load_model, load_tokenizer, use_segment_attention
 
 
 def test_repetition_penalty_follows_hf_rule():
@@ -97,6 +98,42 @@ def test_candidate_sampling_equals_the_rule_over_the_whole_vocabulary(top_k, top
 PROMPTS = [{"prompt": "Tell a tale."}, {"prompt": "A poem, please."}, {"prompt": [{"role": "user", "content": "Why?"}], "id": "q"}]
 
 
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_cached_attention_equals_masked_sdpa(Tq):
+    """The last Tq queries against a KV cache of Tk keys with left padding, grouped query heads: sdpa with the
+    bottom-right causal mask and the key mask, materialised."""
+    B, H, KV, Tk, D = 3, 6, 2, 9, 8
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, H, Tq, D), torch.randn(B, KV, Tk, D), torch.randn(B, KV, Tk, D)
+    keys = torch.ones(B, Tk, dtype=torch.long)
+    keys[1, :2], keys[2, :5] = 0, 0  # left padding
+    mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq) & keys[:, None, None, :].bool()  # (B, 1, Tq, Tk)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(cached_attention(q, k, v, keys), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached_attention(q, k, v, None, scaling=0.3),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:1], scale=0.3,
+                                                              enable_gqa=True).transpose(1, 2), rtol=1e-6, atol=1e-6)
+
+
+def test_segment_attention_decodes_as_sdpa(tiny_model):
+    """Prefill of left-padded prompts and cached decoding under segment attention give sdpa's logits at every step,
+    and the same samples."""
+    tokenizer = load_tokenizer(tiny_model)
+    rows = [generate.render_prompt(tokenizer, p["prompt"]) for p in PROMPTS]
+    assert len({len(r) for r in rows}) == len(rows)  # padded prompts
+    sdpa, segments = load_model(tiny_model).eval(), load_model(tiny_model).eval()
+    assert use_segment_attention(segments)
+    streams = [generate.Stream(m, rows, tokenizer.pad_token_id) for m in (sdpa, segments)]
+    logits = [stream.prefill(2) for stream in streams]
+    for step in range(6):
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5, msg=f"step {step}")
+        token = logits[0].argmax(-1)
+        logits = [stream.step(token) for stream in streams]
+    s = Sampling(n=3, max_new_tokens=10)
+    texts = [generate.generate_batch(m, tokenizer, rows, s, torch.Generator().manual_seed(0)) for m in (sdpa, segments)]
+    assert texts[0] == texts[1]
+
+
 def test_w0_equals_plain_sampling_and_w_changes_it(tmp_path, tiny_model):
     base = make_tiny_model(tmp_path / "base", seed=1)
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
@@ -153,7 +190,7 @@ def test_resume_keeps_the_outputs_batches_and_refuses_to_finish_an_older_sampler
     main(common)  # complete: nothing is drawn
     assert out.read_text() == full
     out.write_text("".join(full.splitlines(keepends=True)[:3]))
-    with pytest.raises(SystemExit, match=r"s.jsonl: written by an earlier version of the sampler \(sampler 1, now 2\)"):
+    with pytest.raises(SystemExit, match=r"s.jsonl: written by an earlier version of the sampler \(sampler 1, now 3\)"):
         main(common)
 
 

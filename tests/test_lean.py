@@ -4,7 +4,7 @@ save less."""
 import pytest
 import torch
 
-from ddpo.lean import lean_mlp, lean_rms_norm, use_lean
+from ddpo.lean import LeanMLP, LeanRMSNorm, lean_mlp, lean_rms_norm, use_lean
 from ddpo.models import load_model
 
 
@@ -117,3 +117,19 @@ def test_use_lean_leaves_other_layers(tiny_model):
         assert use_lean(model) == (0, 0)  # the swapped MLP roles differ numerically too
     finally:
         norm.forward = own
+
+
+def test_lean_model_without_gradients_runs_its_own_layers(tiny_model, monkeypatch):
+    """Sampling and evaluation (no_grad) run each layer's own forward, whose weight casts autocast caches, with the
+    plain model's logits to the bit; with gradients the lean Functions run."""
+    ids = torch.randint(0, 200, (2, 12))
+    plain, model = load_model(tiny_model), load_model(tiny_model)
+    use_lean(model)
+    calls = []
+    for function in (LeanMLP, LeanRMSNorm):
+        monkeypatch.setattr(function, "apply", lambda *args, f=function.apply: calls.append(1) or f(*args))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert not calls
+    model(input_ids=ids)
+    assert len(calls) == 3 * model.config.num_hidden_layers + 1  # 2 norms and an MLP per layer, the final norm

@@ -98,8 +98,8 @@ def test_an_evaluation_without_update_equals_the_training_row_of_the_same_pairs(
 def test_sampled_texts_are_those_of_ddpo_generate(tmp_path, tiny_model, dtype, extra):
     """The step-2 samples equal `ddpo.generate` on checkpoint-2 with the same n, max-new-tokens, seed and dtype: one
     sampler (its batches and seeds), under training's autocast, run with the KV cache (no gradient checkpointing) and
-    the model's own attention (the batch of one prompt has no padding, which packed segment attention would decode
-    wrongly)."""
+    segment attention's cached decoding, as ddpo.generate (the batch of one prompt has no padding: rows that packed
+    attention would read as one sequence each)."""
     cfg, path = run(tmp_path, tiny_model, "--max-steps", "2", *sampling(tmp_path, samples=3, tokens=16, prompts=5),
                     "--dtype", dtype, *extra)
     generate.main(["--model", path, "--prompts", str(tmp_path / "prompts.jsonl"), "--output",

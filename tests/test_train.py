@@ -62,13 +62,20 @@ def test_sequence_logps_equal_full_logits(tiny_model):
 
 def test_segment_attention_equals_padded_sdpa(tiny_model):
     """Packed rows under segment attention (one sdpa call per sequence, no mask) give the padded sdpa log-probs and
-    the same parameter gradients; padded rows under it (the masked branch) too. The mask step builds no mask."""
+    the same parameter gradients; so do packed rows holding each pair's prompt once (the rejected completion attends
+    to the prompt, not to the chosen one), and padded rows under it (the masked branch). The mask step builds no
+    mask."""
     tok = load_tokenizer(tiny_model)
     pairs = load_pairs(write_pairs(os.path.join(os.path.dirname(tiny_model), "p.jsonl")))[:3]
     tokenize_pairs(pairs, tok)
     padded_batch, packed_batch = collate(pairs, tok.pad_token_id), collate_packed(pairs)
+    shared_batch = collate_packed(pairs, share_prompts=True)
+    prompts = sum(len(p.prompt_ids) for p in pairs)
+    assert shared_batch.input_ids.numel() == packed_batch.input_ids.numel() - prompts  # each prompt once
+    assert shared_batch.tokens == packed_batch.tokens == padded_batch.tokens  # the sequences' tokens, in any layout
     results = []
-    for attention, batch in (("sdpa", padded_batch), ("segments", packed_batch), ("segments", padded_batch)):
+    for attention, batch in (("sdpa", padded_batch), ("segments", packed_batch), ("segments", shared_batch),
+                             ("segments", padded_batch)):
         model = load_model(tiny_model)
         assert model.config._attn_implementation == "sdpa"
         if attention == "segments":
@@ -82,13 +89,33 @@ def test_segment_attention_equals_padded_sdpa(tiny_model):
             torch.testing.assert_close(grad, results[0][1][name], rtol=1e-4, atol=1e-5, msg=name)
     q, k, v = torch.randn(3, 1, 4, 9, 8).unbind()  # boundaries from position ids == the lengths sequence_logps passes
     by_positions, _ = segment_attention(None, q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]]))
-    by_lengths, _ = segment_attention(None, q, k, v, None, segment_lengths=[4, 2, 3])
+    by_lengths, _ = segment_attention(None, q, k, v, None, segments=[(4,), (2,), (3,)])
     torch.testing.assert_close(by_positions, by_lengths)
     torch.testing.assert_close(by_lengths[:, 4:6], F.scaled_dot_product_attention(
         q[:, :, 4:6], k[:, :, 4:6], v[:, :, 4:6], is_causal=True).transpose(1, 2))  # the middle sequence alone
     q, k, v = torch.randn(3, 2, 4, 5, 8).unbind()  # rows of equal length, no mask: plain causal attention per row
     out, _ = segment_attention(None, q, k, v, None, position_ids=torch.arange(5).expand(2, 5))
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
+
+
+@pytest.mark.parametrize("loss, ref_window, shared", [("dpo", None, True), ("simpo", None, True), ("sft", None, False),
+                                                     ("dpo", 4, False)])
+def test_pairs_share_their_prompt_where_segment_attention_runs(tmp_path, tiny_model, monkeypatch, loss, ref_window,
+                                                               shared):
+    """Training's packed batches hold each pair's prompt once when the policy and a frozen reference both run
+    segment attention (not for losses without a rejected completion, nor with a reference that keeps its own
+    attention, whose batches must be the policy's)."""
+    calls = []
+    real = train_mod.make_batch
+    monkeypatch.setattr(train_mod, "make_batch", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    if ref_window:
+        ref = str(tmp_path / "ref")
+        model = load_model(tiny_model)
+        model.config.sliding_window = ref_window
+        model.save_pretrained(ref)
+        load_tokenizer(tiny_model).save_pretrained(ref)
+    run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "1", *(["--ref-model", ref] if ref_window else []))
+    assert calls and set(calls) == {shared}
 
 
 def test_segment_attention_only_for_plain_causal_attention(tiny_model):
