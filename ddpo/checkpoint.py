@@ -33,7 +33,7 @@ LOCK = ".lock"
 # what --resume may change: how long to train (the schedule then follows the new total), logging and saving, and
 # how it runs (device, reference cache, kernels, memory savers), what is evaluated and where metrics go (they never
 # touch the weights); everything else must equal the checkpoint's
-MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "device", "precompute_ref",
+MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "save_only_model", "keep_checkpoints", "device", "precompute_ref",
               "resume", "output_dir", "data", "kernels", "fused_loss", "packing", "lean", "gradient_checkpointing",
               "merge_lora", "trust_remote_code", "eval_data", "eval_prompts", "eval_every", "eval_samples",
               "eval_max_new_tokens", "eval_quality", "report_to"}
@@ -117,6 +117,10 @@ def load_state(checkpoint):
     """trainer_state.pt of a checkpoint, read with weights_only=True: a pickled object that is not a tensor or a
     plain value is refused, never run."""
     path = os.path.join(checkpoint, "trainer_state.pt")
+    if not os.path.exists(path) and os.path.exists(os.path.join(checkpoint, "train_config.json")):
+        raise DataError(f"--resume: {checkpoint} holds the model only (saved with --save-only-model), not the "
+                        f"optimiser state to continue from; train from it with --model {checkpoint}, or choose "
+                        "another --output-dir")
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError:
@@ -138,8 +142,9 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, mo
     else:
         policy.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               os.path.join(tmp, "trainer_state.pt"))
+    if not cfg.save_only_model:
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   os.path.join(tmp, "trainer_state.pt"))
     shutil.copyfile(os.path.join(cfg.output_dir, "train_config.json"), os.path.join(tmp, "train_config.json"))
     mode = os.stat(tmp).st_mode & 0o666  # 0666 less the umask, what a new file gets (safetensors writes 0600)
     for name in os.listdir(tmp):
@@ -157,7 +162,8 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, mo
 def save(cfg, step, policy, tokenizer, optimizer, scheduler, rank, world):
     """save_checkpoint on rank 0 (under --fsdp every rank first gathers the full state), then a barrier. Returns the
     checkpoint's path."""
-    model_state, optimizer_state = full_state(policy, optimizer) if cfg.fsdp else (None, optimizer.state_dict())
+    optimizer = None if cfg.save_only_model else optimizer
+    model_state, optimizer_state = full_state(policy, optimizer) if cfg.fsdp else (None, optimizer and optimizer.state_dict())
     if rank == 0:
         save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, model_state)
     if world > 1:

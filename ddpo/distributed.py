@@ -86,9 +86,11 @@ def shard(logps, device, world):
 
 
 def full_state(policy, optimizer):
-    """FSDP: gather the full weights and optimiser state on rank 0's CPU (a collective: every rank calls it)."""
+    """FSDP: gather the full weights and optimiser state (None: the weights alone) on rank 0's CPU (a collective:
+    every rank calls it)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(policy, options=options), get_optimizer_state_dict(policy, optimizer, options=options)
+    return (get_model_state_dict(policy, options=options),
+            optimizer and get_optimizer_state_dict(policy, optimizer, options=options))
 
 
 def data_parallel(logps, device):

@@ -143,6 +143,7 @@ def train_arm(cfg, arm, pairs, output_dir):
             "--model", cfg.model, "--data", pairs, "--output-dir", output_dir, "--loss", arm.loss,
             "--max-steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
             "--beta", str(cfg.beta), "--seed", str(cfg.seed), "--save-every", "0", "--keep-checkpoints", "1",
+            "--save-only-model",  # the final checkpoint is sampled from, never resumed
             "--dtype", cfg.dtype,
             *(["--precompute-ref"] if LOSSES[arm.loss].reference else []),
             *(["--resume"] if os.path.isdir(output_dir) else []), *monitor_flags(cfg), *cfg.train_flags.split(),

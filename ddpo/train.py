@@ -163,6 +163,10 @@ class TrainConfig:
     kernels: str = field(default="auto", metadata={"help": "log-prob head: auto (Triton on CUDA), triton, torch (chunked)", "choices": ["auto", "triton", "torch"]})
     log_every: int = field(default=1, metadata={"help": "log every N steps", "type": in_range(int, 1)})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)", "type": in_range(int, 0)})
+    save_only_model: bool = field(default=False, metadata={
+        "help": "checkpoints hold the model, tokenizer and train_config.json but no trainer_state.pt (optimiser, "
+                "scheduler, RNG: twice the model's bytes), so --resume cannot continue from them (TRL's "
+                "save_only_model)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in output_dir, the newest always (0 = all)",
                                                        "type": in_range(int, 0)})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir, with "
@@ -199,7 +203,7 @@ GROUPS = {  # headers of --help
     "speed and memory": ["dtype", "device", "kernels", "fused_loss", "precompute_ref", "lean", "gradient_checkpointing",
                          "fsdp"],
     "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora"],
-    "checkpoints and logs": ["log_every", "save_every", "keep_checkpoints", "resume"],
+    "checkpoints and logs": ["log_every", "save_every", "save_only_model", "keep_checkpoints", "resume"],
     "evaluation and reporting": ["eval_data", "eval_prompts", "eval_every", "eval_samples", "eval_max_new_tokens",
                                  "eval_quality", "report_to"],
 }

@@ -713,6 +713,21 @@ def test_resume_drops_only_a_torn_last_metrics_line(tmp_path, tiny_model, damage
     assert [r["step"] for r in strict_rows(path)] == [1, 2, 3]
 
 
+def test_save_only_model_checkpoints_load_as_models_and_refuse_resume(tmp_path, tiny_model):
+    """--save-only-model: the same weights as a full checkpoint's, no trainer_state.pt; --resume from it is a one-line
+    error that leaves the directory as it was."""
+    full, path = run(tmp_path, tiny_model, "--max-steps", "2", name="full")
+    only, only_path = run(tmp_path, tiny_model, "--max-steps", "2", "--save-only-model", name="only")
+    assert sorted(os.listdir(only_path)) == sorted(set(os.listdir(path)) - {"trainer_state.pt"})
+    a, b = load_file(os.path.join(path, "model.safetensors")), load_file(os.path.join(only_path, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    AutoModelForCausalLM.from_pretrained(only_path)
+    before = {p: p.read_bytes() for p in (tmp_path / "only").rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"^--resume: .*checkpoint-2 holds the model only \(saved with --save-only-model"):
+        run(tmp_path, tiny_model, "--max-steps", "3", "--resume", name="only")
+    assert {p: p.read_bytes() for p in (tmp_path / "only").rglob("*") if p.is_file()} == before
+
+
 def test_a_crafted_trainer_state_is_refused_and_never_run(tmp_path, tiny_model):
     marker = tmp_path / "ran"
 
