@@ -7,7 +7,7 @@
 Every implementation samples the same prompts (the first --prompts of the packaged eval split, chat template) with
 the paper's settings (temperature 1, top-k 50, top-p 0.95, repetition penalty 1.1), N samples per prompt, in batches
 of --batch-prompts prompts (x N rows), with the same model object:
-  ours       ddpo.generate.generate_batch of the working tree
+  ours       ddpo.generate.generate_batch of the working tree, with the model in segment attention as ddpo.generate
   before     ddpo/generate.py of --baseline-rev (read with `git show`, imported beside ours): today's code
   hf         transformers' model.generate(do_sample=True, num_return_sequences=N, the same settings)
 Each runs under each of --dtypes (bfloat16: bf16 autocast, as ddpo.generate's --dtype). Tokens/s = tokens sampled
@@ -28,7 +28,8 @@ import torch
 
 from bench.common import append_rows
 from ddpo import generate
-from ddpo.models import load_model, load_tokenizer
+from ddpo.malloc import keep_freed_memory
+from ddpo.models import load_model, load_tokenizer, use_segment_attention
 
 
 def load_revision(rev):
@@ -94,10 +95,13 @@ def main():
 
     with open("ddpo/data/prompts_eval.jsonl") as f:
         prompts = [json.loads(line)["prompt"] for line in f][:args.prompts]
+    keep_freed_memory()  # as the commands do
     tokenizer, model = load_tokenizer(args.model), load_model(args.model).eval()
+    ours = load_model(args.model).eval()
+    use_segment_attention(ours)  # as ddpo.generate samples; 'before' and 'hf' keep transformers' sdpa
     s = generate.Sampling(n=args.n, max_new_tokens=args.max_new_tokens)
     before = load_revision(args.baseline_rev) if "before" in args.impls else None
-    run = {"ours": lambda b: run_module(generate, model, tokenizer, prompts, s, b),
+    run = {"ours": lambda b: run_module(generate, ours, tokenizer, prompts, s, b),
            "before": lambda b: run_module(before, model, tokenizer, prompts, s, b),
            "hf": lambda b: run_hf(model, tokenizer, prompts, s, b)}
     rows = []

@@ -309,6 +309,9 @@ def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
             raise DataError(f"{pair.source}: {e}") from None
         if not chosen_ids or not rejected_ids:
             raise DataError(f"{pair.source}: a completion has no tokens after the prompt")
+        if not prompt_ids:  # nothing would predict a completion's first token
+            raise DataError(f"{pair.source}: the prompt has no token of its own (it is empty, or its text merges "
+                            "with the completions' first tokens and the tokenizer adds no BOS); give it one")
         if max_prompt_length and len(prompt_ids) > max_prompt_length:
             prompt_ids = prompt_ids[-max_prompt_length:]
             stats["prompts_truncated"] += 1
@@ -336,7 +339,7 @@ class Batch:
     position belongs to (a shared prompt: its chosen sequence's). Sequences 0..B-1 are the chosen completions,
     B..2B-1 the rejected (when present). The label at position t is predicted at t - 1, or in the shared layout at
     predicted_at[t] (the prompt's last position for a rejected completion's first token). segments (packed layouts):
-    per sequence, or per pair sharing a prompt, the lengths (prompt and chosen, ...) or (prompt, chosen, rejected)."""
+    per sequence its (length,), or per pair sharing a prompt its (prompt, chosen, rejected) lengths."""
     input_ids: torch.Tensor
     labels: torch.Tensor
     seq_ids: torch.Tensor

@@ -20,8 +20,11 @@ those of plain sampling with the same seed.
 Speed: each prompt is run once and its KV cache repeated for its N samples; a step works on the top-k candidates
 only (top-p and min-p never reach past them; one logsumexp over the vocabulary gives their probabilities); a
 sample that has ended leaves the batch. Top-k keeps exactly k tokens (ties at the k-th are cut, where the earlier
-whole-vocabulary mask kept them). The distribution is the same as before, but the draws are not: since 2026-11-23
-a seed gives other samples than it did before (multinomial over k candidates, and over the rows still going).
+whole-vocabulary mask kept them). Models with plain causal attention decode in ddpo's segment attention, whose
+attention of a new token over the KV cache is two batched matmuls (models.cached_attention, faster than sdpa's CPU
+kernel at one query per row). The distribution is the same as before, but the draws are not: since 2026-11-23 a
+seed gives other samples than it did before (multinomial over k candidates, and over the rows still going), and
+since 2026-12-02 again (the attention's rounding under bf16, and batches of 32 prompts instead of 16).
 The forwards run under bf16 autocast (fp32 weights, bf16 matmuls; sampling from fp32 logits) where bf16 matmuls are
 native (--dtype auto; 1.6x the tokens/s of fp32 on 2 AVX512-BF16 cores), else in fp32. The texts depend on the
 dtype: it is one of the settings (an output written before the setting existed was float32).

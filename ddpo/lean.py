@@ -132,7 +132,9 @@ def use_lean(model):
             lean, width = _lean_norm_forward, module.weight.shape[0]
         else:
             continue
-        if checked.setdefault(type(module), _same(module, lean, width)):
+        if type(module) not in checked:
+            checked[type(module)] = _same(module, lean, width)
+        if checked[type(module)]:
             module.forward = types.MethodType(lean, module)
             switched[lean] += 1
     return switched[_lean_forward], switched[_lean_norm_forward]

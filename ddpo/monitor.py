@@ -28,7 +28,8 @@ eval_compression_ratio, eval_ngram_diversity, eval_homogenization, eval_distinct
 eval_quality (--eval-quality: proxy or reward-model:PATH), with --semantic-embedder and --style-embedder (the
 stylometric style profile is standardised over each evaluation's samples), and written to
 eval_samples/step-<N>.jsonl in ddpo.generate's samples format (ddpo.evaluate reads them). Sampling runs in eval mode
-(gradient checkpointing off, so the KV cache is used) with the model's own attention, not packed segment attention.
+(gradient checkpointing off, so the KV cache is used) with ddpo.generate's attention (segment attention where it
+fits, also under --no-packing).
 
 Under torchrun every rank runs its share of the held-out micro-batches (as many passes each, which FSDP's
 collectives need) and the sums are gathered; for sampling each rank runs its share of the prompt batches (each batch
@@ -68,7 +69,7 @@ from ddpo.config import given
 from ddpo.data import DataError, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
 from ddpo.embedders import InStepDeviation, check_embedder, load_embedder
-from ddpo.models import autocast_context, check_model_path
+from ddpo.models import autocast_context, check_model_path, use_segment_attention
 from ddpo.quality import load_scorer, scorer_spec
 from ddpo.reference import Reference
 
@@ -159,13 +160,16 @@ def read_held_out(cfg):
 
 @contextlib.contextmanager
 def sampling_mode(model):
-    """Eval mode (gradient checkpointing off: the KV cache is used) for the duration; then the training state again.
-    The attention stays: segment attention decodes with the cache too (models.cached_attention)."""
-    training = model.training
+    """Eval mode (gradient checkpointing off: the KV cache is used) and the attention ddpo.generate samples with
+    (segment attention where it fits, which training without --no-packing already runs) for the duration; then the
+    training state again."""
+    training, attention = model.training, model.config._attn_implementation
     model.eval()
+    use_segment_attention(model)
     try:
         yield
     finally:
+        model.set_attn_implementation(attention)
         model.train(training)
 
 

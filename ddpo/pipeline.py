@@ -14,6 +14,8 @@
 5. ddpo.evaluate prints the comparison table, DDPO's paired differences to DPO, and writes the plot; ddpo.curves
    draws both runs' training curves and sampled trajectories into <work-dir>/eval/curves.png
 Every stage writes into --work-dir and is skipped when its output is already there, so a stopped run resumes.
+Checkpoints hold the model only (ddpo.train --save-only-model; --train-flags=--no-save-only-model keeps the
+optimiser state): to train the arms longer, use another --work-dir.
 experiments/ builds its comparisons from the same functions (`run_arms`).
 """
 

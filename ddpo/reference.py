@@ -80,18 +80,21 @@ def load_reference(cfg, policy_logps, device, world):
 def check_packing(cfg, policy_logps, ref, pairs, pad_token_id, device, rejected=True):
     """Switch the policy (and a frozen reference) to segment attention where it fits (models.use_segment_attention),
     where pairs with a rejected completion then share their prompt in packed rows (when both switched: the reference
-    takes the policy's batches); then compare the packed log-probs with padded ones under the model's own attention,
-    once: packing needs the model to honour position ids as sequence boundaries."""
+    takes the policy's batches); then compare each model's packed log-probs on the first pairs with padded ones under
+    its own attention, once: packing needs the model to honour position ids as sequence boundaries."""
     sample = pairs[:2]
+    names = [cfg.model] + ([cfg.ref_model or cfg.model] if ref and not ref.lora else [])
+    models = [policy_logps] + ([ref.logps] if ref and not ref.lora else [])
     with torch.no_grad():
-        padded, _ = policy_logps(collate(sample, pad_token_id, rejected).to(device))
-        models = [policy_logps] + ([ref.logps] if ref and not ref.lora else [])
+        padded = [m(collate(sample, pad_token_id, rejected).to(device))[0] for m in models]
         switched = [use_segment_attention(m.model) for m in models]
         for m in models:
             m.share_prompts = rejected and all(switched)
-        packed, _ = policy_logps(collate_packed(sample, rejected, policy_logps.share_prompts).to(device))
-    if not (padded.isfinite().all() and packed.isfinite().all()):
-        raise SystemExit(f"error: {cfg.model} gives non-finite log-probs on the first pairs: its logits overflow")
-    if not torch.allclose(padded, packed, rtol=1e-3, atol=1e-2):
-        raise SystemExit(f"packed and padded log-probs differ on {cfg.model} ({packed.tolist()} vs {padded.tolist()}): "
-                         "this model does not separate packed sequences; pass --no-packing")
+        batch = collate_packed(sample, rejected, policy_logps.share_prompts).to(device)
+        packed = [m(batch)[0] for m in models]
+    for name, a, b in zip(names, padded, packed):
+        if not (a.isfinite().all() and b.isfinite().all()):
+            raise SystemExit(f"error: {name} gives non-finite log-probs on the first pairs: its logits overflow")
+        if not torch.allclose(a, b, rtol=1e-3, atol=1e-2):
+            raise SystemExit(f"packed and padded log-probs differ on {name} ({b.tolist()} vs {a.tolist()}): "
+                             "this model does not separate packed sequences; pass --no-packing")

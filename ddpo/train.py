@@ -18,7 +18,8 @@ with resume). Rank 0 logs and saves; metrics are gathered from all ranks. Global
 world size.
 
 One optimiser step = grad_accum micro-batches of batch_size pairs. Each micro-batch runs the policy once over
-[chosen; rejected] (right-padded), gathers the hidden states at completion positions only, and turns them into
+[chosen; rejected] (packed in one row, each pair's prompt once where segment attention runs; --no-packing:
+right-padded rows), gathers the hidden states at completion positions only, and turns them into
 log-probs with the fused head (kernels/logprobs.py: Triton on CUDA, chunked PyTorch on CPU; never a (B, T, V)
 tensor). The losses with a reference (DPO, IPO, hinge, robust, cDPO, RPO and their twins) take reference log-probs
 from a frozen copy of the starting model in the same layout (ddpo/reference.py). The objective of --loss and what it
@@ -29,7 +30,7 @@ the head computes each group of pairs' loss and its gradients in its forward (th
 backward); --no-fused-loss runs the head and then the loss, the same numbers (tested).
 
 Outputs in --output-dir: checkpoint-<step>/ (Hugging Face model + tokenizer, trainer_state.pt with optimiser,
-scheduler, step and RNG, train_config.json), metrics.jsonl (one line per log step) and train_config.json (every flag
+scheduler, step and RNG unless --save-only-model, train_config.json), metrics.jsonl (one line per log step) and train_config.json (every flag
 and the sha256 of the data). Checkpoints are written to a temporary directory and renamed into place
 (ddpo/checkpoint.py); a run holds <output_dir>/.lock while it writes there, so a second run into the same directory
 is refused, and removes the temporaries a killed run left there when it starts. With --eval-data / --eval-prompts,
@@ -57,6 +58,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -378,10 +380,15 @@ def train(cfg):
     check_paths(cfg)
     pairs = load_pairs(cfg.data, weight_field=cfg.weight_field)
     held_out = read_held_out(cfg)  # --eval-data, --eval-prompts
-    with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
-        path = train_locked(cfg, rank, world, device, pairs, held_out)
-    shutdown_distributed(world)  # once train_locked's DDP wrapper is freed
-    return path
+    try:
+        with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
+            return train_locked(cfg, rank, world, device, pairs, held_out)
+    except BaseException as e:  # under torchrun a stop (a non-finite step, bad data) keeps train_locked's frame, and
+        if world > 1:  # the DDP wrapper in it, alive in its traceback: its locals are freed here (one process keeps
+            traceback.clear_frames(e.__traceback__)  # them for a debugger)
+        raise
+    finally:
+        shutdown_distributed(world)  # once train_locked's DDP wrapper is freed
 
 
 def train_locked(cfg, rank, world, device, pairs, held_out):

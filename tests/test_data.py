@@ -187,3 +187,22 @@ def test_collate_layout(tiny_model_plain):
     assert (labels[0] != IGNORE_INDEX).tolist() == [False, False, True, True, True, True]
     assert (labels[1] != IGNORE_INDEX).tolist() == [False, True, True, False, False, False]
     assert (input_ids[1, 3:] == tok.pad_token_id).all()
+
+
+def test_a_prompt_without_a_token_of_its_own_is_refused(tmp_path):
+    """A plain-text prompt that merges with its completions' first token (a BPE merge, no BOS) leaves the
+    completions with nothing before them to predict their first token: a file:line error, not a silent skew."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["ab"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="\n")
+    pairs = load_pairs(write_pairs(tmp_path / "p.jsonl", [{"prompt": "ok", "chosen": "yes", "rejected": "no"},
+                                                          {"prompt": "a", "chosen": "bc", "rejected": "bd"}]))
+    with pytest.raises(DataError, match=r"p.jsonl:2: the prompt has no token of its own"):
+        tokenize_pairs(pairs, tokenizer)
+    tokenize_pairs(pairs[:1], tokenizer)

@@ -94,7 +94,8 @@ def test_an_evaluation_without_update_equals_the_training_row_of_the_same_pairs(
     assert trained["rewards/margins"] != 0.0 and (loss == "dpo") == (trained["weights/max"] == 1.0)
 
 
-@pytest.mark.parametrize("dtype, extra", [("float32", []), ("bfloat16", []), ("float32", ["--gradient-checkpointing"])])
+@pytest.mark.parametrize("dtype, extra", [("float32", []), ("bfloat16", []), ("float32", ["--gradient-checkpointing"]),
+                                          ("bfloat16", ["--no-packing"])])
 def test_sampled_texts_are_those_of_ddpo_generate(tmp_path, tiny_model, dtype, extra):
     """The step-2 samples equal `ddpo.generate` on checkpoint-2 with the same n, max-new-tokens, seed and dtype: one
     sampler (its batches and seeds), under training's autocast, run with the KV cache (no gradient checkpointing) and
