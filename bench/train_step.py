@@ -103,7 +103,10 @@ def summary(times, tokens):
 
 
 def run_ours(args, data, out):
+    from ddpo.malloc import keep_freed_memory
     from ddpo.train import parse_args, train
+
+    keep_freed_memory()  # as python -m ddpo.train does (TRL runs with glibc's defaults, as its users do)
 
     cfg = parse_args(["--model", args.model, "--data", data, "--output-dir", out, "--loss", "ddpo",
                       "--dtype", args.dtype, "--batch-size", str(args.pairs_per_step), "--epochs", "2", "--max-length", "0",
