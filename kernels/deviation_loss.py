@@ -154,8 +154,9 @@ def _deviation_loss_triton(logits, embeddings, group, chosen_index, min_weight, 
         stacked, stacked.stride(0), stacked.stride(1), offsets, logits.float()[pair_order].contiguous(), chosen_sorted,
         pair_offsets, weights_sorted, losses, chosen_w, dlogits, D, float(min_weight), EQUAL_TOL,
         K=K, WEIGHT_INSIDE=weight_inside, BLOCK_N=(block_n := max(16, triton.next_power_of_2(max_n))),
-        BLOCK_D=min(128, max(16, triton.next_power_of_2(D)), max(16, 2048 // block_n)))  # fp64 tiles of <= 2048
-        # elements: larger ones spill registers on sm_80/sm_90 (tests/test_kernels_compile.py prints the counts)
+        BLOCK_D=(block_d := min(128, max(16, triton.next_power_of_2(D)), max(1, 4096 // block_n))),
+        num_warps=min(16, max(4, block_n * block_d // 256)))  # fp64 tiles of <= 4096 elements, <= 8 a thread (up
+        # to 4096 responses a prompt): 16 a thread spilled registers on sm_80/sm_90 (tests/test_kernels_compile.py)
     unsort = torch.empty_like(pair_order)
     unsort[pair_order] = torch.arange(B, device=logits.device)
     weights = torch.empty_like(weights_sorted)

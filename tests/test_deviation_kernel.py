@@ -48,6 +48,11 @@ def test_ragged_groups(dims, inside, min_weight):
     compare(*ragged([1, 2, 3, 8, 31], dims), min_weight, inside)
 
 
+@pytest.mark.parametrize("dims", [(95,), (384, 95)], ids=["K1", "K2"])
+def test_a_prompt_of_600_responses(dims):
+    compare(*ragged([600, 3], dims), 0.2, False)  # BLOCK_N 1024 x BLOCK_D 4 tiles at 16 warps
+
+
 @pytest.mark.parametrize("dims", [(24,), (24, 7), (300, 5, 33)], ids=["K1", "K2", "K3"])
 def test_reference_weights_equal_the_offline_path(dims):
     """The per-prompt reference (n x n distances) and ddpo.deviation (vectorised) compute the same weights."""

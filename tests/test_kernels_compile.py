@@ -35,8 +35,9 @@ LOGIT_DTYPES = ("float32", "bfloat16", "float16")
 # deviation loss: (embedding dims, one per metric; responses per prompt) -> K, BLOCK_D (padded D), BLOCK_N
 DEVIATION_SHAPES = [
     ((8,), 4), ((8,), 50), ((8,), 200),  # BLOCK_D 16 x BLOCK_N 16, 64, 256
-    ((384,), 4), ((384,), 50), ((384,), 200),  # all-MiniLM-L6-v2: BLOCK_N 16, 64, 256 (BLOCK_D 128, 32, 16)
+    ((384,), 4), ((384,), 50), ((384,), 200),  # all-MiniLM-L6-v2: BLOCK_N 16, 64, 256 (BLOCK_D 128, 64, 16)
     ((95,), 4), ((95,), 50), ((95,), 200),  # the stylometric profile: D not a multiple of 16
+    ((95,), 600),  # BLOCK_N 1024, BLOCK_D 4
     ((384, 95), 4), ((384, 95), 50),  # both metrics: K=2, BLOCK_D 128
     ((16, 8), 4), ((16, 8), 200),  # K=2, BLOCK_D 16
 ]
@@ -262,8 +263,8 @@ def test_configurations_cover_the_launchers(compiled):
         dev = [r for r in rows if r["kernel"] == "_deviation_loss_kernel"]
         assert {r["constexprs"]["K"] for r in dev} == {1, 2}
         assert {r["constexprs"]["WEIGHT_INSIDE"] for r in dev} == {False, True}
-        assert {r["constexprs"]["BLOCK_N"] for r in dev} == {16, 64, 256}
-        assert {r["constexprs"]["BLOCK_D"] for r in dev} == {16, 32, 128}
+        assert {r["constexprs"]["BLOCK_N"] for r in dev} == {16, 64, 256, 1024}
+        assert {r["constexprs"]["BLOCK_D"] for r in dev} == {4, 16, 64, 128}
         assert {r["signature"]["offsets_ptr"] for r in dev} == {"*i32"}
 
 
