@@ -95,7 +95,7 @@ def main():
 
     with open("ddpo/data/prompts_eval.jsonl") as f:
         prompts = [json.loads(line)["prompt"] for line in f][:args.prompts]
-    keep_freed_memory()  # as the commands do
+    keep_freed_memory()  # as the commands do; one process, so for every implementation alike
     tokenizer, model = load_tokenizer(args.model), load_model(args.model).eval()
     ours = load_model(args.model).eval()
     use_segment_attention(ours)  # as ddpo.generate samples; 'before' and 'hf' keep transformers' sdpa

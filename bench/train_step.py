@@ -7,7 +7,9 @@
 Synthetic pairs with drawn lengths (prompt, chosen and rejected each uniform in [min-len, max-len] / 3 words, so
 pairs span min-len..max-len tokens). Both trainers: same model, data, batch, --dtype (fp32, or bf16 autocast over
 fp32 weights), dropout off, a live reference model (no precomputation), no gradient checkpointing; with Liger-Kernel
-installed, TRL runs a second time with Liger's layer kernels (use_liger_kernel). Each runs in its own subprocess
+installed, TRL runs a second time with Liger's layer kernels (use_liger_kernel). Ours keeps freed memory
+(ddpo/malloc.py), as `python -m ddpo.train` does: faster, at a higher peak RSS; TRL runs with glibc's defaults, as its
+users do. Each runs in its own subprocess
 (peak RSS, or CUDA peak allocation, is per process) for two epochs over --steps x --pairs-per-step pairs: the
 first epoch is the warm-up, the second is timed. As each trainer shuffles in its own order, per-step token counts
 differ between them, but every epoch holds the same pairs: tokens/s = the epoch's real (non-padding) tokens of the

@@ -216,8 +216,8 @@ def batch_generator(s, index, device):
 BEFORE = {"dtype": "float32"}  # settings that outputs written before them had: every sample was fp32 until 2026-11-23
 SAMPLER = 3  # the version of the draws a seed gives: 2 since 2026-11-23 (top-k candidates, ended rows leave), 3 since
 # 2026-12-02 (cached decoding in segment attention: other rounding than sdpa's, so other draws under bf16)
-BATCH_PROMPTS = 32  # prompts per batch (x N rows): on 2 CPU cores 24 prompts in one batch of 96 rows sample 1.25x the
-# tokens/s of batches of 16 (bench/generate.py)
+BATCH_PROMPTS = 32  # prompts per batch (x N rows): on 2 CPU cores 24 prompts in one batch of 96 rows sample 1.08x the
+# tokens/s of batches of 16 (bench/generate.py, 2026-12-02)
 
 
 def sample(model, tokenizer, prompts, s, batch_prompts=BATCH_PROMPTS, batches=None, base=None, w=0.0,
