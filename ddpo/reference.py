@@ -83,16 +83,15 @@ def check_packing(cfg, policy_logps, ref, pairs, pad_token_id, device, rejected=
     takes the policy's batches); then compare each model's packed log-probs on the first pairs with padded ones under
     its own attention, once: packing needs the model to honour position ids as sequence boundaries."""
     sample = pairs[:2]
-    names = [cfg.model] + ([cfg.ref_model or cfg.model] if ref and not ref.lora else [])
-    models = [policy_logps] + ([ref.logps] if ref and not ref.lora else [])
+    checked = [(cfg.model, policy_logps)] + ([(cfg.ref_model or cfg.model, ref.logps)] if ref and not ref.lora else [])
     with torch.no_grad():
-        padded = [m(collate(sample, pad_token_id, rejected).to(device))[0] for m in models]
-        switched = [use_segment_attention(m.model) for m in models]
-        for m in models:
+        padded = [m(collate(sample, pad_token_id, rejected).to(device))[0] for _, m in checked]
+        switched = [use_segment_attention(m.model) for _, m in checked]
+        for _, m in checked:
             m.share_prompts = rejected and all(switched)
         batch = collate_packed(sample, rejected, policy_logps.share_prompts).to(device)
-        packed = [m(batch)[0] for m in models]
-    for name, a, b in zip(names, padded, packed):
+        packed = [m(batch)[0] for _, m in checked]
+    for (name, _), a, b in zip(checked, padded, packed):
         if not (a.isfinite().all() and b.isfinite().all()):
             raise SystemExit(f"error: {name} gives non-finite log-probs on the first pairs: its logits overflow")
         if not torch.allclose(a, b, rtol=1e-3, atol=1e-2):

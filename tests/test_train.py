@@ -118,6 +118,24 @@ def test_pairs_share_their_prompt_where_segment_attention_runs(tmp_path, tiny_mo
     assert calls and set(calls) == {shared}
 
 
+def test_packing_that_changes_the_log_probs_stops_before_training(tmp_path, tiny_model, monkeypatch):
+    """check_packing scores the first pairs packed and padded: a packed layout that reads other tokens (as a model
+    that does not honour position ids as boundaries would) stops the run with a message naming the model."""
+    import ddpo.reference as reference_mod
+
+    real = reference_mod.collate_packed
+
+    def misread(*args, **kwargs):
+        batch = real(*args, **kwargs)
+        batch.input_ids = batch.input_ids.flip(-1)
+        return batch
+
+    monkeypatch.setattr(reference_mod, "collate_packed", misread)
+    with pytest.raises(SystemExit, match=rf"packed and padded log-probs differ on {re.escape(tiny_model)} .*--no-packing"):
+        run(tmp_path, tiny_model, "--max-steps", "1")
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
+
+
 def test_segment_attention_only_for_plain_causal_attention(tiny_model):
     model = load_model(tiny_model)
     model.config.sliding_window = 4  # a window packed segments would ignore: keep transformers' own attention
