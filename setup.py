@@ -5,12 +5,18 @@ setup(
     version="0.1.0",
     description="Diversity-aware preference tuning (DDPO, DORPO, DivPO, Diverse-NS) in plain PyTorch",
     python_requires=">=3.10",
-    packages=find_packages(include=["ddpo", "ddpo.*", "kernels", "kernels.*"]),
+    # The top-level folder kernels/ installs as `ddpo_kernels`: a folder imported as `kernels` would shadow the PyPI
+    # package `kernels` that transformers imports (from the repo root, where `python -m` puts it first on sys.path).
+    # kernels/ has no __init__.py, so from the repo root it cannot be imported as `kernels` in its place.
+    packages=find_packages(include=["ddpo", "ddpo.*"]) + ["ddpo_kernels"],
+    package_dir={"ddpo_kernels": "kernels"},
     package_data={"ddpo": ["data/*.jsonl"]},
     install_requires=[
-        "torch>=2.4",
+        # lower bounds are what CI runs: torch 2.13.0 (the README's commands), transformers from the lowest here
+        # (.ci/run's smoke run) to the newest; no upper bounds
+        "torch>=2.13",
         "numpy",
-        "transformers>=4.46",
+        "transformers>=4.57.1",
         "safetensors",
         "sentencepiece",
         "triton",

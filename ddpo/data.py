@@ -17,7 +17,9 @@ Tokenisation (as TRL's DPOTrainer, so first-step numbers agree):
   - the completion starts where prompt ids and full ids first differ (the common prefix), for both completions.
 Truncation (counted and reported): a prompt longer than max_prompt_length keeps its *last* tokens (the end of a
 prompt is what the completion continues from); then a completion that does not fit in max_length keeps its
-*first* tokens. Setting either to 0 disables it.
+*first* tokens. Setting either to 0 disables it. ORPO and DORPO follow the released rule instead (TRL 0.8's ORPO
+tokenisation, `orpo_rule`): only a pair whose prompt + *longer* completion exceeds max_length is cut, the prompt to its
+last max_prompt_length tokens, then, if still too long, both completions to max_length - max_prompt_length tokens.
 """
 
 import argparse
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.logprobs import IGNORE_INDEX
+from ddpo_kernels.logprobs import IGNORE_INDEX
 
 
 class DataError(ValueError):
@@ -297,7 +299,7 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected):
     return ids[:n], chosen_full[n:], rejected_full[n:]
 
 
-def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
+def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0, orpo_rule=False):
     """Fill the ids of every pair in place and truncate (module docstring). Returns counts for the log."""
     if max_length and max_prompt_length and max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
@@ -312,11 +314,15 @@ def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0):
         if not prompt_ids:  # nothing would predict a completion's first token
             raise DataError(f"{pair.source}: the prompt has no token of its own (it is empty, or its text merges "
                             "with the completions' first tokens and the tokenizer adds no BOS); give it one")
-        if max_prompt_length and len(prompt_ids) > max_prompt_length:
+        longer = max(len(chosen_ids), len(rejected_ids))
+        # the released ORPO rule leaves a pair that fits whole, however long its prompt
+        fits = orpo_rule and max_length and max_prompt_length and len(prompt_ids) + longer <= max_length
+        if max_prompt_length and len(prompt_ids) > max_prompt_length and not fits:
             prompt_ids = prompt_ids[-max_prompt_length:]
             stats["prompts_truncated"] += 1
         if max_length:
-            room = max_length - len(prompt_ids)
+            released = orpo_rule and max_prompt_length and len(prompt_ids) + longer > max_length
+            room = max_length - (max_prompt_length if released else len(prompt_ids))
             if room <= 0:
                 raise DataError(f"{pair.source}: the prompt alone fills max_length={max_length}; "
                                 f"set --max-prompt-length below it")

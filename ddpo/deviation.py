@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from kernels.deviation_loss import EQUAL_TOL  # one tolerance for the offline path, the kernel and its reference
+from ddpo_kernels.deviation_loss import EQUAL_TOL  # one tolerance for the offline path, the kernel and its reference
 
 METRICS = {"none": [], "semantic": ["semantic"], "style": ["style"], "both": ["semantic", "style"]}  # --deviation
 

@@ -22,7 +22,7 @@ import torch
 from ddpo.data import DataError, response_pools
 from ddpo.deviation import chosen_weights, deviation_weights
 from ddpo.distributed import print0
-from ddpo.models import check_model_path, quiet_transformers, resolve
+from ddpo.models import check_model_path, load_weights, quiet_transformers, resolve
 
 
 class Encoder:
@@ -47,7 +47,8 @@ class Encoder:
                             "(only for a model you trust)")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModel.from_pretrained(path, config=config, trust_remote_code=trust_remote_code).to(self.device).eval()
+        model = load_weights(AutoModel, path, config=config, trust_remote_code=trust_remote_code)
+        self.model = model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length or self.default_max_length(path)
 

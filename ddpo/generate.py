@@ -93,11 +93,18 @@ def penalise(logits, seen, penalty):
 
 def candidates(logits, s):
     """The truncation set of (temperature-scaled) logits (B, V): top-k, then top-p, then min-p, each on what the
-    previous kept. Returns the top-k candidates' token ids (B, k), sorted by logit, and which of them are kept (B, k);
-    top-p and min-p never reach past the top-k, so nothing outside them is sorted (k = V when top-k is off)."""
+    previous kept. Top-k keeps every token whose logit is at least the k-th largest, as Hugging Face's top-k does, so
+    a tie at the k-th logit (frequent in bf16) keeps all the tied tokens. Returns the candidates' token ids (B, k'),
+    sorted by logit, and which of them are kept (B, k'), k' >= k being the widest row's top-k set; top-p and min-p
+    never reach past the top-k, so nothing outside them is sorted (k' = V when top-k is off)."""
     values, ids = logits.topk(min(s.top_k or logits.shape[-1], logits.shape[-1]), dim=-1)  # (B, k), descending
-    probs = torch.softmax(values, dim=-1)  # the distribution over the top-k
-    keep = torch.ones_like(probs, dtype=torch.bool)
+    kth = values[:, -1:]
+    # ties with the k-th logit belong to the top-k set: widen to the row with the most of them
+    wide = int((logits >= kth).sum(-1).max())
+    if wide > values.shape[-1]:
+        values, ids = logits.topk(wide, dim=-1)
+    keep = values >= kth
+    probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)  # the distribution over the top-k
     if s.top_p < 1.0:
         keep &= probs.cumsum(-1) - probs < s.top_p  # the mass ranked above a token is below top_p
     if s.min_p > 0.0:  # a ratio to the top token's probability: the same over the top-k as over the top-p set

@@ -42,7 +42,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.deviation_loss import deviation_loss
+from ddpo_kernels.deviation_loss import deviation_loss
 
 
 def dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
@@ -403,6 +403,7 @@ class Loss:
     weighted: bool = False  # takes chosen weights: the data's `weight`, or deviation computed in the step
     rejected: bool = True  # runs the rejected responses
     truncation: tuple = (0, 0)  # the released code's (max_length, max_prompt_length); 0 = off
+    orpo_rule: bool = False  # truncated by the released ORPO rule (ddpo/data.py), not the DPO one
 
 
 LOSSES = {  # --loss: each loss, then its deviation-weighted twin
@@ -420,8 +421,9 @@ LOSSES = {  # --loss: each loss, then its deviation-weighted twin
     "dd-rpo": Loss(deviation_weighted(rpo_objective), reference=True, weighted=True),
     "simpo": Loss(simpo_objective),
     "dd-simpo": Loss(deviation_weighted(simpo_objective), weighted=True),
-    "orpo": Loss(orpo_objective, truncation=(512, 128)),  # the released code cut ORPO/DORPO to 512 tokens, the
-    "dorpo": Loss(dorpo_objective, weighted=True, truncation=(512, 128)),  # prompt to its last 128
+    # the released code cut ORPO/DORPO to 512 tokens, the prompt to its last 128, by its own rule
+    "orpo": Loss(orpo_objective, truncation=(512, 128), orpo_rule=True),
+    "dorpo": Loss(dorpo_objective, weighted=True, truncation=(512, 128), orpo_rule=True),
     "sft": Loss(sft_objective, rejected=False),
     "dd-sft": Loss(deviation_weighted(sft_objective), weighted=True, rejected=False),
 }

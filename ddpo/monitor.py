@@ -69,6 +69,7 @@ from ddpo.config import given
 from ddpo.data import DataError, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
 from ddpo.embedders import InStepDeviation, check_embedder, load_embedder
+from ddpo.losses import LOSSES
 from ddpo.models import autocast_context, check_model_path, use_segment_attention
 from ddpo.quality import load_scorer, scorer_spec
 from ddpo.reference import Reference
@@ -185,7 +186,8 @@ class Monitor:
         self.autocast, self.dtype = autocast_context(device, autocast_dtype), autocast_dtype
         self.pairs, self.prompts = held_out.pairs, held_out.prompts
         if self.pairs:
-            stats = tokenize_pairs(self.pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+            stats = tokenize_pairs(self.pairs, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                   LOSSES[cfg.loss].orpo_rule)
             print0(f"eval data: {stats['pairs']} pairs from {cfg.eval_data}; truncated {stats['prompts_truncated']} "
                    f"prompts and {stats['completions_truncated']} completions", flush=True)
             self.weights = (InStepDeviation(self.pairs, embedders, cfg.min_weight, device, cfg.trust_remote_code)

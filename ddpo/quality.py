@@ -37,9 +37,11 @@ class RewardModel:
     def __init__(self, path, device=None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from ddpo.models import load_weights
+
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        self.model = load_weights(AutoModelForSequenceClassification, path).to(self.device).eval()
 
     def render(self, prompt, response):
         if self.tokenizer.chat_template:

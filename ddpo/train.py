@@ -398,10 +398,11 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
 
     # 3. tokens, weights, models
     tokenizer = load_tokenizer(cfg.model)
-    stats = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    stats = tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length, LOSSES[cfg.loss].orpo_rule)
     print0(f"data: {stats['pairs']} pairs from {cfg.data}; truncated {stats['prompts_truncated']} prompts "
            f"(keep end, max {cfg.max_prompt_length}) and {stats['completions_truncated']} completions "
-           f"(keep start, max total {cfg.max_length})", flush=True)
+           f"(keep start, max total {cfg.max_length}"
+           f"{'; the released ORPO rule' if LOSSES[cfg.loss].orpo_rule else ''})", flush=True)
     weights = pair_weights(cfg, pairs)
     if LOSSES[cfg.loss].weighted and cfg.deviation == "none" and all(p.weight is None for p in pairs):
         print0(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals its unweighted loss", flush=True)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.logprobs import use_triton_for
+from ddpo_kernels.logprobs import use_triton_for
 
 EQUAL_TOL = 1e-6  # deviations of one prompt that differ by at most this count as equal (the released max == min)
 

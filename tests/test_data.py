@@ -9,7 +9,7 @@ from conftest import write_pairs
 
 from ddpo.data import DataError, collate, load_pairs, tokenize_pairs
 from ddpo.models import load_tokenizer
-from kernels.logprobs import IGNORE_INDEX
+from ddpo_kernels.logprobs import IGNORE_INDEX
 
 GOOD = {"prompt": "p", "chosen": "c", "rejected": "r"}
 
@@ -165,6 +165,31 @@ def test_truncation_keeps_prompt_end_and_completion_start(tiny_model_plain):
     assert tok.decode(pairs[0].rejected_ids) == "xy<|im_end|>"
     with pytest.raises(ValueError, match="must be below"):
         tokenize_pairs(pairs, tok, max_length=8, max_prompt_length=8)
+
+
+@pytest.mark.parametrize("lengths, released, ours", [
+    ((40, 600, 300), (40, 384, 300), (40, 472, 300)),  # the prompt fits: both completions cut to 512 - 128
+    ((200, 100, 80), (200, 100, 80), (128, 100, 80)),  # the pair fits whole: the long prompt stays
+    ((200, 350, 80), (128, 350, 80), (128, 350, 80)),  # cutting the prompt is enough
+    ((200, 600, 500), (128, 384, 384), (128, 384, 384)),
+    ((40, 472, 300), (40, 472, 300), (40, 472, 300)),  # exactly 512
+    ((40, 473, 10), (40, 384, 10), (40, 472, 10)),
+])
+def test_orpo_truncation_follows_the_released_rule(tiny_model_plain, lengths, released, ours):
+    """ORPO/DORPO as released (TRL 0.8's ORPO tokenisation, max_length 512, max_prompt_length 128): only a pair
+    whose prompt + longer completion exceeds 512 is cut, the prompt to its last 128, then both completions to 384.
+    The DPO rule (every other loss) cuts any prompt over 128 and each completion to 512 - prompt."""
+    from ddpo.losses import LOSSES
+
+    tok = load_tokenizer(tiny_model_plain)
+    p, c, r = lengths  # one token a character; a completion's last token is its end of turn
+    row = {"prompt": "p" * p, "chosen": "c" * (c - 1), "rejected": "r" * (r - 1)}
+    assert (LOSSES["orpo"].truncation, LOSSES["orpo"].orpo_rule, LOSSES["dorpo"].orpo_rule) == ((512, 128), True, True)
+    assert not any(loss.orpo_rule for name, loss in LOSSES.items() if name not in ("orpo", "dorpo"))
+    for orpo_rule, expected in ((True, released), (False, ours)):
+        pairs = load_pairs(write_pairs(os.path.join(tempfile.mkdtemp(), "pairs.jsonl"), [row]))
+        tokenize_pairs(pairs, tok, 512, 128, orpo_rule)
+        assert (len(pairs[0].prompt_ids), len(pairs[0].chosen_ids), len(pairs[0].rejected_ids)) == expected
 
 
 def load_pairs_from(tok, rows, max_length=0, max_prompt_length=0, expect=(0, 0)):

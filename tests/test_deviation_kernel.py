@@ -12,7 +12,7 @@ from conftest import DEVICE
 
 from ddpo.deviation import deviation_weights
 from ddpo.losses import ddpo_loss, deviation_dorpo_loss, deviation_dpo_loss, dorpo_loss
-from kernels.deviation_loss import deviation_loss, deviation_loss_ref
+from ddpo_kernels.deviation_loss import deviation_loss, deviation_loss_ref
 from test_deviation import SEM, STY
 
 

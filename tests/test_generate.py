@@ -70,6 +70,35 @@ def test_truncation_top_k_top_p_min_p():
     assert truncation_mask(logits, Sampling(top_k=3, top_p=0.85)).tolist() == [[True, True, True, False]]
 
 
+def test_top_k_keeps_ties_with_the_kth_logit():
+    """As Hugging Face's top-k: a token tied with the k-th logit is in the set (bf16 logits tie often)."""
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0], [3.0, 2.5, 2.0, 1.0, 0.0]])
+    assert truncation_mask(logits, Sampling(top_k=2, top_p=1.0)).tolist() == [[True, True, True, True, False],
+                                                                                [True, True, False, False, False]]
+
+
+def test_top_k_on_bf16_logits_equals_hf_top_k():
+    """bf16-rounded logits of a 49k vocabulary tie at the 50th at most positions: the set and the distribution
+    equal transformers' TopKLogitsWarper then TopPLogitsWarper."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 49152) * 3).bfloat16().float()
+    s = Sampling(top_k=50, top_p=0.95, repetition_penalty=1.0, temperature=1.0)
+    ties = ((logits == logits.topk(50, dim=-1).values[:, -1:]).sum(-1) > 1).sum().item()
+    assert ties > 32  # the case is real: most rows tie at the 50th logit
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    for top_p in (1.0, 0.95):
+        s = Sampling(top_k=50, top_p=top_p, repetition_penalty=1.0, temperature=1.0)
+        hf = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(50)(None, logits.clone()))
+        hf = torch.softmax(hf, dim=-1)
+        ours = dense(*next_token_probs(logits, None, seen, s, 0.0), logits.shape[-1])
+        if top_p == 1.0:
+            torch.testing.assert_close(ours, hf, atol=1e-6, rtol=1e-5)
+        else:  # top-p cuts between tokens of equal probability in either order: compare the sorted distributions
+            torch.testing.assert_close(ours.sort(-1).values, hf.sort(-1).values, atol=1e-6, rtol=1e-5)
+
+
 def test_conformative_mixing_by_hand():
     instruct = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0001]]))
     base = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))

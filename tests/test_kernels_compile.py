@@ -49,8 +49,8 @@ def _capture_launches():
     """Run the launchers on CPU tensors with each kernel replaced by a recorder: [(JITFunction, args, kwargs)]."""
     import torch
 
-    import kernels.deviation_loss as dl
-    import kernels.logprobs as lp
+    import ddpo_kernels.deviation_loss as dl
+    import ddpo_kernels.logprobs as lp
 
     calls = []
 
@@ -142,9 +142,9 @@ def compile_all(archs=ARCHS):
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    import kernels
+    import ddpo_kernels.logprobs as lp
 
-    assert os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__))) == ROOT, kernels.__file__
+    assert os.path.dirname(os.path.dirname(os.path.abspath(lp.__file__))) == ROOT, lp.__file__
     calls = _capture_launches()
     knobs.nvidia.dump_ptxas_log = True  # make_cubin prints its `ptxas -v` log; captured below
     results, seen = [], set()
@@ -251,7 +251,7 @@ def test_kernels_compile(compiled, arch, capsys):
 
 def test_configurations_cover_the_launchers(compiled):
     """The recorded launches reach every constexpr value the launchers pick for the representative shapes."""
-    from kernels.logprobs import _block_v
+    from ddpo_kernels.logprobs import _block_v
 
     for arch in ARCHS:
         rows = [r for r in compiled if r["arch"] == arch]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from kernels.logprobs import (IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss, logprobs_loss_ref,
+from ddpo_kernels.logprobs import (IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss, logprobs_loss_ref,
                               logprobs_ref)
 
 SHAPES = [(47, 31, 1003), (1, 8, 17), (64, 16, 4099), (9, 64, 257)]

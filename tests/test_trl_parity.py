@@ -80,8 +80,8 @@ def test_first_step_equals_trl_dpo_trainer(tmp_path, tiny_model, tiny_model_plai
                          learning_rate=1e-3, beta=0.1, logging_steps=1, report_to="none", use_cpu=True,
                          save_strategy="no", max_length=1024, seed=0, **trl_fields,
                          bf16=False)  # TRL defaults to bf16 autocast, which (on CPU) it applies to the reference only
-    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=args,
-                             ref_model=AutoModelForCausalLM.from_pretrained(ref_path),
+    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, use_kernels=False), args=args,
+                             ref_model=AutoModelForCausalLM.from_pretrained(ref_path, use_kernels=False),
                              train_dataset=Dataset.from_list(rows),
                              processing_class=AutoTokenizer.from_pretrained(model_path))
     theirs = first_step(trainer)
@@ -106,7 +106,7 @@ def test_first_step_equals_trl_cpo_trainer_simpo(tmp_path, tiny_model_plain):
     args = CPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-3,
                      loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, logging_steps=1, report_to="none",
                      use_cpu=True, save_strategy="no", max_length=1024, seed=0, bf16=False)
-    trainer = CPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_plain), args=args,
+    trainer = CPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_plain, use_kernels=False), args=args,
                          train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(tiny_model_plain))
     theirs = first_step(trainer)

@@ -1,0 +1,59 @@
+"""Our kernels and transformers' Hub kernels: kernels/ installs as `ddpo_kernels`, so the PyPI package `kernels`
+(required by transformers >= 5.25) is never shadowed from the repo root; every model we run loads with
+use_kernels=False, so no layer is swapped for a kernel fetched from the Hub."""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_repo_root_does_not_shadow_the_pypi_kernels():
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the PyPI package `kernels` is not installed (transformers < 5.25)")
+    # `python -c` puts the current directory first on sys.path, as `python -m ddpo.train` does
+    code = ("import transformers.integrations.hub_kernels, kernels, ddpo_kernels.logprobs, ddpo.models; "
+            "print(kernels.__file__); print(ddpo_kernels.logprobs.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hub, ours = proc.stdout.split()
+    assert not os.path.abspath(hub).startswith(ROOT + os.sep), hub
+    assert os.path.abspath(ours) == os.path.join(ROOT, "kernels", "logprobs.py")
+
+
+def test_every_model_loads_without_hub_kernels(tmp_path, monkeypatch, tiny_model):
+    from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForSequenceClassification, PreTrainedModel,
+                              PreTrainedTokenizerFast)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ddpo.embedders import Encoder
+    from ddpo.models import load_model, load_tokenizer
+    from ddpo.quality import RewardModel
+
+    if not hasattr(PreTrainedModel, "set_use_kernels"):
+        pytest.skip("this transformers has no Hub kernels")
+    asked = []
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", lambda self, use, *a, **k: asked.append(use))
+    load_model(tiny_model)
+    # an encoder (the embedders) and a sequence classifier (the reward model), built from configs
+    backend = Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "[UNK]": 1, "a": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    encoder = tmp_path / "encoder"
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(encoder)
+    BertModel(BertConfig(vocab_size=3, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=16)).save_pretrained(encoder)
+    Encoder(str(encoder), device="cpu")
+    reward, tokenizer = tmp_path / "reward", load_tokenizer(tiny_model)
+    config = LlamaConfig.from_pretrained(tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(reward)
+    tokenizer.save_pretrained(reward)
+    RewardModel(str(reward), device="cpu")
+    assert asked == [False] * 3  # the policy, the encoder, the reward model
