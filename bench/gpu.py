@@ -4,6 +4,9 @@
     python -m bench.gpu --stages head-128k train   # some of them
     python -m bench.gpu --cpu-smoke                # every stage at tiny sizes on CPU: checks this script, keeps no rows
 
+On a machine with its own torch and no network, install the repo first without touching its packages (kernels/ is
+imported as ddpo_kernels only once installed): pip install --no-deps --no-build-isolation -e .
+
 Each stage is a subprocess (its own CUDA context and peak memory) with a time budget: its own plus whatever the
 stages before it left unused, so the run ends within the budgets' sum (480 s). A stage that fails or runs out of time
 is reported and the others go on; the exit status is then 1.

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 from bench.common import append_rows
 from ddpo.deviation import chosen_weights, deviation_weights
-from kernels.deviation_loss import deviation_loss
+from ddpo_kernels.deviation_loss import deviation_loss
 from ddpo.losses import dpo_loss
 from ddpo.models import pair_groups
-from kernels.logprobs import default_chunk_size, fused_logprobs, fused_logprobs_loss
+from ddpo_kernels.logprobs import default_chunk_size, fused_logprobs, fused_logprobs_loss
 
 
 def bench(fn, device, rep_ms=100, repeats=10):

@@ -146,8 +146,8 @@ def run_trl(args, data, out):
                            max_length=None, bf16=args.dtype == "bfloat16", use_liger_kernel=args.impl == "trl-liger",
                            gradient_checkpointing=False,  # TRL's default is on
                            use_cpu=not torch.cuda.is_available(), seed=0)
-    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=config,
-                             ref_model=AutoModelForCausalLM.from_pretrained(path),
+    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, use_kernels=False), args=config,
+                             ref_model=AutoModelForCausalLM.from_pretrained(path, use_kernels=False),
                              train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
                              processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Clock()])
     trainer.train()
