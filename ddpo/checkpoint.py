@@ -18,18 +18,19 @@ import os
 import pickle
 import random
 import shutil
-import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from ddpo.data import DataError, atomic_write, data_sha256, remove_temporaries, temporary_path
+from ddpo.data import DataError, atomic_write, data_sha256, hold_lock, remove_temporaries, temporary_path
 from ddpo.distributed import full_state, print0
 from ddpo.lora import merged_copy, save_adapter
 
 LOCK = ".lock"
+SAMPLES_DIR = "eval_samples"  # the evaluations' samples: step-<N>.jsonl (ddpo/monitor.py)
+OWN_TEMPORARIES = r"checkpoint-\d+|metrics\.jsonl|train_config\.json"  # what train writes atomically
 # what --resume may change: how long to train (the schedule then follows the new total), logging and saving, and
 # how it runs (device, reference cache, kernels, memory savers), what is evaluated and where metrics go (they never
 # touch the weights); everything else must equal the checkpoint's
@@ -64,7 +65,8 @@ def run_config(cfg):
 def open_output_dir(cfg, rank, world):
     """Remove what a killed run left in cfg.output_dir; refuse a directory with a checkpoint unless --resume.
     Returns (the run's config, the newest checkpoint or None, its trainer state when resuming from it or None)."""
-    if rank == 0 and (left := remove_temporaries(cfg.output_dir)):
+    check_own_outputs(cfg.output_dir)
+    if rank == 0 and (left := remove_temporaries(cfg.output_dir, OWN_TEMPORARIES)):
         print0(f"removed what an interrupted run left in {cfg.output_dir}: {', '.join(left)}", flush=True)
     found = checkpoints(cfg.output_dir)
     if found and not cfg.resume:
@@ -74,6 +76,30 @@ def open_output_dir(cfg, rank, world):
         return config, None, None
     check_resumable(found[-1][1], config)
     return config, found[-1][1], load_state(found[-1][1])
+
+
+def written_by_train(config_path):
+    """Whether `config_path` is a train_config.json that ddpo.train wrote (a JSON object with its keys)."""
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and {"loss", "data_sha256", "output_dir"} <= config.keys()
+
+
+def check_own_outputs(output_dir):
+    """Outputs are never written through links the run did not make, nor over files it did not write: refuse a
+    link in place of an output, and a metrics.jsonl without ddpo.train's train_config.json beside it."""
+    for name in ("metrics.jsonl", "train_config.json", SAMPLES_DIR):
+        path = os.path.join(output_dir, name)
+        if os.path.islink(path):
+            raise DataError(f"--output-dir {output_dir}: {name} is a link, and ddpo.train writes only files it "
+                            "creates; remove it or choose another --output-dir")
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.exists(metrics) and not written_by_train(os.path.join(output_dir, "train_config.json")):
+        raise DataError(f"--output-dir {output_dir}: holds a metrics.jsonl that ddpo.train did not write (no "
+                        "train_config.json of its own beside it); choose another --output-dir")
 
 
 def check_resumable(checkpoint, config):
@@ -206,52 +232,16 @@ def trim_metrics(path, last_step):
     atomic_write(path, "".join(kept))
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def take_over_if_stale(path, output_dir):
-    """Remove the lock at `path` if its pid is no longer running on this host; else DataError naming its holder."""
-    try:
-        with open(path) as f:
-            pid, _, host = f.read().strip().partition(" ")
-    except FileNotFoundError:  # released meanwhile
-        return
-    if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
-        print(f"{path}: taking over the lock of pid {pid}, which is no longer running", flush=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        return
-    holder = f"pid {pid} on {host}" if pid.isdigit() and host else "an unknown process"
-    raise DataError(f"--output-dir {output_dir}: in use by {holder} ({path}); wait for that run to end, or remove "
-                    f"{path} if no run uses this directory")
-
-
 @contextlib.contextmanager
 def output_lock(output_dir):
     """Hold <output_dir>/.lock around the body (module docstring). Creates output_dir, and removes it again if the
     run leaves it empty."""
     created = not os.path.isdir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, LOCK)
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            take_over_if_stale(path, output_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
     try:
-        yield
+        with hold_lock(os.path.join(output_dir, LOCK), f"--output-dir {output_dir}"):
+            yield
     finally:
-        os.remove(path)
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(output_dir)  # only if empty

@@ -23,12 +23,15 @@ last max_prompt_length tokens, then, if still too long, both completions to max_
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 
@@ -62,9 +65,12 @@ def temporary_path(path):
     return os.path.join(directory, f"{TMP}{name}-{os.urandom(8).hex()}")
 
 
-def remove_temporaries(directory, name=""):
-    """Remove the leftovers of killed writers from `directory`: its entries named .tmp-<name>*. Returns their names."""
-    left = sorted(e for e in os.listdir(directory) if e.startswith(TMP + name)) if os.path.isdir(directory) else []
+def remove_temporaries(directory, names):
+    """Remove the leftovers of our killed writers from `directory`: entries named .tmp-<name>-<16 hex digits>
+    (temporary_path's names) whose <name> matches the regular expression `names`, and nothing else: another
+    .tmp-* entry is not ours to remove. Returns their names."""
+    ours = re.compile(rf"{re.escape(TMP)}(?:{names})-[0-9a-f]{{16}}")
+    left = sorted(e for e in os.listdir(directory) if ours.fullmatch(e)) if os.path.isdir(directory) else []
     for entry in left:
         path = os.path.join(directory, entry)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -72,6 +78,55 @@ def remove_temporaries(directory, name=""):
         else:
             os.remove(path)
     return left
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def take_over_if_stale(path, what):
+    """Remove the lock at `path` if its pid is no longer running on this host; else DataError naming its holder."""
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+        raise DataError(f"{what}: {path} is not a lock file this tool wrote (a link or a directory); remove it if no "
+                        "run uses it")
+    try:
+        with open(path) as f:
+            pid, _, host = f.read().strip().partition(" ")
+    except FileNotFoundError:  # released meanwhile
+        return
+    if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
+        print(f"{path}: taking over the lock of pid {pid}, which is no longer running", flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    holder = f"pid {pid} on {host}" if pid.isdigit() and host else "an unknown process"
+    raise DataError(f"{what}: in use by {holder} ({path}); wait for that run to end, or remove {path} if no run "
+                    "uses it")
+
+
+@contextlib.contextmanager
+def hold_lock(path, what):
+    """Hold the lock file `path` around the body: created with O_CREAT | O_EXCL, holding "<pid> <host>", removed when
+    the body ends, also on errors. A lock whose pid is no longer running on this host is stale (its run was killed)
+    and is taken over with a message; any other lock refuses, a DataError naming `what` (the flag) and the holder."""
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            take_over_if_stale(path, what)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        yield
+    finally:
+        os.remove(path)
 
 
 def atomic_write(path, text):
@@ -95,6 +150,15 @@ def in_range(cast, low, high=math.inf, above=False, below=False):
         return x
     parse.__name__ = cast.__name__  # argparse's "invalid float value" names it
     return parse
+
+
+def check_not_input(output, source, flag="--output"):
+    """Refuse an output that is the input itself (by any path, link or hard link) or a file in the input directory:
+    writing it would replace what the user gave us."""
+    out, src = os.path.realpath(output), os.path.realpath(source)
+    same = os.path.exists(output) and os.path.exists(source) and os.path.samefile(output, source)
+    if same or out == src or (os.path.isdir(src) and out.startswith(src + os.sep)):
+        raise DataError(f"{flag} {output}: is the input {source} or inside it; write the output elsewhere")
 
 
 def check_writable(output, flag="--output"):

@@ -57,7 +57,8 @@ import torch
 from tqdm import tqdm
 
 from ddpo.config import add_config_args
-from ddpo.data import DataError, atomic_write, check_text, check_writable, in_range, prompt_ids, read_jsonl
+from ddpo.data import (DataError, atomic_write, check_text, check_writable, hold_lock, in_range, prompt_ids,
+                       read_jsonl)
 from ddpo.malloc import keep_freed_memory
 from ddpo.models import (autocast_context, autocast_dtype, check_model_path, load_model, load_tokenizer,
                          use_segment_attention)
@@ -394,6 +395,14 @@ def generate(args):
         args.batch_prompts = resumed.get("batch_prompts", BATCH_PROMPTS)
     meta = {"written_by": WRITTEN_BY, "sampler": SAMPLER, **settings, "batch_prompts": args.batch_prompts,
             "prompts_sha256": prompts_sha256(prompts)}
+    # one writer per output: a second run into it would append every sample again
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with hold_lock(args.output + ".lock", f"--output {args.output}"):
+        return write_samples(args, prompts, s, settings, meta, device, dtype)
+
+
+def write_samples(args, prompts, s, settings, meta, device, dtype):
+    """generate's work under the output's lock: what is not yet written, sampled and appended batch by batch."""
     done, complete = written_samples(args.output, meta, prompts, settings)
     tokenizer = load_tokenizer(args.model)
     if args.base_model and tokenizer.get_vocab() != load_tokenizer(args.base_model).get_vocab():

@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 
 from ddpo import evaluate, generate
+from ddpo.checkpoint import SAMPLES_DIR
 from ddpo.config import given
 from ddpo.data import DataError, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
@@ -75,7 +76,6 @@ from ddpo.quality import load_scorer, scorer_spec
 from ddpo.reference import Reference
 
 REPORTERS = ("none", "tensorboard", "wandb")
-SAMPLES_DIR = "eval_samples"  # in --output-dir: step-<N>.jsonl
 PRINTED = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_semantic_diversity",
            "eval_style_diversity", "eval_quality", "eval_length", "eval_runtime")  # of an evaluation row, when there
 SAMPLING_FLAGS = ("eval_samples", "eval_max_new_tokens", "eval_quality")  # mean nothing without --eval-prompts

@@ -34,13 +34,14 @@ import json
 import os
 import math
 import random
+import re
 import sys
 from collections import OrderedDict
 
 import torch
 
-from ddpo.data import (DataError, atomic_write, check_text, check_writable, in_range, pool_order, read_jsonl,
-                       remove_temporaries)
+from ddpo.data import (DataError, atomic_write, check_not_input, check_text, check_writable, in_range, pool_order,
+                       read_jsonl, remove_temporaries)
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.malloc import keep_freed_memory
@@ -225,6 +226,7 @@ def pair_prompt(args, kind, g, start, deviation, rng, ranking):
 
 
 def prepare(args):
+    check_not_input(args.output, args.input)
     check_writable(args.output)
     kind, groups, dropped = read_input(args.input, scored_later=args.score != "none")
     texts = [t for g in groups.values() for t in g["responses"]]
@@ -239,7 +241,7 @@ def prepare(args):
     if args.score.startswith("reward-model:"):
         check_model_path(args.score.split(":", 1)[1], "--score reward-model:")
     directory, name = os.path.split(os.path.abspath(args.output))
-    remove_temporaries(directory, name + "-")
+    remove_temporaries(directory, re.escape(name))
     if args.score != "none":
         prompts = [g["prompt"] for g in groups.values() for _ in g["responses"]]
         scores = load_scorer(args.score)(prompts, texts)

@@ -350,6 +350,8 @@ BAD_INPUTS = [  # files under tmp_path (p.jsonl is the prompts file, o.jsonl the
     pytest.param({"o.jsonl": ""}, [], r"o.jsonl: exists and was not written by ddpo.generate", id="foreign empty output"),
     pytest.param({"o.jsonl.meta.json": "{}"}, [], r"o.jsonl.meta.json: not a ddpo.generate settings file",
                  id="foreign sidecar"),
+    pytest.param({"o.jsonl.lock": "12 elsewhere\n"}, [], r"--output .*o.jsonl: in use by pid 12 on elsewhere",
+                 id="output being written by another run"),
 ]
 
 
@@ -391,3 +393,16 @@ def test_mismatched_tokenizers_and_bad_prompts(tmp_path, tiny_model):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
     with pytest.raises(SystemExit, match=f"{bad}:2: missing field 'prompt'"):
         main(["--model", tiny_model, "--prompts", bad, "--output", str(tmp_path / "o.jsonl")])
+
+
+def test_the_output_lock_is_released_and_a_dangling_link_lock_is_an_error(tmp_path, tiny_model):
+    """generate holds <output>.lock while it writes (two runs into one output would append every sample twice);
+    it is gone after the run; a lock that is a dangling link (no run's) is a one-line error, not a spin."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    argv = ["--model", tiny_model, "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"), "--n", "2",
+            "--max-new-tokens", "2"]
+    main(argv)
+    assert sorted(os.listdir(tmp_path)) == ["o.jsonl", "o.jsonl.meta.json", "p.jsonl"]
+    os.symlink(tmp_path / "nowhere", tmp_path / "o.jsonl.lock")
+    with pytest.raises(SystemExit, match=r"o.jsonl.lock is not a lock file this tool wrote"):
+        main(argv)

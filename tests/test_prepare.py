@@ -250,6 +250,10 @@ BAD_INPUTS = [  # files under tmp_path (in.jsonl is --input, o.jsonl --output), 
     pytest.param({}, ["--output", "{tmp}"], r"--output .*: is a directory", id="output is a directory"),
     pytest.param({}, ["--output", "{tmp}/in.jsonl/o.jsonl"], r"--output .*in.jsonl/o.jsonl: cannot write there",
                  id="output's directory is a file"),
+    pytest.param({}, ["--output", "{tmp}/in.jsonl"], r"--output .*in.jsonl: is the input .*in.jsonl",
+                 id="output is the input"),
+    pytest.param({"d/a.jsonl": GOOD}, ["--input", "{tmp}/d", "--output", "{tmp}/d/pairs.jsonl"],
+                 r"--output .*d/pairs.jsonl: is the input .*/d or inside it", id="output inside the input directory"),
     pytest.param({"in.jsonl": GOOD.encode() + b'{"prompt": "caf\xe9", "response": "r", "score": 1}\n'}, [],
                  r"^error: .*in.jsonl:3: invalid UTF-8", id="invalid utf-8"),
 ]
@@ -266,7 +270,7 @@ def test_bad_input_is_refused_before_a_model_loads(tmp_path, monkeypatch, files,
         (tmp_path / name).write_bytes(content)
     argv = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--deviation", "both"]
     with pytest.raises(SystemExit) as e:
-        prep.main(argv + [f.format(tmp=tmp_path) for f in flags])
+        prep.main(argv + [f.format(tmp=tmp_path) for f in flags])  # a repeated flag: the last one wins
     assert re.search(error, str(e.value.code)) and "\n" not in str(e.value.code), e.value.code
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(files)
 
@@ -280,14 +284,14 @@ def test_read_only_output_directory_is_refused_before_a_model_loads(tmp_path, mo
 
 
 def test_leftover_temporaries_are_removed_and_the_output_follows_the_umask(tmp_path):
-    (tmp_path / ".tmp-pairs.jsonl-k1ll3d").write_text("half")  # what kill -9 during the write leaves
-    (tmp_path / ".tmp-other.jsonl-k1ll3d").write_text("not ours to remove")
+    (tmp_path / ".tmp-pairs.jsonl-0123456789abcdef").write_text("half")  # what kill -9 during the write leaves
+    (tmp_path / ".tmp-other.jsonl-0123456789abcdef").write_text("not ours to remove")
     old = os.umask(0o027)
     try:
         run(tmp_path, POOL, "--deviation", "style")
     finally:
         os.umask(old)
-    assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [".tmp-other.jsonl-k1ll3d"]
+    assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [".tmp-other.jsonl-0123456789abcdef"]
     assert (tmp_path / "pairs.jsonl").stat().st_mode & 0o777 == 0o640
 
 
@@ -332,3 +336,13 @@ def test_no_pair_at_all_is_one_error_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         prep.main(["--input", path, "--output", str(tmp_path / "pairs.jsonl"), "--deviation", "style"])
     assert "no pair could be formed" in str(e.value) and not (tmp_path / "pairs.jsonl").exists()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_an_output_that_is_the_input_by_another_name_is_refused(tmp_path, monkeypatch, link):
+    monkeypatch.setattr(prep, "load_embedder", no_model)
+    source = write_jsonl(tmp_path / "in.jsonl", POOL)
+    (os.symlink if link == "symlink" else os.link)(source, tmp_path / "out.jsonl")
+    with pytest.raises(SystemExit, match=r"--output .*out.jsonl: is the input"):
+        prep.main(["--input", source, "--output", str(tmp_path / "out.jsonl")])
+    assert [json.loads(line) for line in open(source)] == POOL

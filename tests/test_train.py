@@ -566,6 +566,10 @@ BAD_INPUTS = [  # files under tmp_path (pairs.jsonl is --data, out the --output-
     pytest.param({"out/.lock": "{pid} {host}\n"}, [], r"--output-dir .*/out: in use by pid \d+ on .*/out/.lock\)",
                  id="output dir locked by a live run"),
     pytest.param({"out/.lock": "12 elsewhere\n"}, [], r"in use by pid 12 on elsewhere", id="locked from another host"),
+    pytest.param({"out/metrics.jsonl": "my notes\n"}, [], r"holds a metrics.jsonl that ddpo.train did not write",
+                 id="a foreign metrics.jsonl"),
+    pytest.param({"out/metrics.jsonl": "my notes\n", "out/train_config.json": '{"loss": "x"}'}, [],
+                 r"holds a metrics.jsonl that ddpo.train did not write", id="a foreign metrics.jsonl and config"),
 ]
 
 
@@ -762,14 +766,14 @@ def test_a_crafted_trainer_state_is_refused_and_never_run(tmp_path, tiny_model):
 
 def test_leftover_temporaries_are_removed_and_outputs_follow_the_umask(tmp_path, tiny_model, capsys):
     out = tmp_path / "run"
-    (out / ".tmp-checkpoint-k1ll3d").mkdir(parents=True)  # what kill -9 during a save and a write leave
-    (out / ".tmp-metrics.jsonl-k1ll3d").write_text("half")
+    (out / ".tmp-checkpoint-3-0123456789abcdef").mkdir(parents=True)  # what kill -9 during a save and a write leave
+    (out / ".tmp-metrics.jsonl-0123456789abcdef").write_text("half")
     old = os.umask(0o027)
     try:
         run(tmp_path, tiny_model, "--max-steps", "1")
     finally:
         os.umask(old)
-    assert ".tmp-checkpoint-k1ll3d, .tmp-metrics.jsonl-k1ll3d" in capsys.readouterr().out
+    assert ".tmp-checkpoint-3-0123456789abcdef, .tmp-metrics.jsonl-0123456789abcdef" in capsys.readouterr().out
     assert not [p for p in out.rglob(".tmp-*")]
     modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*")}
     assert modes["checkpoint-1"] == 0o750 and modes["train_config.json"] == modes["metrics.jsonl"] == 0o640
@@ -835,3 +839,29 @@ def test_resume_refuses_another_world_size(tmp_path):
     check_resumable(str(tmp_path), {"loss": "ddpo", "world_size": 8})
     with pytest.raises(DataError, match="world_size 8 there, 1 now"):
         check_resumable(str(tmp_path), {"loss": "ddpo", "world_size": 1})
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "train_config.json", "eval_samples"])
+def test_outputs_are_never_written_through_a_link(tmp_path, tiny_model, name):
+    """A link in place of an output would make the run write outside --output-dir: refused, the target untouched."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me\n")
+    (tmp_path / "run").mkdir()
+    os.symlink(outside, tmp_path / "run" / name)
+    with pytest.raises((SystemExit, DataError), match=rf"--output-dir .*run: {name} is a link"):
+        run(tmp_path, tiny_model, "--max-steps", "1")
+    assert outside.read_text() == "keep me\n"
+
+
+def test_only_our_own_temporaries_are_removed_and_a_dangling_lock_link_is_an_error(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    (out / ".tmp-mine").mkdir(parents=True)  # a user's, whatever its name
+    (out / ".tmp-mine" / "notes.txt").write_text("keep")
+    (out / ".tmp-checkpoint-3-0123456789abcdef").mkdir()  # what a killed run of ours left
+    (out / ".tmp-metrics.jsonl-0123456789abcdef").write_text("half")
+    cfg, path = run(tmp_path, tiny_model, "--max-steps", "1")
+    assert sorted(os.listdir(out)) == [".tmp-mine", "checkpoint-1", "metrics.jsonl", "train_config.json"]
+    assert (out / ".tmp-mine" / "notes.txt").read_text() == "keep"
+    os.symlink(tmp_path / "nowhere", out / ".lock")  # a stale lock that is a dangling link: an error, not a spin
+    with pytest.raises((SystemExit, DataError), match=r"\.lock is not a lock file this tool wrote"):
+        run(tmp_path, tiny_model, "--max-steps", "2", "--resume")
