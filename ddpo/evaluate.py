@@ -329,8 +329,11 @@ def parse_args(argv=None):
     p.add_argument("--names", nargs="*", help="run names, file-name-safe (default: file names)")
     p.add_argument("--baseline", help="a run name: report every other run's paired differences to it")
     p.add_argument("--output-dir", default="runs/eval", help="where metrics, report.md and plot.png go")
-    p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"])
-    p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"])
+    p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"],
+                   help="semantic diversity's embedder: hub name, path or packaged:<name> (paper: "
+                   "jinaai/jina-embeddings-v3)")
+    p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"],
+                   help="style diversity's embedder: stylometric, or an encoder (paper: AnnaWegmann/Style-Embedding)")
     p.add_argument("--quality", default="proxy", help="proxy or reward-model:PATH")
     p.add_argument("--trust-remote-code", action="store_true", help="run the embedders' own code from their "
                    "directory or hub repo (jinaai/jina-embeddings-v3 needs it); only for models you trust")
