@@ -108,8 +108,10 @@ def check_resumable(checkpoint, config):
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise DataError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(saved, dict):
+        raise DataError(f"{path}: not a train_config.json of ddpo.train; remove the checkpoint or start afresh")
     differ = [f"{key} {saved[key]!r} there, {value!r} now" for key, value in config.items()
               if key not in MAY_CHANGE and key in saved and saved[key] != value]
     if differ:
@@ -223,7 +225,7 @@ def trim_metrics(path, last_step):
             continue
         try:
             row = json.loads(raw)
-        except ValueError:  # also invalid UTF-8
+        except (ValueError, RecursionError):  # also invalid UTF-8
             row = None
         if not isinstance(row, dict) or type(row.get("step")) is not int:
             raise DataError(f"{path}:{lineno}: not a metrics line of ddpo.train; remove it to resume")

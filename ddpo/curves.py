@@ -95,10 +95,20 @@ def plot_curves(runs, path):
     ax.set_xlabel("eval_semantic_diversity (higher = more diverse)")
     finish(ax, "quality against diversity, step by step", "eval_quality", drawn)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    tmp = path + ".tmp"
+    fig.savefig(tmp, dpi=110, format=image_format(path))  # the format its name says (c.pdf is a PDF)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def image_format(path):
+    """The image format of an output name: its extension if matplotlib writes it, PNG without one."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    if ext not in FigureCanvasAgg.get_supported_filetypes():
+        raise DataError(f"--output {path}: cannot write .{ext} images; name it .png, .pdf or .svg")
+    return ext
 
 
 def finish(ax, title, ylabel, drawn):
@@ -117,7 +127,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", help="ddpo.train output directories (or their metrics.jsonl)")
     p.add_argument("--names", nargs="*", help="run names (default: the directory names)")
-    p.add_argument("--output", default="curves.png", help="the PNG to write")
+    p.add_argument("--output", default="curves.png", help="the image to write, in the format its name says (.png, "
+                   ".pdf, .svg)")
     return p.parse_args(argv)
 
 
@@ -129,6 +140,7 @@ def run(args):
     if len(set(names)) != len(names):
         raise DataError(f"--names: run names must be distinct (default: the directory names), got {' '.join(names)}")
     check_writable(args.output)
+    image_format(args.output)
     runs = {name: read_run(r) for name, r in zip(names, args.runs)}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     plot_curves(runs, args.output)

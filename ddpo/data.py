@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -223,6 +224,8 @@ def read_jsonl(path):
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{file}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{file}:{lineno}: JSON nested too deeply") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{file}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 yield f"{file}:{lineno}", record
@@ -250,6 +253,8 @@ def check_weight(value, name="weight"):
     """A finite number >= 0 (`name` is the field it came from). Returns an error or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{name} must be a number, got {value!r}"
+    if isinstance(value, int) and abs(value) > sys.float_info.max:  # JSON integers have no bound; floats do
+        return f"{name} must be finite, got an integer of {len(str(abs(value)))} digits"
     if not math.isfinite(value):
         return f"{name} must be finite, got {value!r}"
     if value < 0:

@@ -286,7 +286,7 @@ def read_meta(path):
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         meta = None
     if not isinstance(meta, dict) or meta.get("written_by") != WRITTEN_BY:
         raise DataError(f"{path}: not a ddpo.generate settings file; choose another --output or remove it")
@@ -330,7 +330,7 @@ def written_samples(output, meta, prompts, settings):
     for lineno, raw in enumerate(complete.split(b"\n")[:-1], 1):
         try:
             rec = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             rec = None
         if (problem := sample_problem(rec, by_id, settings)):
             raise DataError(f"{output}:{lineno}: {problem}")

@@ -79,6 +79,9 @@ GROUPS = {"sizes": ["train_prompts", "eval_prompts", "n", "eval_n", "max_new_tok
           "training": ["steps", "batch_size", "lr", "beta", "gap", "train_flags", "seed", "monitor_prompts",
                        "monitor_every"],
           "models": ["model", "semantic_embedder", "trust_remote_code", "dtype"]}
+OWN_TRAIN_FLAGS = {"--model": "--model", "--data": None, "--output-dir": "--work-dir", "--loss": None,
+                   "--max-steps": "--steps", "--batch-size": "--batch-size", "--lr": "--lr", "--beta": "--beta",
+                   "--seed": "--seed", "--dtype": "--dtype", "--resume": None}  # ddpo.train flags train_arm sets
 QUICK = dict(train_prompts=3, eval_prompts=2, n=3, max_new_tokens=24, steps=2, batch_size=2)
 
 
@@ -188,6 +191,10 @@ def parse_args(argv=None):
     cfg = PipelineConfig(**vars(add_config_args(p, PipelineConfig, GROUPS).parse_args(argv)))
     if cfg.quick:  # sizes given on the command line win over --quick's
         cfg = PipelineConfig(**{**asdict(cfg), **{k: v for k, v in QUICK.items() if not given(argv, k)}})
+    for token in cfg.train_flags.split():  # what every arm sets itself would silently replace it in all of them
+        if (flag := token.split("=")[0]) in OWN_TRAIN_FLAGS:
+            p.error(f"argument --train-flags: {flag} is set by the pipeline for each arm"
+                    + (f"; use the pipeline's {OWN_TRAIN_FLAGS[flag]}" if OWN_TRAIN_FLAGS[flag] else ""))
     if cfg.eval_n == 1:
         p.error("argument --eval-n: diversity needs at least 2 samples per prompt (0 = --n)")
     if cfg.monitor_prompts > (held_out := len(prompt_lines("eval"))):

@@ -62,6 +62,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -338,6 +339,15 @@ def non_finite(step, sums, grad_norm, last_checkpoint):
             "the data, --beta or --lr too large, or a model whose logits overflow")
 
 
+def finite_weights(params, world, device):
+    """Whether every trained weight is finite, on every rank."""
+    local = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in params)
+    ok = torch.tensor(float(local), device=device)
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
 def accumulate(cfg, forward, ref, pairs, weights, step_batches, rank, world, autocast, device, pad_token_id,
                deviation=None, weights_mean=None):
     """Forward and backward of this rank's share of an optimiser step's micro-batches (the gradients of
@@ -431,6 +441,12 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
     plan = optimizer_steps(len(pairs), cfg.batch_size, cfg.grad_accum * world, cfg.seed, cfg.epochs, cfg.max_steps,
                            deviation and deviation.pair_prompt)  # [(epoch position, [micro-batch of pair indices])]
     total_steps = len(plan)
+    if not total_steps:
+        raise DataError(f"--epochs {cfg.epochs:g}: {len(pairs)} pairs in steps of {cfg.batch_size * cfg.grad_accum * world} "
+                        "make no optimiser step; raise --epochs or set --max-steps")
+    if state and state["step"] > total_steps:  # nothing to train, and the checkpoint's run is longer than asked
+        raise DataError(f"--max-steps/--epochs: the plan has {total_steps} steps, but {resume_from} is at step "
+                        f"{state['step']}; ask for more steps to resume it")
     steps_per_epoch = sum(position <= 1 for position, _ in plan)  # of the first epoch, for the log
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one pass per tensor
     for group in optimizer.param_groups:  # the schedule's base, which LambdaLR reads when it starts at a resumed step
@@ -476,8 +492,13 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
             row = log_row(step + 1, epoch, sums, n_pairs, used_weights, grad_norm, lr, time.perf_counter() - t0, device)
             reporter.log(row, f"step {step + 1}/{total_steps} | "
                          + " | ".join(f"{key} {row[key]:.4g}" for key in PRINTED if key in row))
+        saving = (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps
+        # a finite gradient can still overflow the weights (a huge --lr): never a checkpoint of them
+        if saving and not finite_weights(params, world, device):
+            raise SystemExit(f"error: step {step + 1}: the update made weights non-finite; stopped before its "
+                             f"checkpoint (last checkpoint: {path or 'none'}). Likely cause: --lr too large")
         monitor.after_step(step + 1, total_steps, epoch, path, reporter)  # held-out pairs, samples: when due
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps:
+        if saving:
             path = save(cfg, step + 1, policy, tokenizer, optimizer, scheduler, rank, world)
     print0(f"saved {path}", flush=True)
     if reporter:

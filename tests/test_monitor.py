@@ -311,6 +311,16 @@ def test_curves_of_two_runs_in_one_png(tmp_path, capsys):
     assert steps == [3, 6] and diversity == pytest.approx([0.53, 0.56]) and quality == pytest.approx([5.7, 5.4])
 
 
+def test_curves_write_the_format_their_name_says(tmp_path):
+    write_jsonl(tmp_path / "m.jsonl", fake_rows(0.0))
+    curves.main([str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "c.pdf")])
+    curves.main([str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "c.svg")])
+    assert (tmp_path / "c.pdf").read_bytes()[:5] == b"%PDF-" and b"<svg" in (tmp_path / "c.svg").read_bytes()[:500]
+    with pytest.raises(SystemExit, match=r"--output .*c.xyz: cannot write .xyz images"):
+        curves.main([str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "c.xyz")])
+    assert sorted(os.listdir(tmp_path)) == ["c.pdf", "c.svg", "m.jsonl"]
+
+
 @pytest.mark.parametrize("setup, argv, error", [
     (lambda t: None, ["{t}/nowhere"], r"^error: .*/nowhere: no metrics.jsonl \(not a ddpo.train output directory\)$"),
     (lambda t: write_jsonl(t / "m.jsonl", [{"step": 1}, {"loss": 1.0}]), ["{t}/m.jsonl"],

@@ -101,6 +101,8 @@ def test_evidence_runs_every_arm_and_pools_the_seeds(tmp_path, tiny_model):
     (["--eval-prompts", "1"], "argument --eval-prompts"),
     (["--monitor-prompts", "33"], "argument --monitor-prompts: 33, but ddpo/data/prompts_eval.jsonl holds 32"),
     (["--monitor-every", "0"], "argument --monitor-every: must be >= 1"),
+    (["--train-flags", "--loss simpo"], "argument --train-flags: --loss is set by the pipeline for each arm"),
+    (["--train-flags=--lora-r 4 --lr=1e-3"], "--lr is set by the pipeline for each arm; use the pipeline's --lr"),
 ])
 def test_pipeline_flags_are_checked_at_parse_time(argv, message, capsys):
     from ddpo.pipeline import parse_args

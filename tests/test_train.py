@@ -865,3 +865,33 @@ def test_only_our_own_temporaries_are_removed_and_a_dangling_lock_link_is_an_err
     os.symlink(tmp_path / "nowhere", out / ".lock")  # a stale lock that is a dangling link: an error, not a spin
     with pytest.raises((SystemExit, DataError), match=r"\.lock is not a lock file this tool wrote"):
         run(tmp_path, tiny_model, "--max-steps", "2", "--resume")
+
+
+def test_a_plan_of_no_step_and_a_resume_below_the_checkpoint_are_errors(tmp_path, tiny_model):
+    """Neither trains anything: both used to exit 0 (the first printing "saved None", the second rewriting
+    train_config.json)."""
+    with pytest.raises(DataError, match=r"--epochs 1e-12: 6 pairs in steps of 2 make no optimiser step"):
+        run(tmp_path, tiny_model, "--epochs", "1e-12")
+    run(tmp_path, tiny_model, "--max-steps", "2")
+    config = (tmp_path / "run" / "train_config.json").read_bytes()
+    with pytest.raises(DataError, match=r"the plan has 1 steps, but .*checkpoint-2 is at step 2"):
+        run(tmp_path, tiny_model, "--max-steps", "1", "--resume")
+    assert (tmp_path / "run" / "train_config.json").read_bytes() == config
+
+
+@pytest.mark.parametrize("line, error", [
+    ("[" * 100000 + "]" * 100000, "JSON nested too deeply"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r", "weight": 1' + "0" * 400 + "}", "must be finite"),
+])
+def test_hostile_json_is_a_file_line_error(tmp_path, line, error):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_PAIRS + line + "\n")
+    with pytest.raises(DataError, match=rf"pairs.jsonl:2: .*{error}"):
+        load_pairs(str(path))
+
+
+def test_weights_made_non_finite_by_the_update_are_never_saved(tmp_path, tiny_model):
+    """--lr 1e308: the loss and gradient of step 1 are finite, the update is not."""
+    with pytest.raises(SystemExit, match=r"step 1: the update made weights non-finite; stopped before its checkpoint"):
+        run(tmp_path, tiny_model, "--max-steps", "1", "--lr", "1e308", "--max-grad-norm", "0")
+    assert not [p for p in (tmp_path / "run").glob("checkpoint-*")]
