@@ -1,6 +1,6 @@
 """The whole method, offline, end to end: sample -> score -> weighted pairs -> DPO and DDPO -> sample -> evaluate.
 
-    python -m ddpo.pipeline                          # the default run on the packaged models (2 CPU cores: ~4 min)
+    python -m ddpo.pipeline                          # the default run on the packaged models (2 CPU cores: ~3.5 min)
     python -m ddpo.pipeline --quick --work-dir /tmp/p # a minute-long smoke run
     python -m ddpo.pipeline --model HuggingFaceTB/SmolLM2-1.7B-Instruct --train-prompts 130 --eval-prompts 32 --n 8
 

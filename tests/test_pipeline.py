@@ -118,3 +118,25 @@ def test_quick_keeps_the_sizes_given_on_the_command_line():
     assert parse_args(["--quick"]).steps == QUICK["steps"]
     cfg = parse_args(["--quick", "--steps", "5", "--n=6"])
     assert (cfg.steps, cfg.n, cfg.train_prompts) == (5, 6, QUICK["train_prompts"])
+
+
+def test_dose_response_stops_resumes_and_reads_against_the_start_model(tmp_path, tiny_model, capsys):
+    """experiments/dose_response.py --quick: one dose trained to step 1, sampled, resumed to step 2 (not retrained
+    from 0), sampled; every stop paired with the start model; a second run does nothing again."""
+    dose = load_experiment("dose_response")
+    args = ["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "stylometric",
+            "--dtype", "float32"]
+    dose.main(args)
+    out = capsys.readouterr().out
+    run = tmp_path / "dpo-lr0.0001-beta0.1"
+    assert "resumed from" in out and f"{run / 'checkpoint-1'}" in out  # step 2 continued step 1's run
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]  # --keep-checkpoints 1
+    rows = json.load(open(tmp_path / "dose.json"))
+    assert [(r["dose"], r["steps"]) for r in rows] == [("1e-4:0.1", 1), ("1e-4:0.1", 2)]
+    for r in rows:  # DPO - start, paired over the 2 held-out prompts
+        assert r["semantic_diversity"]["prompts"] == 2 and len(r["semantic_diversity"]["ci95"]) == 2
+    report = (tmp_path / "dose.md").read_text()
+    assert "| 1e-4:0.1 | 2 |" in report and (tmp_path / "dose.png").read_bytes()[:4] == b"\x89PNG"
+    stamp = os.path.getmtime(run / "samples-2.jsonl")
+    dose.main(args)
+    assert os.path.getmtime(run / "samples-2.jsonl") == stamp and "resumed from" not in capsys.readouterr().out
