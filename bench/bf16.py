@@ -76,7 +76,7 @@ def main():
         runs = {dtype: run(args.model, data, os.path.join(tmp, dtype), dtype, args.steps, args.pairs_per_step,
                            args.save_every if dtype == "float32" else 0) for dtype in ("float32", "bfloat16")}
         noise = {}  # the fp32 run's checkpoints: bf16's error in the DPO logit against its true (fp32) value
-        for step in range(args.save_every, args.steps + 1, args.save_every):
+        for step in range(args.save_every, args.steps + 1, args.save_every) if args.save_every else []:
             err, true = logit_noise(args.model, os.path.join(tmp, "float32", f"checkpoint-{step}"), data)
             noise[step] = {"median_abs_err": err.median().item(), "max_abs_err": err.max().item(),
                            "median_abs_logit": true.median().item(), "max_abs_logit": true.max().item(),

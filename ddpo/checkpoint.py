@@ -30,7 +30,7 @@ from ddpo.lora import merged_copy, save_adapter
 
 LOCK = ".lock"
 SAMPLES_DIR = "eval_samples"  # the evaluations' samples: step-<N>.jsonl (ddpo/monitor.py)
-OWN_TEMPORARIES = r"checkpoint-\d+|metrics\.jsonl|train_config\.json"  # what train writes atomically
+OWN_TEMPORARIES = r"checkpoint|metrics\.jsonl|train_config\.json"  # what train writes atomically
 # what --resume may change: how long to train (the schedule then follows the new total), logging and saving, and
 # how it runs (device, reference cache, kernels, memory savers), what is evaluated and where metrics go (they never
 # touch the weights); everything else must equal the checkpoint's

@@ -226,6 +226,8 @@ def read_jsonl(path):
                     raise DataError(f"{file}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
                 except RecursionError:
                     raise DataError(f"{file}:{lineno}: JSON nested too deeply") from None
+                except ValueError as e:  # an integer of over 4,300 digits
+                    raise DataError(f"{file}:{lineno}: malformed JSON ({str(e).split(';')[0]})") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{file}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 yield f"{file}:{lineno}", record
@@ -249,14 +251,19 @@ def check_text(value, name, roles=None):
     return f"field {name!r} must be a string or a list of messages, got {type(value).__name__}"
 
 
+def finite_number(value):
+    """A JSON number that is finite as a float (JSON integers have no bound; 10**400 is no float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value)
+
+
 def check_weight(value, name="weight"):
     """A finite number >= 0 (`name` is the field it came from). Returns an error or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{name} must be a number, got {value!r}"
-    if isinstance(value, int) and abs(value) > sys.float_info.max:  # JSON integers have no bound; floats do
-        return f"{name} must be finite, got an integer of {len(str(abs(value)))} digits"
-    if not math.isfinite(value):
-        return f"{name} must be finite, got {value!r}"
+    if not finite_number(value):
+        return f"{name} must be finite, got {value if isinstance(value, float) else 'an integer beyond float range'}"
     if value < 0:
         return f"{name} must be >= 0, got {value!r}"
     return None
@@ -384,9 +391,9 @@ def tokenize_pairs(pairs, tokenizer, max_length=0, max_prompt_length=0, orpo_rul
             raise DataError(f"{pair.source}: the prompt has no token of its own (it is empty, or its text merges "
                             "with the completions' first tokens and the tokenizer adds no BOS); give it one")
         longer = max(len(chosen_ids), len(rejected_ids))
-        # the released ORPO rule leaves a pair that fits whole, however long its prompt
-        fits = orpo_rule and max_length and max_prompt_length and len(prompt_ids) + longer <= max_length
-        if max_prompt_length and len(prompt_ids) > max_prompt_length and not fits:
+        # the released ORPO rule cuts only a pair that does not fit, however long its prompt
+        over = bool(max_length) and len(prompt_ids) + longer > max_length
+        if max_prompt_length and len(prompt_ids) > max_prompt_length and (over or not orpo_rule):
             prompt_ids = prompt_ids[-max_prompt_length:]
             stats["prompts_truncated"] += 1
         if max_length:

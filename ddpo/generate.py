@@ -19,12 +19,13 @@ those of plain sampling with the same seed.
 
 Speed: each prompt is run once and its KV cache repeated for its N samples; a step works on the top-k candidates
 only (top-p and min-p never reach past them; one logsumexp over the vocabulary gives their probabilities); a
-sample that has ended leaves the batch. Top-k keeps exactly k tokens (ties at the k-th are cut, where the earlier
-whole-vocabulary mask kept them). Models with plain causal attention decode in ddpo's segment attention, whose
+sample that has ended leaves the batch. Top-k keeps every token tied with the k-th logit, as Hugging Face's top-k
+does (bf16 logits tie there often). Models with plain causal attention decode in ddpo's segment attention, whose
 attention of a new token over the KV cache is two batched matmuls (models.cached_attention, faster than sdpa's CPU
 kernel at one query per row). The distribution is the same as before, but the draws are not: since 2026-11-23 a
 seed gives other samples than it did before (multinomial over k candidates, and over the rows still going), and
-since 2026-12-02 again (the attention's rounding under bf16, and batches of 32 prompts instead of 16).
+since 2026-12-02 again (the attention's rounding under bf16, and batches of 32 prompts instead of 16), and since
+2026-12-03 (the tied tokens at the k-th logit).
 The forwards run under bf16 autocast (fp32 weights, bf16 matmuls; sampling from fp32 logits) where bf16 matmuls are
 native (--dtype auto; 1.6x the tokens/s of fp32 on 2 AVX512-BF16 cores), else in fp32. The texts depend on the
 dtype: it is one of the settings (an output written before the setting existed was float32).
@@ -222,8 +223,9 @@ def batch_generator(s, index, device):
 
 
 BEFORE = {"dtype": "float32"}  # settings that outputs written before them had: every sample was fp32 until 2026-11-23
-SAMPLER = 3  # the version of the draws a seed gives: 2 since 2026-11-23 (top-k candidates, ended rows leave), 3 since
-# 2026-12-02 (cached decoding in segment attention: other rounding than sdpa's, so other draws under bf16)
+SAMPLER = 4  # the version of the draws a seed gives: 2 since 2026-11-23 (top-k candidates, ended rows leave), 3 since
+# 2026-12-02 (cached decoding in segment attention: other rounding than sdpa's, so other draws under bf16), 4 since
+# 2026-12-03 (top-k keeps the tokens tied with the k-th: another set, and more candidates a row)
 BATCH_PROMPTS = 32  # prompts per batch (x N rows): on 2 CPU cores 24 prompts in one batch of 96 rows sample 1.08x the
 # tokens/s of batches of 16 (bench/generate.py, 2026-12-02)
 

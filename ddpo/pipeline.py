@@ -23,7 +23,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 
 from ddpo import curves, evaluate, generate, prepare
@@ -191,10 +191,15 @@ def parse_args(argv=None):
     cfg = PipelineConfig(**vars(add_config_args(p, PipelineConfig, GROUPS).parse_args(argv)))
     if cfg.quick:  # sizes given on the command line win over --quick's
         cfg = PipelineConfig(**{**asdict(cfg), **{k: v for k, v in QUICK.items() if not given(argv, k)}})
+    train_flags = ["--" + f.name.replace("_", "-") for f in fields(trainer.TrainConfig)]
     for token in cfg.train_flags.split():  # what every arm sets itself would silently replace it in all of them
-        if (flag := token.split("=")[0]) in OWN_TRAIN_FLAGS:
-            p.error(f"argument --train-flags: {flag} is set by the pipeline for each arm"
-                    + (f"; use the pipeline's {OWN_TRAIN_FLAGS[flag]}" if OWN_TRAIN_FLAGS[flag] else ""))
+        flag = token.split("=")[0]
+        # ddpo.train reads a unique prefix of a flag as the flag (--los is --loss)
+        meant = [flag] if flag in train_flags else [f for f in train_flags if f.startswith(flag) and flag[2:]]
+        if len(meant) == 1 and meant[0] in OWN_TRAIN_FLAGS:
+            own = meant[0]
+            p.error(f"argument --train-flags: {own} is set by the pipeline for each arm"
+                    + (f"; use the pipeline's {OWN_TRAIN_FLAGS[own]}" if OWN_TRAIN_FLAGS[own] else ""))
     if cfg.eval_n == 1:
         p.error("argument --eval-n: diversity needs at least 2 samples per prompt (0 = --n)")
     if cfg.monitor_prompts > (held_out := len(prompt_lines("eval"))):

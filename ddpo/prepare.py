@@ -40,8 +40,8 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import (DataError, atomic_write, check_not_input, check_text, check_writable, in_range, pool_order,
-                       read_jsonl, remove_temporaries)
+from ddpo.data import (DataError, atomic_write, check_not_input, check_text, check_writable, finite_number, in_range,
+                       pool_order, read_jsonl, remove_temporaries)
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.malloc import keep_freed_memory
@@ -68,8 +68,9 @@ def read_input(path, scored_later):
         score_keys = ("chosen_score", "rejected_score") if kind == "pairs" else ("score",)
         scores = [rec.get(k) for k in score_keys]
         for k, s in zip(score_keys, scores):
-            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
-                raise DataError(f"{source}: {k} must be a finite number, got {s!r}")
+            if s is not None and not finite_number(s):
+                raise DataError(f"{source}: {k} must be a finite number, got "
+                                f"{s!r:.40}{'...' if len(repr(s)) > 40 else ''}")
             if s is None and kind == "pool" and not scored_later:
                 raise DataError(f"{source}: missing {k!r} (or pass --score proxy / reward-model:PATH)")
         texts = [rec["chosen"], rec["rejected"]] if kind == "pairs" else [rec["response"]]

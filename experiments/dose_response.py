@@ -24,9 +24,9 @@ import sys
 from ddpo import evaluate
 from ddpo import train as trainer
 from ddpo.checkpoint import checkpoint_path
-from ddpo.data import atomic_write
+from ddpo.data import DataError, atomic_write
 from ddpo.malloc import keep_freed_memory
-from ddpo.pipeline import first_prompts, make_pairs, parse_args, sample
+from ddpo.pipeline import first_prompts, make_pairs, parse_args, remote_code, sample
 
 WORK_DIR = os.path.join(os.path.expanduser("~"), "ddpo-runs", "dose")
 SIZED = ["--train-prompts", "48", "--n", "8", "--eval-prompts", "32", "--eval-n", "4", "--batch-size", "4"]
@@ -98,12 +98,13 @@ def main(argv=None):
         for steps in sorted(own.checkpoints):
             name = f"{dose}@{steps}"
             path = os.path.join(out, f"samples-{steps}.jsonl")
-            if not os.path.exists(path):
+            # while the stop's checkpoint is there, generate finishes a partial samples file (or does nothing)
+            if not os.path.exists(path) or os.path.exists(checkpoint_path(out, steps)):
                 sample(cfg, train_to(cfg, pairs, out, lr, beta, steps), heldout, path, cfg.eval_n)
             samples[name] = path
     # 3. every stop paired with the start model
     results = evaluate.run(evaluate.parse_args([*samples.values(), "--names", *samples, "--baseline", "start",
-                                                "--semantic-embedder", cfg.semantic_embedder,
+                                                "--semantic-embedder", cfg.semantic_embedder, *remote_code(cfg),
                                                 "--output-dir", os.path.join(cfg.work_dir, "eval")]))
     rows = [{"dose": name.split("@")[0], "steps": int(name.split("@")[1]),
              **{m: results[name]["vs_baseline"][m] for m in METRICS}} for name in samples if name != "start"]
@@ -126,4 +127,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -174,6 +174,7 @@ def test_truncation_keeps_prompt_end_and_completion_start(tiny_model_plain):
     ((200, 600, 500), (128, 384, 384), (128, 384, 384)),
     ((40, 472, 300), (40, 472, 300), (40, 472, 300)),  # exactly 512
     ((40, 473, 10), (40, 384, 10), (40, 472, 10)),
+    ((300, 100, 80), (300, 100, 80), (128, 100, 80)),  # the pair fits: the released rule keeps a 300-token prompt
 ])
 def test_orpo_truncation_follows_the_released_rule(tiny_model_plain, lengths, released, ours):
     """ORPO/DORPO as released (TRL 0.8's ORPO tokenisation, max_length 512, max_prompt_length 128): only a pair
@@ -231,3 +232,12 @@ def test_a_prompt_without_a_token_of_its_own_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"p.jsonl:2: the prompt has no token of its own"):
         tokenize_pairs(pairs, tokenizer)
     tokenize_pairs(pairs[:1], tokenizer)
+
+
+def test_orpo_rule_without_max_length_cuts_nothing(tiny_model_plain):
+    tok = load_tokenizer(tiny_model_plain)
+    row = {"prompt": "p" * 200, "chosen": "c" * 99, "rejected": "r" * 79}
+    for orpo_rule, prompt in ((True, 200), (False, 128)):
+        pairs = load_pairs(write_pairs(os.path.join(tempfile.mkdtemp(), "pairs.jsonl"), [row]))
+        tokenize_pairs(pairs, tok, 0, 128, orpo_rule)
+        assert len(pairs[0].prompt_ids) == prompt

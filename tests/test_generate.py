@@ -219,7 +219,7 @@ def test_resume_keeps_the_outputs_batches_and_refuses_to_finish_an_older_sampler
     main(common)  # complete: nothing is drawn
     assert out.read_text() == full
     out.write_text("".join(full.splitlines(keepends=True)[:3]))
-    with pytest.raises(SystemExit, match=r"s.jsonl: written by an earlier version of the sampler \(sampler 1, now 3\)"):
+    with pytest.raises(SystemExit, match=r"s.jsonl: written by an earlier version of the sampler \(sampler 1, now 4\)"):
         main(common)
 
 

@@ -103,6 +103,7 @@ def test_evidence_runs_every_arm_and_pools_the_seeds(tmp_path, tiny_model):
     (["--monitor-every", "0"], "argument --monitor-every: must be >= 1"),
     (["--train-flags", "--loss simpo"], "argument --train-flags: --loss is set by the pipeline for each arm"),
     (["--train-flags=--lora-r 4 --lr=1e-3"], "--lr is set by the pipeline for each arm; use the pipeline's --lr"),
+    (["--train-flags", "--los simpo"], "argument --train-flags: --loss is set by the pipeline for each arm"),
 ])
 def test_pipeline_flags_are_checked_at_parse_time(argv, message, capsys):
     from ddpo.pipeline import parse_args

@@ -346,3 +346,11 @@ def test_an_output_that_is_the_input_by_another_name_is_refused(tmp_path, monkey
     with pytest.raises(SystemExit, match=r"--output .*out.jsonl: is the input"):
         prep.main(["--input", source, "--output", str(tmp_path / "out.jsonl")])
     assert [json.loads(line) for line in open(source)] == POOL
+
+
+def test_a_score_beyond_float_range_is_a_file_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "load_embedder", no_model)
+    path = tmp_path / "in.jsonl"
+    path.write_text(GOOD + '{"prompt": "p", "response": "r", "score": -1' + "0" * 400 + "}\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl:3: score must be a finite number, got -1000"):
+        prep.main(["--input", str(path), "--output", str(tmp_path / "o.jsonl")])

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import ddpo.checkpoint as checkpoint_mod
 import ddpo.train as train_mod
-from ddpo.data import DataError, collate, collate_packed, load_pairs, tokenize_pairs
+from ddpo.data import DataError, collate, collate_packed, load_pairs, temporary_path, tokenize_pairs
 from ddpo.losses import LOSSES
 from ddpo.models import SEGMENT_ATTENTION, autocast_dtype, load_model, load_tokenizer, segment_attention, sequence_logps, use_segment_attention
 from ddpo.train import main, parse_args, train
@@ -766,14 +766,15 @@ def test_a_crafted_trainer_state_is_refused_and_never_run(tmp_path, tiny_model):
 
 def test_leftover_temporaries_are_removed_and_outputs_follow_the_umask(tmp_path, tiny_model, capsys):
     out = tmp_path / "run"
-    (out / ".tmp-checkpoint-3-0123456789abcdef").mkdir(parents=True)  # what kill -9 during a save and a write leave
+    saving = temporary_path(str(out / "checkpoint"))  # what kill -9 during a save and a write leave
+    os.makedirs(saving)
     (out / ".tmp-metrics.jsonl-0123456789abcdef").write_text("half")
     old = os.umask(0o027)
     try:
         run(tmp_path, tiny_model, "--max-steps", "1")
     finally:
         os.umask(old)
-    assert ".tmp-checkpoint-3-0123456789abcdef, .tmp-metrics.jsonl-0123456789abcdef" in capsys.readouterr().out
+    assert f"{os.path.basename(saving)}, .tmp-metrics.jsonl-0123456789abcdef" in capsys.readouterr().out
     assert not [p for p in out.rglob(".tmp-*")]
     modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*")}
     assert modes["checkpoint-1"] == 0o750 and modes["train_config.json"] == modes["metrics.jsonl"] == 0o640
@@ -857,7 +858,7 @@ def test_only_our_own_temporaries_are_removed_and_a_dangling_lock_link_is_an_err
     out = tmp_path / "run"
     (out / ".tmp-mine").mkdir(parents=True)  # a user's, whatever its name
     (out / ".tmp-mine" / "notes.txt").write_text("keep")
-    (out / ".tmp-checkpoint-3-0123456789abcdef").mkdir()  # what a killed run of ours left
+    os.makedirs(temporary_path(str(out / "checkpoint")))  # what a killed run of ours left
     (out / ".tmp-metrics.jsonl-0123456789abcdef").write_text("half")
     cfg, path = run(tmp_path, tiny_model, "--max-steps", "1")
     assert sorted(os.listdir(out)) == [".tmp-mine", "checkpoint-1", "metrics.jsonl", "train_config.json"]
@@ -882,6 +883,7 @@ def test_a_plan_of_no_step_and_a_resume_below_the_checkpoint_are_errors(tmp_path
 @pytest.mark.parametrize("line, error", [
     ("[" * 100000 + "]" * 100000, "JSON nested too deeply"),
     ('{"prompt": "p", "chosen": "c", "rejected": "r", "weight": 1' + "0" * 400 + "}", "must be finite"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r", "weight": 1' + "0" * 5000 + "}", "malformed JSON"),
 ])
 def test_hostile_json_is_a_file_line_error(tmp_path, line, error):
     path = tmp_path / "pairs.jsonl"
