@@ -121,6 +121,8 @@ def read_samples(path):
         if not isinstance(rec["response"], str):
             raise DataError(f"{source}: 'response' must be a string")
         key = str(rec.get("prompt_id", json.dumps(rec["prompt"])))
+        if key in prompts and prompts[key]["prompt"] != rec["prompt"]:  # 1 and "1" are one key: never two prompts
+            raise DataError(f"{source}: prompt_id {rec['prompt_id']!r} names another prompt than on an earlier line")
         prompts.setdefault(key, {"prompt": rec["prompt"], "responses": []})["responses"].append(rec["response"])
     if not prompts:
         raise DataError(f"{path}: no samples (the file is empty)")
@@ -341,9 +343,9 @@ def parse_args(argv=None):
 
 
 def check_names(names, samples):
-    files = [os.path.realpath(s) for s in samples]
+    files = [(os.stat(s).st_dev, os.stat(s).st_ino) if os.path.exists(s) else s for s in samples]
     for s, f in zip(samples, files):
-        if files.count(f) > 1:
+        if files.count(f) > 1:  # by any path, link or hard link
             raise DataError(f"{s}: the same samples file is given twice")
     if len(names) != len(samples):
         raise DataError(f"--names: {len(names)} names for {len(samples)} samples files")
