@@ -233,8 +233,23 @@ def read_jsonl(path):
                 yield f"{file}:{lineno}", record
 
 
+MAX_TEXT_CHARS = 4_000_000  # about a million tokens: beyond any context, and bounded before a tokenizer sees it
+
+
+def text_size(value):
+    """The characters of a string, or of a message list's contents."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(len(m["content"]) for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return 0
+
+
 def check_text(value, name, roles=None):
-    """A non-empty string, or a non-empty list of {"role", "content"} messages. Returns an error or None."""
+    """A non-empty string, or a non-empty list of {"role", "content"} messages, of at most MAX_TEXT_CHARS
+    characters. Returns an error or None."""
+    if (size := text_size(value)) > MAX_TEXT_CHARS:
+        return f"field {name!r} has {size:,} characters, over the {MAX_TEXT_CHARS:,} ddpo reads"
     if isinstance(value, str):
         return None if value.strip() else f"field {name!r} is empty"
     if isinstance(value, list):

@@ -25,6 +25,9 @@ from ddpo.distributed import print0
 from ddpo.models import check_model_path, load_weights, quiet_transformers, resolve
 
 
+CHARS_PER_TOKEN = 64  # the first max_length tokens of any but a pathological text lie in max_length x 64 chars
+
+
 class Encoder:
     """A transformers encoder with mean pooling over real tokens and L2 normalisation, batched, truncated.
 
@@ -62,6 +65,8 @@ class Encoder:
 
     @torch.no_grad()
     def __call__(self, texts):
+        # only the first max_length tokens count: cut runaway texts before the tokenizer sees them whole
+        texts = [t[:self.max_length * CHARS_PER_TOKEN] for t in texts]
         out = []
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,

@@ -897,3 +897,10 @@ def test_weights_made_non_finite_by_the_update_are_never_saved(tmp_path, tiny_mo
     with pytest.raises(SystemExit, match=r"step 1: the update made weights non-finite; stopped before its checkpoint"):
         run(tmp_path, tiny_model, "--max-steps", "1", "--lr", "1e308", "--max-grad-norm", "0")
     assert not [p for p in (tmp_path / "run").glob("checkpoint-*")]
+
+
+def test_a_text_over_the_size_ddpo_reads_is_a_file_line_error(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_PAIRS + json.dumps({"prompt": "p", "chosen": "c" * 4_000_001, "rejected": "r"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: field 'chosen' has 4,000,001 characters, over the 4,000,000"):
+        load_pairs(str(path))
