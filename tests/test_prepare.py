@@ -354,3 +354,32 @@ def test_a_score_beyond_float_range_is_a_file_line_error(tmp_path, monkeypatch):
     path.write_text(GOOD + '{"prompt": "p", "response": "r", "score": -1' + "0" * 400 + "}\n")
     with pytest.raises(SystemExit, match=r"in.jsonl:3: score must be a finite number, got -1000"):
         prep.main(["--input", str(path), "--output", str(tmp_path / "o.jsonl")])
+
+
+def released_gap(scores, rng, gap):
+    """The released gap pairing as written: rebuild the candidate lists every round."""
+    unused, pairs = set(range(len(scores))), []
+    while True:
+        candidates = [(i, j) for i in sorted(unused) for j in sorted(unused) if i < j and scores[i] != scores[j]]
+        wide = [(i, j) for i, j in candidates if abs(scores[i] - scores[j]) >= gap]
+        if not candidates:
+            return pairs
+        i, j = rng.choice(wide or candidates)
+        unused -= {i, j}
+        pairs.append((i, j) if scores[i] > scores[j] else (j, i))
+
+
+def test_gap_pairing_draws_exactly_as_the_released_loop():
+    import random
+
+    for seed in range(40):
+        r = random.Random(seed)
+        n = r.randint(0, 24)
+        scores = [r.choice([r.randint(-3, 8), r.uniform(-3, 8)]) for _ in range(n)]  # ties, ints and floats
+        for gap in (0.0, 1.0, 2.5, 100.0):
+            assert prep.pair_gap(scores, random.Random(seed), gap) == released_gap(scores, random.Random(seed), gap)
+    r = random.Random(1)
+    scores = [r.randint(0, 50) for _ in range(3000)]  # 3,000 responses (the released loop: over 5 minutes)
+    pairs = prep.pair_gap(scores, random.Random(0), 5.0)
+    assert len(pairs) >= 1400 and len({i for p in pairs for i in p}) == 2 * len(pairs)
+    assert all(scores[c] > scores[r] for c, r in pairs)
