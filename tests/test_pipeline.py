@@ -141,3 +141,9 @@ def test_dose_response_stops_resumes_and_reads_against_the_start_model(tmp_path,
     stamp = os.path.getmtime(run / "samples-2.jsonl")
     dose.main(args)
     assert os.path.getmtime(run / "samples-2.jsonl") == stamp and "resumed from" not in capsys.readouterr().out
+
+
+def test_a_stage_error_is_one_line_not_a_traceback(tmp_path, tiny_model):
+    with pytest.raises(SystemExit, match=r"^error: --semantic-embedder \./no/such: no such directory"):
+        main(["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "./no/such",
+              "--dtype", "float32"])
