@@ -62,6 +62,8 @@ def plot(rows, path):
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"lr:beta {dose}")
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        ax.set_xticks(sorted({r["steps"] for r in rows}), [str(x) for x in sorted({r["steps"] for r in rows})])
+        ax.minorticks_off()
         ax.set_xlabel("DPO steps")
         ax.set_title(f"{m}: DPO - start (paired 95%)")
     axes[0].legend()
