@@ -245,11 +245,18 @@ def text_size(value):
     return 0
 
 
+def check_size(value, name):
+    """A text (string or message list) of at most MAX_TEXT_CHARS characters. Returns an error or None."""
+    if (size := text_size(value)) > MAX_TEXT_CHARS:
+        return f"field {name!r} has {size:,} characters, over the {MAX_TEXT_CHARS:,} ddpo reads"
+    return None
+
+
 def check_text(value, name, roles=None):
     """A non-empty string, or a non-empty list of {"role", "content"} messages, of at most MAX_TEXT_CHARS
     characters. Returns an error or None."""
-    if (size := text_size(value)) > MAX_TEXT_CHARS:
-        return f"field {name!r} has {size:,} characters, over the {MAX_TEXT_CHARS:,} ddpo reads"
+    if (problem := check_size(value, name)):
+        return problem
     if isinstance(value, str):
         return None if value.strip() else f"field {name!r} is empty"
     if isinstance(value, list):

@@ -40,7 +40,7 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import (MAX_TEXT_CHARS, DataError, atomic_write, check_not_input, check_text, check_writable,
+from ddpo.data import (DataError, atomic_write, check_not_input, check_size, check_text, check_writable,
                        finite_number, in_range, pool_order, read_jsonl, remove_temporaries)
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
@@ -77,8 +77,8 @@ def read_input(path, scored_later):
         for t in texts:
             if not isinstance(t, str):
                 raise DataError(f"{source}: responses must be strings, got {type(t).__name__}")
-            if len(t) > MAX_TEXT_CHARS:
-                raise DataError(f"{source}: a response of {len(t):,} characters, over the {MAX_TEXT_CHARS:,} ddpo reads")
+            if (problem := check_size(t, "response")):  # empty ones are dropped below, long ones refused
+                raise DataError(f"{source}: {problem}")
         if any(not t.strip() for t in texts):
             dropped["empty"] += 1
             continue

@@ -53,6 +53,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    stops = sorted({r["steps"] for r in rows})
     for ax, m in zip(axes, METRICS):
         for dose in dict.fromkeys(r["dose"] for r in rows):
             mine = [r for r in rows if r["dose"] == dose]
@@ -62,7 +63,7 @@ def plot(rows, path):
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"lr:beta {dose}")
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xticks(sorted({r["steps"] for r in rows}), [str(x) for x in sorted({r["steps"] for r in rows})])
+        ax.set_xticks(stops, [str(x) for x in stops])
         ax.minorticks_off()
         ax.set_xlabel("DPO steps")
         ax.set_title(f"{m}: DPO - start (paired 95%)")

@@ -65,6 +65,21 @@ STORIES = [
 ]
 
 
+def make_tiny_encoder(path, words):
+    """A 1-layer BERT over a word-level vocabulary ([PAD], [UNK], then `words`), saved with its tokenizer to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    return str(path)
+
+
 def write_jsonl(path, rows):
     """One line per row: a dict as JSON, a string as it is (to write broken lines)."""
     with open(path, "w") as f:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import make_tiny_encoder
 
 from ddpo.embedders import Encoder, Stylometric
 
@@ -16,17 +17,7 @@ def test_stylometric_ignores_content_and_sees_style():
 
 
 def test_encoder_pools_real_tokens_only_and_truncates(tmp_path):
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]"] + "a b c d e f g h".split())}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(tmp_path)
-    enc = Encoder(str(tmp_path), device="cpu", batch_size=2, max_length=6)
+    enc = Encoder(make_tiny_encoder(tmp_path, "a b c d e f g h".split()), device="cpu", batch_size=2, max_length=6)
     alone = enc(["a b"])
     batched = enc(["a b", "c d e f g h a b c d e"])  # the long text pads the short one and is truncated
     torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
@@ -37,17 +28,7 @@ def test_encoder_pools_real_tokens_only_and_truncates(tmp_path):
 def test_encoder_cuts_a_runaway_text_before_tokenizing_it(tmp_path, monkeypatch):
     """Only the first max_length tokens count, so a 6 MB text embeds as its start, and the tokenizer never sees it
     whole (a 50 MB text used to take the tokenizer past 8 GB)."""
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]"] + "a b c".split())}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(tmp_path)
-    enc = Encoder(str(tmp_path), device="cpu", max_length=8)
+    enc = Encoder(make_tiny_encoder(tmp_path, "a b c".split()), device="cpu", max_length=8)
     seen = []
     tokenize = enc.tokenizer.__class__.__call__
     monkeypatch.setattr(enc.tokenizer.__class__, "__call__", lambda self, texts, **k: (

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_tiny_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,9 +30,7 @@ def test_the_repo_root_does_not_shadow_the_pypi_kernels():
 
 
 def test_every_model_loads_without_hub_kernels(tmp_path, monkeypatch, tiny_model):
-    from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForSequenceClassification, PreTrainedModel,
-                              PreTrainedTokenizerFast)
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedModel
 
     from ddpo.embedders import Encoder
     from ddpo.models import load_model, load_tokenizer
@@ -43,13 +42,7 @@ def test_every_model_loads_without_hub_kernels(tmp_path, monkeypatch, tiny_model
     monkeypatch.setattr(PreTrainedModel, "set_use_kernels", lambda self, use, *a, **k: asked.append(use))
     load_model(tiny_model)
     # an encoder (the embedders) and a sequence classifier (the reward model), built from configs
-    backend = Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "[UNK]": 1, "a": 2}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    encoder = tmp_path / "encoder"
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(encoder)
-    BertModel(BertConfig(vocab_size=3, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=16, max_position_embeddings=16)).save_pretrained(encoder)
-    Encoder(str(encoder), device="cpu")
+    Encoder(make_tiny_encoder(tmp_path / "encoder", ["a"]), device="cpu")
     reward, tokenizer = tmp_path / "reward", load_tokenizer(tiny_model)
     config = LlamaConfig.from_pretrained(tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
