@@ -37,7 +37,6 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
-
 from ddpo_kernels.logprobs import IGNORE_INDEX
 
 
@@ -569,39 +568,22 @@ def response_pools(pairs):
     return texts, torch.tensor(text_prompt), torch.tensor(pair_prompt), torch.tensor(pair_chosen)
 
 
-def micro_batches(n_pairs, batch_size, seed, epoch, pair_prompt=None):
-    """Pair indices of each micro-batch of an epoch, in order.
-
-    Without pair_prompt: the seeded shuffle cut into batch_size pieces. With it (in-step deviation), whole prompts:
-    prompts are shuffled and packed so that every pair of a prompt sits in one micro-batch (a prompt with more than
-    batch_size pairs fills one alone), since a prompt's deviation needs its whole pool.
-    """
-    if pair_prompt is None:
-        order = epoch_order(n_pairs, seed, epoch)
-        return [order[i:i + batch_size] for i in range(0, n_pairs, batch_size)]
-    members = [[] for _ in range(int(pair_prompt.max()) + 1)]
-    for i, g in enumerate(pair_prompt.tolist()):
-        members[g].append(i)
-    batches, current = [], []
-    for g in epoch_order(len(members), seed, epoch):
-        if current and len(current) + len(members[g]) > batch_size:
-            batches.append(current)
-            current = []
-        current += members[g]
-    return batches + [current] if current else batches
+def micro_batches(n_pairs, batch_size, seed, epoch):
+    """Pair indices of each micro-batch of an epoch, in order: the seeded shuffle cut into batch_size pieces."""
+    order = epoch_order(n_pairs, seed, epoch)
+    return [order[i:i + batch_size] for i in range(0, n_pairs, batch_size)]
 
 
-def optimizer_steps(n_pairs, batch_size, per_step, seed, epochs=0.0, max_steps=0, pair_prompt=None):
+def optimizer_steps(n_pairs, batch_size, per_step, seed, epochs=0.0, max_steps=0):
     """Every optimiser step of a run, in order: (epoch position, micro-batches), per_step micro-batches a step.
 
-    Epochs are planned one by one because their lengths differ when micro-batches hold whole prompts (the shuffle of
-    prompts changes how they pack), so every pair is trained exactly once per epoch. max_steps > 0 runs that many
+    Every pair is trained exactly once per epoch, each epoch in its own seeded order. max_steps > 0 runs that many
     steps (over as many epochs as needed); else `epochs`, whose fractional last epoch is cut to its first steps.
     The epoch position of a step is epoch + (steps done in it) / (its steps), e.g. 1.5 halfway through the second.
     """
     steps, epoch = [], 0
     while (len(steps) < max_steps) if max_steps else (epoch < epochs):
-        batches = micro_batches(n_pairs, batch_size, seed, epoch, pair_prompt)
+        batches = micro_batches(n_pairs, batch_size, seed, epoch)
         epoch_steps = [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
         full = len(epoch_steps)
         if not max_steps and epoch + 1 > epochs:  # rounded first: (1.1 - 1) * 10 is 1.0000000000000009, not 1

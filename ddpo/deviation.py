@@ -20,8 +20,10 @@ against float noise: without it, identical responses whose deviations differ by 
 import math
 
 import torch
-
-from ddpo_kernels.deviation_loss import EQUAL_TOL  # one tolerance for the offline path, the kernel and its reference
+from ddpo_kernels.deviation_loss import (  # one tolerance for the offline path, the kernel and its reference
+    EQUAL_TOL,
+    deviation_loss,
+)
 
 METRICS = {"none": [], "semantic": ["semantic"], "style": ["style"], "both": ["semantic", "style"]}  # --deviation
 
@@ -69,3 +71,11 @@ def deviation_weights(embeddings_per_metric, group):
 def chosen_weights(weights, chosen_index, min_weight=0.0):
     """Weights of the chosen responses, clamped from below (the paper's minimum-weight ablation, on *chosen*)."""
     return weights[chosen_index].clamp(min=min_weight)
+
+
+def kernel_weights(embeddings, group, chosen_index, min_weight=0.0, use_triton=None):
+    """The chosen weights (B,) by the fused kernel (kernels/deviation_loss.py: Triton on CUDA, its fp64 PyTorch
+    reference elsewhere), one launch over every pool; its loss, of zero logits here, is not used. Equal to
+    chosen_weights(deviation_weights(...)) (tested)."""
+    zeros = torch.zeros(chosen_index.shape, device=chosen_index.device)
+    return deviation_loss(zeros, embeddings, group, chosen_index, min_weight, use_triton=use_triton)[2]

@@ -4,7 +4,7 @@
     embed = load_embedder("stylometric")                  # style, offline stand-in
     embed = load_embedder("jinaai/jina-embeddings-v3", trust_remote_code=True)   # the paper's semantic embedder
     e = embed(["a story", "another story"])               # (2, D), float32, rows of norm 1
-    pools = InStepDeviation(pairs, {"semantic": "packaged:all-minilm-l6-v2"}, 0.0, device)   # ddpo.train --deviation
+    w = pool_weights(pairs, [embed])                       # each pair's chosen weight, from its prompt's pool
 
 Encoder: any transformers encoder by hub name or path, mean pooling over real tokens (semantic: the paper's
 jinaai/jina-embeddings-v3, offline `packaged:all-minilm-l6-v2`; style: AnnaWegmann/Style-Embedding). Stylometric,
@@ -20,10 +20,8 @@ import re
 import torch
 
 from ddpo.data import DataError, response_pools
-from ddpo.deviation import chosen_weights, deviation_weights
-from ddpo.distributed import print0
+from ddpo.deviation import kernel_weights
 from ddpo.models import check_model_path, load_weights, quiet_transformers, resolve
-
 
 CHARS_PER_TOKEN = 64  # the first max_length tokens of any but a pathological text lie in max_length x 64 chars
 
@@ -134,26 +132,10 @@ def check_embedder(name_or_path, flag):
         check_model_path(name_or_path, flag)
 
 
-class InStepDeviation:
-    """ddpo.train --deviation: the embeddings of every prompt's pool, computed once before training; hands the fused
-    kernel the pools of a micro-batch's prompts. names: {metric: embedder name} in deviation.METRICS order."""
-
-    def __init__(self, pairs, names, min_weight, device, trust_remote_code=False):
-        texts, self.text_prompt, self.pair_prompt, self.pair_chosen = response_pools(pairs)
-        print0(f"embedding {len(texts)} responses of {int(self.pair_prompt.max()) + 1} prompts "
-               f"({', '.join(names.values())})", flush=True)
-        embeddings = [load_embedder(name, trust_remote_code=trust_remote_code)(texts) for name in names.values()]
-        weights, _ = deviation_weights(embeddings, self.text_prompt)  # what the kernel computes, for DORPO's step mean
-        self.chosen_weights = chosen_weights(weights, self.pair_chosen, min_weight).float()
-        self.embeddings = [e.to(device) for e in embeddings]
-        self.device = device
-
-    def __call__(self, batch):
-        """(embeddings [K x (M, D_k)], group (M,), chosen index (B,)) of the pools of the pairs at positions batch."""
-        prompts = self.pair_prompt[batch].unique()
-        rows = torch.isin(self.text_prompt, prompts).nonzero()[:, 0]  # every response of these prompts
-        local = torch.full_like(self.text_prompt, -1)
-        local[rows] = torch.arange(len(rows))
-        group = torch.searchsorted(prompts, self.text_prompt[rows])
-        chosen = local[self.pair_chosen[batch]]
-        return [e[rows.to(self.device)] for e in self.embeddings], group.to(self.device), chosen.to(self.device)
+def pool_weights(pairs, embed, min_weight=0.0, use_triton=None):
+    """The chosen weight (P,) of each pair from its prompt's pool (the texts of the prompt's pairs, data.response_pools)
+    embedded by each of `embed` (loaded embedders, deviation.METRICS order): the fused kernel's weights, once per set
+    of pools (ddpo.train --deviation: the run's pairs; ddpo.online: each round's). Equal to ddpo.prepare's (tested)."""
+    texts, text_prompt, _, pair_chosen = response_pools(pairs)
+    embeddings = [e(texts) for e in embed]
+    return kernel_weights(embeddings, text_prompt, pair_chosen, min_weight, use_triton).float()

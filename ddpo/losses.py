@@ -3,7 +3,6 @@ a micro-batch.
 
     losses, chosen_rewards, rejected_rewards = ddpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, chosen_weights=w)
     losses, chosen_rewards, rejected_rewards = ipo_loss(pi_c, pi_r, ref_c, ref_r, 0.1, chosen_counts, rejected_counts)
-    losses, chosen_rewards, rejected_rewards, w = deviation_dpo_loss(pi_c, pi_r, ref_c, ref_r, 0.1, embs, group, chosen)
     out = LOSSES["dd-ipo"].objective(logps, weights, hparams)     # Objective(losses, rewards, weights, metrics)
 
 The losses with a reference share DPO's signature (policy chosen, policy rejected, reference chosen, reference
@@ -14,11 +13,9 @@ with sum(losses) / B_global, where B_global is the number of pairs in the optimi
 accumulation exact (docs/method.md, section 3).
 
 Every loss has a deviation-weighted twin in LOSSES: ddpo and dorpo (the paper's), and dd-<loss> for the others
-(dd-ipo, dd-hinge, dd-robust, dd-cdpo, dd-simpo, dd-rpo, dd-sft). The twins take the chosen
-weights either precomputed (ddpo.prepare's `weight`) or computed in the step from the embeddings of the pairs'
-pools (kernels/deviation_loss.py). DDPO and DORPO fuse the weights and their -logsigmoid into one kernel
-(deviation_dpo_loss, deviation_dorpo_loss); the dd-<loss> twins take the kernel's weights and multiply each pair's
-loss by them, w_b * L_b (deviation_weighted). Both ways give the same loss as the precomputed weights (tested).
+(dd-ipo, dd-hinge, dd-robust, dd-cdpo, dd-simpo, dd-rpo, dd-sft). A twin multiplies each pair's loss by the chosen
+weight it is given, w_b * L_b (DORPO's released form: inside the sigmoid); the weights are computed once, before
+training, by ddpo.prepare or ddpo/step.py: chosen_weights, never in the loss.
 
 Papers (the equation each loss implements is cited on its line):
   DPO     Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290
@@ -41,8 +38,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-from ddpo_kernels.deviation_loss import deviation_loss
 
 
 def dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
@@ -68,21 +63,6 @@ def ddpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )
     return chosen_weights * losses, chosen_rewards, rejected_rewards  # Chung et al. 2025, DDPO objective: delta_w * L_DPO
-
-
-def deviation_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                       embeddings, group, chosen_index, min_weight=0.0, use_triton=None):
-    """DDPO with in-step deviation: ddpo_loss with the chosen weights computed from the pools' embeddings
-    (kernels/deviation_loss.py: embeddings [K x (M, D_k)], group (M,), chosen_index (B,), clamped at min_weight).
-
-    Returns (losses, chosen_rewards, rejected_rewards, chosen_weights).
-    """
-    logits, chosen_rewards, rejected_rewards = dpo_logits(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
-    losses, _, w = deviation_loss(logits, embeddings, group, chosen_index, min_weight, weight_inside=False,
-                                  use_triton=use_triton)
-    return losses, chosen_rewards, rejected_rewards, w
 
 
 def logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
@@ -224,20 +204,6 @@ def dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, la
     return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach()
 
 
-def deviation_dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, lam, embeddings, group,
-                         chosen_index, form="released", min_weight=0.0, weights_mean=None, use_triton=None):
-    """DORPO with in-step deviation: dorpo_loss with the chosen weights computed from the pools' embeddings and the
-    odds term fused (kernels/deviation_loss.py: softplus(-w_b Delta_b) released, w_b softplus(-Delta_b) per-example).
-
-    Returns (losses, chosen_rewards, rejected_rewards, log_odds, chosen_weights).
-    """
-    log_odds = log_odds_ratio(policy_chosen_logps, policy_rejected_logps)
-    odds_losses, _, w = deviation_loss(log_odds, embeddings, group, chosen_index, min_weight,
-                                       weight_inside=form == "released", use_triton=use_triton)
-    losses = dorpo_nll_weight(w, form, weights_mean) * at_least_fp32(policy_chosen_nll) + lam * odds_losses
-    return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach(), log_odds.detach(), w
-
-
 def sft_loss(policy_chosen_logps):
     """SFT on the chosen responses: logps (B,) are *mean* per-token log-probs; returns the per-pair NLL (B,)."""
     return -at_least_fp32(policy_chosen_logps)  # -1/|y| sum_t log pi(y_t | x, y_<t), averaged per response as ORPO's NLL
@@ -286,13 +252,8 @@ def dpo_objective(logps, weights, hp, **_):
                      logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps))
 
 
-def ddpo_objective(logps, weights, hp, deviation=None, use_triton=None, **_):
-    """Weights from the data, or (`deviation` = embeddings, group, chosen index of the pools) from the fused kernel."""
-    if deviation is None:
-        losses, chosen_rewards, rejected_rewards = ddpo_loss(*dpo_args(logps, hp), chosen_weights=weights)
-    else:
-        losses, chosen_rewards, rejected_rewards, weights = deviation_dpo_loss(
-            *dpo_args(logps, hp), *deviation, min_weight=hp.min_weight, use_triton=use_triton)
+def ddpo_objective(logps, weights, hp, **_):
+    losses, chosen_rewards, rejected_rewards = ddpo_loss(*dpo_args(logps, hp), chosen_weights=weights)
     return Objective(losses, chosen_rewards, rejected_rewards, weights,
                      logps_metrics(logps.policy_chosen_logps, logps.policy_rejected_logps))
 
@@ -311,16 +272,11 @@ def orpo_objective(logps, weights, hp, **_):
                      odds_metrics(chosen_mean, rejected_mean, log_odds))
 
 
-def dorpo_objective(logps, weights, hp, deviation=None, weights_mean=None, use_triton=None, **_):
+def dorpo_objective(logps, weights, hp, weights_mean=None, **_):
     """`weights_mean`: the mean chosen weight of the whole optimiser step (the released form's NLL weight)."""
     chosen_mean, rejected_mean = mean_logps(logps)
-    if deviation is None:
-        losses, chosen_rewards, rejected_rewards, log_odds = dorpo_loss(
-            chosen_mean, rejected_mean, -chosen_mean, hp.orpo_lambda, weights, hp.dorpo_form, weights_mean)
-    else:
-        losses, chosen_rewards, rejected_rewards, log_odds, weights = deviation_dorpo_loss(
-            chosen_mean, rejected_mean, -chosen_mean, hp.orpo_lambda, *deviation, form=hp.dorpo_form,
-            min_weight=hp.min_weight, weights_mean=weights_mean, use_triton=use_triton)
+    losses, chosen_rewards, rejected_rewards, log_odds = dorpo_loss(
+        chosen_mean, rejected_mean, -chosen_mean, hp.orpo_lambda, weights, hp.dorpo_form, weights_mean)
     return Objective(losses, chosen_rewards, rejected_rewards, weights, odds_metrics(chosen_mean, rejected_mean, log_odds))
 
 
@@ -368,19 +324,9 @@ def simpo_objective(logps, weights, hp, **_):
                       logps_metrics(chosen_mean, rejected_mean))
 
 
-def in_step_weights(embeddings, group, chosen_index, min_weight=0.0, use_triton=None):
-    """The chosen weights (B,) of in-step deviation: the weights output of the fused kernel (kernels/deviation_loss.py;
-    its loss, of zero logits here, is not used), clamped at min_weight."""
-    zeros = torch.zeros(chosen_index.shape, device=chosen_index.device)
-    return deviation_loss(zeros, embeddings, group, chosen_index, min_weight, use_triton=use_triton)[2]
-
-
 def deviation_weighted(objective):
-    """The deviation-weighted twin of an objective: each pair's loss times its chosen weight, the data's or (with
-    `deviation` = embeddings, group, chosen index of the pools) computed in the step."""
-    def weighted_objective(logps, weights, hp, deviation=None, use_triton=None, **_):
-        if deviation is not None:
-            weights = in_step_weights(*deviation, min_weight=hp.min_weight, use_triton=use_triton)
+    """The deviation-weighted twin of an objective: each pair's loss times its chosen weight."""
+    def weighted_objective(logps, weights, hp, **_):
         out = objective(logps, weights, hp)
         losses = weights * out.losses  # Chung et al. 2025: delta_w * L, the weight outside the pair's loss
         return out._replace(losses=losses, chosen_weights=weights)
@@ -398,9 +344,9 @@ def odds_metrics(chosen_mean, rejected_mean, log_odds):
 
 @dataclass(frozen=True)
 class Loss:
-    objective: Callable  # (Logps, chosen weights (B,), hparams, deviation=, weights_mean=, use_triton=) -> Objective
+    objective: Callable  # (Logps, chosen weights (B,), hparams, weights_mean=) -> Objective
     reference: bool = False  # needs reference log-probs
-    weighted: bool = False  # takes chosen weights: the data's `weight`, or deviation computed in the step
+    weighted: bool = False  # takes chosen weights: the data's `weight`, or its pools' deviation
     rejected: bool = True  # runs the rejected responses
     truncation: tuple = (0, 0)  # the released code's (max_length, max_prompt_length); 0 = off
     orpo_rule: bool = False  # truncated by the released ORPO rule (ddpo/data.py), not the DPO one
@@ -408,7 +354,7 @@ class Loss:
 
 LOSSES = {  # --loss: each loss, then its deviation-weighted twin
     "dpo": Loss(dpo_objective, reference=True),
-    "ddpo": Loss(ddpo_objective, reference=True, weighted=True),  # the weights and -logsigmoid fused in one kernel
+    "ddpo": Loss(ddpo_objective, reference=True, weighted=True),
     "ipo": Loss(ipo_objective, reference=True),
     "dd-ipo": Loss(deviation_weighted(ipo_objective), reference=True, weighted=True),
     "hinge": Loss(hinge_objective, reference=True),

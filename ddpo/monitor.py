@@ -13,9 +13,9 @@ objective of one step holding every held-out pair, without gradient or update, u
 prefix: eval_loss, eval_rewards/chosen, eval_rewards/rejected, eval_rewards/margins, eval_rewards/accuracies,
 eval_logps/chosen, eval_logps/rejected (ORPO/DORPO also eval_nll_loss, eval_log_odds_ratio) and
 eval_weights/mean, /min, /max. The pairs are tokenised and truncated as the training pairs and run in micro-batches
-of --batch-size through train's micro_batch. Their weights are their own data's (--weight-field, --min-weight); with
---deviation, the deviation weights of their own pools (each prompt's held-out texts, embedded once at start), which
-the in-step kernel would compute for them; DORPO (released) takes the mean over all held-out pairs. Reference
+of --batch-size through ddpo/step.py's micro_batch. Their weights are their own data's (--weight-field,
+--min-weight); with --deviation, the deviation weights of their own pools (each prompt's held-out texts, embedded
+once at start, step.chosen_weights); DORPO (released) takes the mean over all held-out pairs. Reference
 log-probs come from the training reference (with --precompute-ref they are cached too, before the copy is freed).
 
 Sampled diversity (--eval-prompts, ddpo.generate's prompts format): the policy samples --eval-samples responses for
@@ -64,12 +64,12 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from ddpo import evaluate, generate
+from ddpo import evaluate, generate, step
 from ddpo.checkpoint import SAMPLES_DIR
 from ddpo.config import given
 from ddpo.data import DataError, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
-from ddpo.embedders import InStepDeviation, check_embedder, load_embedder
+from ddpo.embedders import check_embedder, load_embedder
 from ddpo.losses import LOSSES
 from ddpo.models import autocast_context, check_model_path, use_segment_attention
 from ddpo.quality import load_scorer, scorer_spec
@@ -177,12 +177,10 @@ def sampling_mode(model):
 class Monitor:
     """The evaluations of a run (module docstring). `after_step` runs one when it is due."""
 
-    def __init__(self, cfg, held_out, rank, world, device, tokenizer, policy, policy_logps, ref, autocast_dtype,
-                 micro_batch, pair_weights, embedders):
-        """micro_batch, pair_weights: train's (cfg bound); embedders: train's {metric: name} of --deviation. Built
-        before --precompute-ref frees the reference copy, whose held-out log-probs it caches too."""
+    def __init__(self, cfg, held_out, rank, world, device, tokenizer, policy, policy_logps, ref, autocast_dtype):
+        """Built before --precompute-ref frees the reference copy, whose held-out log-probs it caches too."""
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        self.tokenizer, self.policy, self.policy_logps, self.micro_batch = tokenizer, policy, policy_logps, micro_batch
+        self.tokenizer, self.policy, self.policy_logps = tokenizer, policy, policy_logps
         self.autocast, self.dtype = autocast_context(device, autocast_dtype), autocast_dtype
         self.pairs, self.prompts = held_out.pairs, held_out.prompts
         if self.pairs:
@@ -190,8 +188,7 @@ class Monitor:
                                    LOSSES[cfg.loss].orpo_rule)
             print0(f"eval data: {stats['pairs']} pairs from {cfg.eval_data}; truncated {stats['prompts_truncated']} "
                    f"prompts and {stats['completions_truncated']} completions", flush=True)
-            self.weights = (InStepDeviation(self.pairs, embedders, cfg.min_weight, device, cfg.trust_remote_code)
-                            .chosen_weights if embedders else pair_weights(self.pairs))  # the held-out pools' own
+            self.weights = step.chosen_weights(cfg, self.pairs)  # the held-out pools' own
             self.ref = Reference(ref.logps, ref.lora) if ref else None  # its own cache: indices are held-out pairs
             if self.ref and cfg.precompute_ref:
                 with self.autocast():
@@ -241,9 +238,9 @@ class Monitor:
         sums, used = {}, []
         for batch in rank_share(batches, self.rank, self.world):  # None: a pass to discard, as many passes per rank
             with self.autocast():
-                out, metrics, _ = self.micro_batch(self.policy_logps, self.ref, self.pairs, batch or batches[0],
-                                                self.weights, self.tokenizer.pad_token_id, self.device,
-                                                weights_mean=weights_mean)
+                out, metrics, _ = step.micro_batch(self.cfg, self.policy_logps, self.ref, self.pairs,
+                                                   batch or batches[0], self.weights, self.tokenizer.pad_token_id,
+                                                   self.device, weights_mean=weights_mean)
             if batch is not None:
                 used.append(out.chosen_weights.float().cpu())
                 for key, value in metrics.items():

@@ -2,7 +2,7 @@
 RPO and SFT, each with its deviation-weighted twin (dd-ipo, dd-hinge, dd-robust, dd-cdpo, dd-simpo, dd-rpo, dd-sft).
 
     python -m ddpo.train --data pairs.jsonl --loss ddpo --output-dir runs/ddpo
-    python -m ddpo.train --data pairs.jsonl --loss dd-ipo --deviation both --output-dir runs/dd-ipo   # in-step weights
+    python -m ddpo.train --data pairs.jsonl --loss dd-ipo --deviation both --output-dir runs/dd-ipo   # weights from the pools
     python -m ddpo.train --data pairs.jsonl --loss simpo --beta 2.0 --simpo-gamma 0.5 --output-dir runs/simpo
     python -m ddpo.train --data pairs.jsonl --loss dorpo --dorpo-form per-example --model HuggingFaceTB/SmolLM2-135M-Instruct
     python -m ddpo.train --data pairs.jsonl --output-dir runs/ddpo --resume      # continue from the newest checkpoint
@@ -24,7 +24,8 @@ log-probs with the fused head (kernels/logprobs.py: Triton on CUDA, chunked PyTo
 tensor). The losses with a reference (DPO, IPO, hinge, robust, cDPO, RPO and their twins) take reference log-probs
 from a frozen copy of the starting model in the same layout (ddpo/reference.py). The objective of --loss and what it
 needs come from the table ddpo.losses.LOSSES; a weighted loss (ddpo, dorpo, dd-*) multiplies each pair's loss by its
-chosen weight: the data's 'weight' (--weight-field), or computed in the step with --deviation. Every loss is
+chosen weight, computed once before training: the data's 'weight' (--weight-field), or with --deviation from the
+embeddings of each prompt's pool (ddpo/step.py: chosen_weights). The step itself is ddpo/step.py's. Every loss is
 sum(per-pair losses) / (pairs in the step), so accumulation is exact. Dropout is off. With --fused-loss (default)
 the head computes each group of pairs' loss and its gradients in its forward (the logits once, not again in the
 backward); --no-fused-loss runs the head and then the loss, the same numbers (tested).
@@ -52,7 +53,6 @@ to run the same arithmetic.
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -62,23 +62,19 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from ddpo.checkpoint import open_output_dir, output_lock, restore, save
+from ddpo.checkpoint import open_output_dir, output_lock, restore
 from ddpo.config import add_config_args
-from ddpo.data import (DataError, atomic_write, check_output_dir, in_range, load_pairs, make_batch, optimizer_steps,
-                       tokenize_pairs)
-from ddpo.deviation import METRICS
-from ddpo.distributed import (data_parallel, gather_metrics, no_sync, peak_memory_gb, print0, rank_share,
-                              setup_distributed, shutdown_distributed)
-from ddpo.embedders import DEFAULT_EMBEDDERS, InStepDeviation, check_embedder
-from ddpo.losses import LOSSES, Logps, concat, in_step_weights
+from ddpo.data import DataError, atomic_write, check_output_dir, in_range, load_pairs, optimizer_steps, tokenize_pairs
+from ddpo.distributed import data_parallel, print0, setup_distributed, shutdown_distributed
+from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder
+from ddpo.losses import LOSSES
 from ddpo.malloc import keep_freed_memory
-from ddpo.models import DEFAULT_MODEL, autocast_context, autocast_dtype, check_model_path, load_policy, load_tokenizer, use_triton
+from ddpo.models import DEFAULT_MODEL, autocast_context, autocast_dtype, check_model_path, load_policy, load_tokenizer
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
+from ddpo.step import PRINTED, chosen_weights, embedders, evaluate_and_save, log_row, update
 
 
 @dataclass
@@ -111,8 +107,8 @@ class TrainConfig:
                                                             "token (RPO paper: 1)", "type": in_range(float, 0)})
     deviation: str = field(default="none", metadata={
         "help": "chosen weights of a weighted loss (ddpo, dorpo, dd-*; unweighted losses ignore this): none: the "
-                "data's 'weight'; semantic|style|both: computed in each step from embeddings of every prompt's pool "
-                "(fused kernel; batches hold whole prompts)",
+                "data's 'weight'; semantic|style|both: computed once at start from embeddings of every prompt's pool "
+                "(its pairs' texts)",
         "choices": ["none", "semantic", "style", "both"]})
     semantic_embedder: str = field(default=DEFAULT_EMBEDDERS["semantic"], metadata={"help": "for --deviation semantic|both"})
     style_embedder: str = field(default=DEFAULT_EMBEDDERS["style"], metadata={"help": "for --deviation style|both"})
@@ -257,68 +253,6 @@ def lr_lambda(cfg, total_steps):
     return f
 
 
-def micro_batch(cfg, policy_logps, ref, pairs, index, weights, pad_token_id, device, deviation=None,
-                weights_mean=None):
-    """Per-pair losses of the micro-batch of pairs at positions `index` (weights: the chosen weights of all pairs).
-    Returns (Objective, metric sums over its pairs, the summed loss to differentiate). `deviation`: in-step deviation's
-    (embeddings, group, chosen index of the micro-batch's pools); `weights_mean`: the step's mean weight (DORPO).
-    With --fused-loss, when gradients are wanted, the head computes the loss of each group of pairs in its forward."""
-    loss = LOSSES[cfg.loss]
-    batch = make_batch([pairs[j] for j in index], pad_token_id, device, cfg.packing, loss.rejected,
-                       getattr(policy_logps, "module", policy_logps).share_prompts)  # (DDP holds it as .module)
-    ref_chosen, ref_rejected = ref(batch, index) if loss.reference else (None, None)
-    triton = use_triton(cfg.kernels, device)
-    weights = weights[index].to(device)
-
-    def objective(at, policy, counts, weights, **kwargs):  # the Objective of the pairs at positions `at`
-        k = len(at)
-        logps = Logps(policy[:k], counts[:k])
-        if loss.rejected:
-            logps.policy_rejected_logps, logps.rejected_counts = policy[k:], counts[k:]
-        if loss.reference:
-            logps.ref_chosen_logps, logps.ref_rejected_logps = ref_chosen[at], ref_rejected[at]
-        return loss.objective(logps, weights[at], cfg, weights_mean=weights_mean, use_triton=triton, **kwargs)
-
-    if cfg.fused_loss and torch.is_grad_enabled():
-        if deviation is not None:  # the pools' weights first: the loss of a group of pairs needs only its own
-            weights = in_step_weights(*deviation, min_weight=cfg.min_weight, use_triton=triton)
-        if weights_mean is None:
-            weights_mean = weights.mean()
-        parts = []
-
-        def pair_loss(at, policy, counts):  # a group of pairs: its Objective kept for the metrics, its loss summed
-            parts.append(objective(at, policy, counts, weights))
-            return parts[-1].losses.sum()
-
-        total, _, _ = policy_logps(batch, pair_loss=pair_loss, pairs=len(index))
-        out = concat(parts)
-    else:
-        policy, counts = policy_logps(batch)  # (2B,): [chosen; rejected], or (B,): the chosen alone
-        out = objective(torch.arange(len(index), device=device), policy, counts, weights, deviation=deviation)
-        total = out.losses.sum()
-    metrics = {"loss": out.losses.detach().sum(), **out.metrics, "tokens": torch.as_tensor(batch.tokens)}
-    if out.chosen_rewards is not None:
-        margins = out.chosen_rewards - out.rejected_rewards
-        metrics.update({"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
-                        "rewards/margins": margins.sum(), "rewards/accuracies": (margins > 0).float().sum()})
-    return out, metrics, total
-
-
-def pair_weights(cfg, pairs):
-    """Chosen weights of the pairs: the data's `weight` (1 when absent) for weighted losses, else 1."""
-    if not LOSSES[cfg.loss].weighted:
-        return torch.ones(len(pairs))
-    w = torch.tensor([1.0 if p.weight is None else p.weight for p in pairs])
-    return w.clamp(min=cfg.min_weight)
-
-
-def embedders(cfg):
-    """{metric: embedder name} of in-step --deviation (empty without it, or for a loss without weights)."""
-    if not LOSSES[cfg.loss].weighted:
-        return {}
-    return {metric: getattr(cfg, f"{metric}_embedder") for metric in METRICS[cfg.deviation]}
-
-
 def check_paths(cfg):
     """Model and embedder paths and the output directory, before anything loads or is written."""
     check_model_path(cfg.model)
@@ -327,61 +261,6 @@ def check_paths(cfg):
     for metric, name in embedders(cfg).items():
         check_embedder(name, f"--{metric}-embedder")
     check_output_dir(cfg.output_dir)
-
-
-def non_finite(step, sums, grad_norm, last_checkpoint):
-    """The error for a step with a NaN or inf among its loss, gradient norm and metrics, or None."""
-    bad = {k: v for k, v in {**sums, "grad_norm": grad_norm}.items() if not math.isfinite(v)}
-    if not bad:
-        return None
-    return (f"error: step {step}: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}; stopped before its "
-            f"update and checkpoint (last checkpoint: {last_checkpoint or 'none'}). Likely causes: a huge 'weight' in "
-            "the data, --beta or --lr too large, or a model whose logits overflow")
-
-
-def finite_weights(params, world, device):
-    """Whether every trained weight is finite, on every rank."""
-    local = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in params)
-    ok = torch.tensor(float(local), device=device)
-    if world > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
-
-
-def accumulate(cfg, forward, ref, pairs, weights, step_batches, rank, world, autocast, device, pad_token_id,
-               deviation=None, weights_mean=None):
-    """Forward and backward of this rank's share of an optimiser step's micro-batches (the gradients of
-    sum(losses) / pairs in the step accumulate). Returns the metric sums and the chosen weights used."""
-    n_pairs = sum(len(b) for b in step_batches)
-    sums, used_weights = {}, []
-    mine = rank_share(step_batches, rank, world)  # None: a pass at weight 0, so that every rank runs as many
-    for i, batch in enumerate(mine):
-        idle = batch is None
-        batch = step_batches[0] if idle else batch
-        with no_sync(forward, last=i == len(mine) - 1):  # DDP: the all-reduce runs in the last backward only
-            with autocast():
-                out, metrics, total = micro_batch(cfg, forward, ref, pairs, batch, weights, pad_token_id, device,
-                                                  deviation=deviation(batch) if deviation else None,
-                                                  weights_mean=weights_mean)
-            (total / n_pairs * (0.0 if idle else 1.0)).backward()  # sum over pairs / pairs in the step
-        if not idle:
-            used_weights.append(out.chosen_weights.detach().float().cpu())
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.item()
-    return sums, used_weights
-
-
-PRINTED = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "weights/mean", "lr", "step_time_s",
-           "peak_mem_gb")  # of a metrics row, on the log line
-
-
-def log_row(step, epoch, sums, n_pairs, used_weights, grad_norm, lr, dt, device):
-    """The metrics.jsonl row of a step: metric sums per pair, the chosen weights used, speed and memory."""
-    used_weights = torch.cat(used_weights)
-    return {"step": step, "epoch": round(epoch, 4), **{key: value / n_pairs for key, value in sums.items() if key != "tokens"},
-            "weights/mean": used_weights.mean().item(), "weights/min": used_weights.min().item(),
-            "weights/max": used_weights.max().item(), "grad_norm": grad_norm, "lr": lr, "step_time_s": dt,
-            "tokens_per_s": sums["tokens"] / dt, "peak_mem_gb": peak_memory_gb(device)}
 
 
 def train(cfg):
@@ -413,7 +292,7 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
            f"(keep end, max {cfg.max_prompt_length}) and {stats['completions_truncated']} completions "
            f"(keep start, max total {cfg.max_length}"
            f"{'; the released ORPO rule' if LOSSES[cfg.loss].orpo_rule else ''})", flush=True)
-    weights = pair_weights(cfg, pairs)
+    weights = chosen_weights(cfg, pairs)  # once: fixed data, frozen embedders
     if LOSSES[cfg.loss].weighted and cfg.deviation == "none" and all(p.weight is None for p in pairs):
         print0(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals its unweighted loss", flush=True)
     if cfg.deviation != "none" and not LOSSES[cfg.loss].weighted:
@@ -426,20 +305,15 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
     ref = load_reference(cfg, policy_logps, device, world) if LOSSES[cfg.loss].reference else None
     if cfg.packing:
         check_packing(cfg, policy_logps, ref, pairs, tokenizer.pad_token_id, device, LOSSES[cfg.loss].rejected)
-    monitor = Monitor(cfg, held_out, rank, world, device, tokenizer, policy, policy_logps, ref, amp_dtype,
-                      functools.partial(micro_batch, cfg), functools.partial(pair_weights, cfg), embedders(cfg))
+    monitor = Monitor(cfg, held_out, rank, world, device, tokenizer, policy, policy_logps, ref, amp_dtype)
     if ref and cfg.precompute_ref:
         with autocast():
             ref.precompute(cfg, pairs, tokenizer.pad_token_id, device, amp_dtype, save=rank == 0)
-    deviation = None
-    if cfg.deviation != "none" and LOSSES[cfg.loss].weighted:
-        deviation = InStepDeviation(pairs, embedders(cfg), cfg.min_weight, device, cfg.trust_remote_code)
-        weights = deviation.chosen_weights  # known ahead: DORPO (released) takes their mean over the whole step
     forward = data_parallel(policy_logps, device) if world > 1 and not cfg.fsdp else policy_logps
 
     # 4. the plan of steps, optimiser, schedule; resume
-    plan = optimizer_steps(len(pairs), cfg.batch_size, cfg.grad_accum * world, cfg.seed, cfg.epochs, cfg.max_steps,
-                           deviation and deviation.pair_prompt)  # [(epoch position, [micro-batch of pair indices])]
+    # [(epoch position, [micro-batch of pair indices])]
+    plan = optimizer_steps(len(pairs), cfg.batch_size, cfg.grad_accum * world, cfg.seed, cfg.epochs, cfg.max_steps)
     total_steps = len(plan)
     if not total_steps:
         raise DataError(f"--epochs {cfg.epochs:g}: {len(pairs)} pairs in steps of {cfg.batch_size * cfg.grad_accum * world} "
@@ -474,43 +348,30 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
     for step in bar:
         t0 = time.perf_counter()
         epoch, step_batches = plan[step]
-        weights_mean = weights[sum(step_batches, [])].mean().item()  # DORPO (released) over the whole step
-        sums, used_weights = accumulate(cfg, forward, ref, pairs, weights, step_batches, rank, world, autocast, device,
-                                        tokenizer.pad_token_id, deviation, weights_mean)
-        sums, used_weights = gather_metrics(sums, used_weights, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
-        if (error := non_finite(step + 1, sums, grad_norm, path)):
-            raise SystemExit(error)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        # every rank's micro-batches, gradients summed over ranks, clipped; a non-finite step stops before its update
+        sums, used_weights, grad_norm, lr = update(cfg, forward, ref, pairs, weights, step_batches, rank, world,
+                                                   autocast, device, tokenizer.pad_token_id, params, optimizer,
+                                                   scheduler, step + 1, path)
         if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps):
             n_pairs = sum(len(b) for b in step_batches)
-            row = log_row(step + 1, epoch, sums, n_pairs, used_weights, grad_norm, lr, time.perf_counter() - t0, device)
+            row = {"step": step + 1, "epoch": round(epoch, 4),
+                   **log_row(sums, n_pairs, used_weights, grad_norm, lr, time.perf_counter() - t0, device)}
             reporter.log(row, f"step {step + 1}/{total_steps} | "
                          + " | ".join(f"{key} {row[key]:.4g}" for key in PRINTED if key in row))
-        saving = (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total_steps
-        # a finite gradient can still overflow the weights (a huge --lr): never a checkpoint of them
-        if saving and not finite_weights(params, world, device):
-            raise SystemExit(f"error: step {step + 1}: the update made weights non-finite; stopped before its "
-                             f"checkpoint (last checkpoint: {path or 'none'}). Likely cause: --lr too large")
-        monitor.after_step(step + 1, total_steps, epoch, path, reporter)  # held-out pairs, samples: when due
-        if saving:
-            path = save(cfg, step + 1, policy, tokenizer, optimizer, scheduler, rank, world)
+        path = evaluate_and_save(cfg, step + 1, total_steps, epoch, monitor, reporter, path, policy, tokenizer,
+                                 optimizer, scheduler, params, rank, world, device)
     print0(f"saved {path}", flush=True)
     if reporter:
         reporter.close()
     return path
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+def main(argv=None, parse=parse_args, run=train):
+    """The command (ddpo.online's too: its parse and run): a DataError is one line."""
+    cfg = parse(argv)
     keep_freed_memory()
     try:
-        train(cfg)
+        run(cfg)
     except DataError as e:
         sys.exit(f"error: {e}")
 

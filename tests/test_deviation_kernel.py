@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 
 from ddpo.deviation import deviation_weights
-from ddpo.losses import ddpo_loss, deviation_dorpo_loss, deviation_dpo_loss, dorpo_loss
+from ddpo.losses import ddpo_loss, dorpo_loss, dorpo_nll_weight, dpo_logits, log_odds_ratio
 from ddpo_kernels.deviation_loss import deviation_loss, deviation_loss_ref
 from test_deviation import SEM, STY
 
@@ -101,36 +101,35 @@ def test_bf16_logits_and_embeddings():
     torch.testing.assert_close(got[0].double(), want[0], atol=2e-2, rtol=2e-2)
 
 
-def test_dpo_wrapper_equals_prepared_weights_path():
-    """In-step deviation (the kernel) equals precomputed weights fed to ddpo_loss: both paths give one loss."""
-    logits, embs, group, chosen = ragged([3, 8, 5], (32, 9), seed=7)
+def test_ddpo_loss_of_the_kernel_equals_ddpo_loss_with_prepared_weights():
+    """The kernel's loss of beta x DPO margins equals ddpo_loss fed the weights ddpo.prepare writes."""
+    _, embs, group, chosen = ragged([3, 8, 5], (32, 9), seed=7)
     g = torch.Generator().manual_seed(1)
     logps = [torch.randn(len(chosen), generator=g).to(DEVICE) * 10 for _ in range(4)]
-    losses, cr, rr, w = deviation_dpo_loss(*logps, 0.1, embs, group, chosen, use_triton=True)
+    losses, _, w = deviation_loss(dpo_logits(*logps, 0.1)[0], embs, group, chosen, use_triton=True)
     weights, _ = deviation_weights(embs, group)  # what ddpo.prepare writes as each pair's `weight`
-    want, wcr, wrr = ddpo_loss(*logps, 0.1, chosen_weights=weights[chosen].float())
+    want, _, _ = ddpo_loss(*logps, 0.1, chosen_weights=weights[chosen].float())
     torch.testing.assert_close(losses, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cr, wcr)
+    torch.testing.assert_close(w, weights[chosen].float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "reference"])
 @pytest.mark.parametrize("form", ["released", "per-example"])
 @pytest.mark.parametrize("step_mean", [None, 0.7])
-def test_dorpo_wrapper_equals_prepared_weights_path(form, step_mean, use_triton):
-    """In-step DORPO (the fused odds term) equals dorpo_loss fed with precomputed weights, in both forms."""
+def test_dorpo_odds_term_of_the_kernel_equals_dorpo_loss_with_prepared_weights(form, step_mean, use_triton):
+    """The kernel's odds term (weight inside the sigmoid: released; outside: per-example) plus the weighted NLL equals
+    dorpo_loss fed the prepared weights, in both forms."""
     _, embs, group, chosen = ragged([3, 8, 5], (32, 9), seed=7)
     g = torch.Generator().manual_seed(2)
     chosen_logps, rejected_logps = (-torch.rand(len(chosen), generator=g).to(DEVICE) * 3 - 1e-3 for _ in range(2))
     mean = None if step_mean is None else torch.tensor(step_mean, device=DEVICE)
-    args = (chosen_logps, rejected_logps, -chosen_logps, 0.25)
-    got = deviation_dorpo_loss(*args, embs, group, chosen, form=form, min_weight=0.2, weights_mean=mean,
-                               use_triton=use_triton)
+    odds, _, w = deviation_loss(log_odds_ratio(chosen_logps, rejected_logps), embs, group, chosen, 0.2,
+                                weight_inside=form == "released", use_triton=use_triton)
+    got = dorpo_nll_weight(w, form, mean) * -chosen_logps + 0.25 * odds
     weights, _ = deviation_weights(embs, group)
-    want = dorpo_loss(*args, weights[chosen].clamp(min=0.2).float(), form=form, weights_mean=mean)
-    for name, a, b in zip(("losses", "chosen_rewards", "rejected_rewards", "log_odds"), got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-    with pytest.raises(ValueError, match="unknown DORPO form"):
-        deviation_dorpo_loss(*args, embs, group, chosen, form="ver 3", use_triton=use_triton)
+    want = dorpo_loss(chosen_logps, rejected_logps, -chosen_logps, 0.25, weights[chosen].clamp(min=0.2).float(),
+                      form=form, weights_mean=mean)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_shape_mismatch_is_a_clear_error():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpo.deviation import deviation_weights
-from ddpo.losses import (LOSSES, Logps, cdpo_loss, ddpo_loss, dorpo_loss, dpo_loss, hinge_loss, in_step_weights,
+from ddpo.losses import (LOSSES, Logps, cdpo_loss, ddpo_loss, dorpo_loss, dpo_loss, hinge_loss, 
                          ipo_loss, log1mexp, log_odds_ratio, orpo_loss, robust_dpo_loss, rpo_loss, simpo_loss)
 
 
@@ -245,29 +245,24 @@ def test_twin_is_the_loss_times_the_chosen_weight(name):
 
 
 @pytest.mark.parametrize("use_triton", [False, True], ids=["reference", "triton"])
-@pytest.mark.parametrize("name", ["ipo", "simpo"])
-def test_twin_with_in_step_weights_equals_prepared_weights(name, use_triton):
-    """--deviation: the kernel's weights of the pools' embeddings, clamped at --min-weight, times the pair's loss;
-    equal to the weights ddpo.prepare writes (ddpo.deviation) fed as the data's."""
+def test_kernel_weights_equal_prepared_weights(use_triton):
+    """--deviation's weights (the kernel's, of the pools' embeddings, clamped at --min-weight) equal the weights
+    ddpo.prepare writes (ddpo.deviation)."""
+    from ddpo.deviation import kernel_weights
+
     g = torch.Generator().manual_seed(3)
     group = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])  # three prompts' pools, 10 responses
     embeddings = [torch.randn(10, 6, generator=g), torch.randn(10, 4, generator=g)]
     chosen = torch.tensor([0, 2, 3, 4, 6, 8])  # each pair's chosen response
-    hp = SimpleNamespace(**{**vars(HP), "min_weight": 0.2})
     weights, _ = deviation_weights(embeddings, group)
-    prepared = weights[chosen].clamp(min=0.2).float()
-    torch.testing.assert_close(in_step_weights(embeddings, group, chosen, 0.2, use_triton=use_triton), prepared,
-                               atol=1e-5, rtol=1e-5)
-    logps = table_logps(6, grad=False)
-    got = LOSSES[f"dd-{name}"].objective(logps, torch.ones(6), hp, deviation=(embeddings, group, chosen),
-                                         use_triton=use_triton)
-    want = LOSSES[f"dd-{name}"].objective(logps, prepared.double(), hp)
-    torch.testing.assert_close(got.losses, want.losses, atol=1e-5, rtol=1e-5)
-    assert (got.chosen_weights > 1).any() and (got.chosen_weights == 0.2).any()  # weights that move, and the clamp
+    prepared = weights[chosen].clamp(min=0.2)
+    got = kernel_weights(embeddings, group, chosen, 0.2, use_triton=use_triton)
+    torch.testing.assert_close(got.double(), prepared, atol=1e-5, rtol=1e-5)
+    assert (got > 1).any() and (got == 0.2).any()  # weights that move, and the clamp
 
 
 def test_generic_twin_of_dpo_equals_the_fused_ddpo():
-    """deviation_weighted(dpo) (the weights, then one multiply) and ddpo (fused in the kernel) are one loss."""
+    """deviation_weighted(dpo) (the generic twin) and ddpo (ddpo_loss, the paper's equation) are one loss."""
     from ddpo.losses import deviation_weighted, dpo_objective
 
     logps, weights = table_logps(grad=False), torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0], dtype=torch.float64)

@@ -17,10 +17,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import ddpo.checkpoint as checkpoint_mod
+import ddpo.step as step_mod
 import ddpo.train as train_mod
 from ddpo.data import DataError, collate, collate_packed, load_pairs, temporary_path, tokenize_pairs
 from ddpo.losses import LOSSES
-from ddpo.models import SEGMENT_ATTENTION, autocast_dtype, load_model, load_tokenizer, segment_attention, sequence_logps, use_segment_attention
+from ddpo.models import (SEGMENT_ATTENTION, autocast_dtype, load_model, load_tokenizer, segment_attention,
+                         sequence_logps, use_segment_attention)
 from ddpo.train import main, parse_args, train
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -106,8 +108,8 @@ def test_pairs_share_their_prompt_where_segment_attention_runs(tmp_path, tiny_mo
     segment attention (not for losses without a rejected completion, nor with a reference that keeps its own
     attention, whose batches must be the policy's)."""
     calls = []
-    real = train_mod.make_batch
-    monkeypatch.setattr(train_mod, "make_batch", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    real = step_mod.make_batch
+    monkeypatch.setattr(step_mod, "make_batch", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
     if ref_window:
         ref = str(tmp_path / "ref")
         model = load_model(tiny_model)
@@ -302,19 +304,6 @@ def test_in_step_deviation_equals_prepared_weights(tmp_path, tiny_model, loss):
     assert metrics(in_step.output_dir)[0]["weights/max"] > 1.0
 
 
-def test_grouped_micro_batches_keep_prompts_whole():
-    from ddpo.data import micro_batches
-
-    pair_prompt = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3, 4])
-    batches = micro_batches(len(pair_prompt), 4, seed=0, epoch=1, pair_prompt=pair_prompt)
-    assert sorted(sum(batches, [])) == list(range(12))
-    for b in batches:
-        for g in pair_prompt[b].unique():
-            assert set((pair_prompt == g).nonzero()[:, 0].tolist()) <= set(b)  # all of g's pairs are here
-        assert len(b) <= 4 or len(pair_prompt[b].unique()) == 1
-    assert batches == micro_batches(len(pair_prompt), 4, seed=0, epoch=1, pair_prompt=pair_prompt)
-
-
 def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_model, monkeypatch, capsys):
     monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
     args = ("--loss", "ddpo", "--max-steps", "3", "--batch-size", "2")
@@ -369,7 +358,10 @@ def test_gradient_checkpointing_and_padding_give_the_same_step(tmp_path, tiny_mo
 @pytest.mark.parametrize("warmup", [0, 1, 3])
 def test_lr_schedule_equals_hugging_face(schedule, warmup):
     """Warm-up starts at 0 (so --warmup-steps 1 is a real warm-up step), then decays as transformers' schedules."""
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from transformers import (
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     cfg = parse_args(["--data", "x", "--warmup-steps", str(warmup), "--schedule", schedule])
     hf = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}[schedule]
@@ -426,31 +418,25 @@ def ragged_pairs(path):
 def test_optimizer_steps_train_every_pair_once_per_epoch():
     from ddpo.data import optimizer_steps
 
-    pair_prompt = torch.tensor([g for g, k in enumerate(RAGGED) for _ in range(k)])
-    lengths = set()
     for per_step in (1, 2):
-        plan = optimizer_steps(len(pair_prompt), 4, per_step, seed=42, epochs=2, pair_prompt=pair_prompt)
+        plan = optimizer_steps(22, 4, per_step, seed=42, epochs=2)
         for epoch in (0, 1):
             steps = [batches for position, batches in plan if epoch < position <= epoch + 1]
-            lengths.add(len(steps))
-            assert sorted(i for batches in steps for b in batches for i in b) == list(range(len(pair_prompt)))
+            assert sorted(i for batches in steps for b in batches for i in b) == list(range(22))
         assert plan[-1][0] == 2.0
-    assert len(lengths) > 1  # the two epochs differ in length: the old plan took epoch 0's for both
-    half = optimizer_steps(len(pair_prompt), 4, 1, seed=42, epochs=1.5, pair_prompt=pair_prompt)
-    first = sum(position <= 1 for position, _ in half)
-    assert len(half) - first == math.ceil(0.5 * (len(optimizer_steps(len(pair_prompt), 4, 1, 42, 2, 0, pair_prompt)) - first))
+        assert plan[0][1] != plan[len(plan) // 2][1]  # each epoch in its own order
+    assert len(optimizer_steps(22, 4, 1, seed=42, epochs=1.5)) == 6 + 3
     assert len(optimizer_steps(16, 4, 1, seed=0, max_steps=11)) == 11  # three epochs of 4 steps, cut at 11
 
 
-def test_in_step_deviation_over_epochs_of_different_lengths(tmp_path, tiny_model):
+def test_deviation_over_epochs_of_ragged_pools(tmp_path, tiny_model):
     """The audit's case: ragged pools, --batch-size 4 --seed 42 --epochs 2 raised IndexError at step 10."""
     from ddpo.data import optimizer_steps
 
     cfg, path = run(tmp_path, tiny_model, "--loss", "ddpo", "--deviation", "style", "--batch-size", "4", "--seed", "42",
                     "--epochs", "2", data=ragged_pairs(tmp_path / "ragged.jsonl"))
     rows = metrics(cfg.output_dir)
-    pair_prompt = torch.tensor([g for g, k in enumerate(RAGGED) for _ in range(k)])
-    assert len(rows) == len(optimizer_steps(len(pair_prompt), 4, 1, 42, 2, 0, pair_prompt))
+    assert len(rows) == len(optimizer_steps(sum(RAGGED), 4, 1, 42, 2))
     assert rows[-1]["epoch"] == 2.0 and path.endswith(f"checkpoint-{len(rows)}")
 
 
