@@ -37,7 +37,7 @@ OWN_TEMPORARIES = r"checkpoint|metrics\.jsonl|train_config\.json"  # what train 
 MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "save_only_model", "keep_checkpoints", "device", "precompute_ref",
               "resume", "output_dir", "data", "kernels", "fused_loss", "packing", "lean", "gradient_checkpointing",
               "merge_lora", "trust_remote_code", "eval_data", "eval_prompts", "eval_every", "eval_samples",
-              "eval_max_new_tokens", "eval_quality", "report_to"}
+              "eval_max_new_tokens", "eval_quality", "report_to", "rounds", "prompts"}  # the last: ddpo.online's
 
 
 PREFIX = "checkpoint-"

@@ -3,7 +3,7 @@
 Each field becomes --field-name with the field's default. Its metadata holds "help" (every flag has one) and
 optionally "choices" and "type" (an argparse type such as ddpo.data.in_range(float, 0, above=True), so a bad value
 is an error naming the flag before any work starts). Booleans become --flag / --no-flag. `groups` maps a header of
---help to the fields shown under it, in order; fields in no group are listed first.
+--help to the fields shown under it, in order; fields in no group are listed first; fields in `skip` get no flag.
 """
 
 import argparse
@@ -14,8 +14,8 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def add_config_args(parser, config_class, groups=None):
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
+def add_config_args(parser, config_class, groups=None, skip=()):
+    fields = {f.name: f for f in dataclasses.fields(config_class) if f.name not in skip}
     placed = {name for names in (groups or {}).values() for name in names}
     sections = [(parser, [n for n in fields if n not in placed])]
     sections += [(parser.add_argument_group(header), names) for header, names in (groups or {}).items()]

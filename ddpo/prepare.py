@@ -31,8 +31,8 @@ then compute deviation over the texts of the pairs kept (--pool all: over every 
 
 import argparse
 import json
-import os
 import math
+import os
 import random
 import re
 import sys
@@ -40,8 +40,8 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import (DataError, atomic_write, check_not_input, check_size, check_text, check_writable,
-                       finite_number, in_range, pool_order, read_jsonl, remove_temporaries)
+from ddpo.data import (DataError, atomic_write, check_not_input, check_size, check_text, check_writable, finite_number,
+                       in_range, pool_order, read_jsonl, remove_temporaries)
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.malloc import keep_freed_memory
@@ -102,6 +102,9 @@ def read_input(path, scored_later):
     return kind, groups, dropped
 
 
+PAIRINGS = ["gap", "best-worst", "divpo", "diverse-ns"]
+
+
 def pair_gap(scores, rng, gap):
     """The released gap rule: while two unused responses differ in score, draw a pair uniformly from the unused pairs
     (i < j, in index order) whose scores differ by >= gap, or, when none does, from those that differ at all; the
@@ -126,6 +129,22 @@ def pair_gap(scores, rng, gap):
             c[[i, j]] = 0
         pairs.append((i, j) if scores[i] > scores[j] else (j, i))
     return pairs
+
+
+def pair_best_worst(scores):
+    """One pair per prompt: the highest score chosen, the lowest rejected (the first of each among ties); none when
+    every score is equal. The usual rule of online DPO (best-of-n against worst-of-n)."""
+    best = max(range(len(scores)), key=lambda i: scores[i])
+    worst = min(range(len(scores)), key=lambda i: scores[i])
+    return [(best, worst)] if scores[best] > scores[worst] else []
+
+
+def metric_roles(pairing, deviation):
+    """(the metrics whose deviation weights pairs, the metrics DivPO and Diverse-NS rank responses by). DivPO and
+    Diverse-NS pairs are trained with plain DPO (weight 1), ranked by --deviation's metrics or the released ones."""
+    if pairing in ("gap", "best-worst"):
+        return METRICS[deviation], []
+    return [], METRICS[deviation] or (["semantic", "style"] if pairing == "divpo" else ["semantic"])
 
 
 def pair_divpo(scores, deviation_within, rng, rho, m_pairs):
@@ -175,7 +194,8 @@ def parse_args(argv=None):
     p.add_argument("--deviation", default="both", choices=list(METRICS), help="metrics whose deviation weights pairs")
     p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"], help="hub name, path or packaged:<name> (paper: jinaai/jina-embeddings-v3)")
     p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"], help="hub name, path, or 'stylometric' (paper: AnnaWegmann/Style-Embedding)")
-    p.add_argument("--pairing", default="gap", choices=["gap", "divpo", "diverse-ns"], help="how pools become pairs")
+    p.add_argument("--pairing", default="gap", choices=PAIRINGS, help="how pools become pairs (best-worst: the "
+                   "highest score against the lowest, one pair per prompt)")
     p.add_argument("--pool", default="pairs", choices=["pairs", "all"],
                    help="the responses of a prompt that deviation is computed over. pairs (released): weights over the "
                         "texts of the pairs kept (after --max-per-prompt), DivPO over the responses the gap pairing "
@@ -232,6 +252,8 @@ def pair_prompt(args, kind, g, start, deviation, rng, ranking):
         return [(c, r, {}) for c, r in g["pairs"]]
     if args.pairing == "gap":
         return [(c, r, {}) for c, r in pair_gap(s, rng, args.gap)]
+    if args.pairing == "best-worst":
+        return [(c, r, {}) for c, r in pair_best_worst(s)]
     if args.pairing == "divpo":
         pool = sorted({i for pair in pair_gap(s, rng, args.gap) for i in pair}) if args.pool == "pairs" else list(range(n))
         within = lambda local: deviation([[start + pool[i] for i in local]], ranking)[0][0]  # noqa: E731
@@ -247,10 +269,8 @@ def prepare(args):
     check_writable(args.output)
     kind, groups, dropped = read_input(args.input, scored_later=args.score != "none")
     texts = [t for g in groups.values() for t in g["responses"]]
-    plain = kind == "pool" and args.pairing != "gap"  # DivPO and Diverse-NS pairs are trained with plain DPO: weight 1
-    weighting = [] if plain else METRICS[args.deviation]
-    default_ranking = ["semantic", "style"] if args.pairing == "divpo" else ["semantic"]  # the released baselines'
-    ranking = (METRICS[args.deviation] or default_ranking) if plain else []
+    weighting, ranking = metric_roles(args.pairing if kind == "pool" else "gap", args.deviation)
+    plain = not weighting and bool(ranking)  # DivPO and Diverse-NS pairs: weight 1
     names = {"semantic": args.semantic_embedder, "style": args.style_embedder}
     metrics = list(dict.fromkeys(weighting + ranking))
     for m in metrics:

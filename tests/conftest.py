@@ -80,6 +80,20 @@ def make_tiny_encoder(path, words):
     return str(path)
 
 
+def make_tiny_reward_model(path, policy):
+    """A random 2-layer Llama sequence classifier (one label) with the tiny policy's tokenizer, saved to `path`."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from ddpo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(policy)
+    config = LlamaConfig.from_pretrained(policy, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def write_jsonl(path, rows):
     """One line per row: a dict as JSON, a string as it is (to write broken lines)."""
     with open(path, "w") as f:

@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import make_tiny_encoder
+from conftest import make_tiny_encoder, make_tiny_reward_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,10 +29,10 @@ def test_the_repo_root_does_not_shadow_the_pypi_kernels():
 
 
 def test_every_model_loads_without_hub_kernels(tmp_path, monkeypatch, tiny_model):
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedModel
+    from transformers import PreTrainedModel
 
     from ddpo.embedders import Encoder
-    from ddpo.models import load_model, load_tokenizer
+    from ddpo.models import load_model
     from ddpo.quality import RewardModel
 
     if not hasattr(PreTrainedModel, "set_use_kernels"):
@@ -43,10 +42,5 @@ def test_every_model_loads_without_hub_kernels(tmp_path, monkeypatch, tiny_model
     load_model(tiny_model)
     # an encoder (the embedders) and a sequence classifier (the reward model), built from configs
     Encoder(make_tiny_encoder(tmp_path / "encoder", ["a"]), device="cpu")
-    reward, tokenizer = tmp_path / "reward", load_tokenizer(tiny_model)
-    config = LlamaConfig.from_pretrained(tiny_model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(reward)
-    tokenizer.save_pretrained(reward)
-    RewardModel(str(reward), device="cpu")
+    RewardModel(make_tiny_reward_model(tmp_path / "reward", tiny_model), device="cpu")
     assert asked == [False] * 3  # the policy, the encoder, the reward model
