@@ -46,7 +46,7 @@ def train_to(cfg, pairs, out, lr, beta, steps):
     return final
 
 
-def plot(rows, path):
+def plot(rows, path, xlabel="DPO steps", title="DPO - start"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,13 +60,13 @@ def plot(rows, path):
             x = [r["steps"] for r in mine]
             y = [r[m]["diff"] for r in mine]
             err = [[r[m]["diff"] - r[m]["ci95"][0] for r in mine], [r[m]["ci95"][1] - r[m]["diff"] for r in mine]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"lr:beta {dose}")
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=dose)
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xticks(stops, [str(x) for x in stops])
         ax.minorticks_off()
-        ax.set_xlabel("DPO steps")
-        ax.set_title(f"{m}: DPO - start (paired 95%)")
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{m}: {title} (paired 95%)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path + ".tmp.png")

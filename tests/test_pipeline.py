@@ -147,3 +147,23 @@ def test_a_stage_error_is_one_line_not_a_traceback(tmp_path, tiny_model):
     with pytest.raises(SystemExit, match=r"^error: --semantic-embedder \./no/such: no such directory"):
         main(["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "./no/such",
               "--dtype", "float32"])
+
+
+def test_online_narrowing_runs_both_arms_resumes_and_reads_against_the_start_model(tmp_path, tiny_model, capsys,
+                                                                                   monkeypatch):
+    """experiments/online_narrowing.py --quick: online DPO and DDPO, 2 rounds each, evaluated at rounds 1 and 2
+    against the start model's samples; a second run trains nothing again."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    narrowing = load_experiment("online_narrowing")
+    args = ["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "stylometric",
+            "--dtype", "float32"]
+    narrowing.main(args)
+    rows = json.load(open(tmp_path / "online.json"))
+    assert [(r["dose"], r["steps"]) for r in rows] == [("dpo", 1), ("dpo", 2), ("ddpo", 1), ("ddpo", 2)]
+    for r in rows:  # arm - start, paired over the 2 held-out prompts
+        assert r["semantic_diversity"]["prompts"] == 2 and len(r["semantic_diversity"]["ci95"]) == 2
+    assert "| ddpo | 2 |" in (tmp_path / "online.md").read_text()
+    stamp = os.path.getmtime(tmp_path / "dpo" / "metrics.jsonl")
+    capsys.readouterr()
+    narrowing.main(args)
+    assert os.path.getmtime(tmp_path / "dpo" / "metrics.jsonl") == stamp and "online dpo" not in capsys.readouterr().out
