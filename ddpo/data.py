@@ -565,7 +565,7 @@ def response_pools(pairs):
             pair_prompt[i], pair_chosen[i] = g, slot[text_of(pairs[i].chosen)]
         texts += pool
         text_prompt += [g] * len(pool)
-    return texts, torch.tensor(text_prompt), torch.tensor(pair_prompt), torch.tensor(pair_chosen)
+    return texts, *(torch.tensor(x, dtype=torch.long) for x in (text_prompt, pair_prompt, pair_chosen))
 
 
 def micro_batches(n_pairs, batch_size, seed, epoch):

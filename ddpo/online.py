@@ -178,7 +178,7 @@ def pair_round(cfg, prompts, responses, scores, embed, r):
 def round_weights(cfg, pairs, weighted, embed):
     """The chosen weight of each pair of the round, once: its pool's deviation (the kernel) for a weighted loss and
     a weighting pairing, else 1."""
-    if not (weighted and LOSSES[cfg.loss].weighted and METRICS[cfg.deviation]):
+    if not (pairs and weighted and LOSSES[cfg.loss].weighted and METRICS[cfg.deviation]):
         return torch.ones(len(pairs))
     return pool_weights(pairs, [embed[m] for m in METRICS[cfg.deviation]], cfg.min_weight)
 
