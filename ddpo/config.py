@@ -1,8 +1,8 @@
 """Command-line flags from a config dataclass: the one helper behind ddpo.train, ddpo.generate and ddpo.pipeline.
 
 Each field becomes --field-name with the field's default. Its metadata holds "help" (every flag has one) and
-optionally "choices" and "type" (an argparse type such as ddpo.data.in_range(float, 0, above=True), so a bad value
-is an error naming the flag before any work starts). Booleans become --flag / --no-flag. `groups` maps a header of
+optionally "choices", "aliases" (more flags for it) and "type" (an argparse type such as
+ddpo.data.in_range(float, 0, above=True), so a bad value is an error naming the flag before any work starts). Booleans become --flag / --no-flag. `groups` maps a header of
 --help to the fields shown under it, in order; fields in no group are listed first; fields in `skip` get no flag.
 """
 
@@ -26,8 +26,9 @@ def add_config_args(parser, config_class, groups=None, skip=()):
                 target.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=f.default,
                                     help=f.metadata["help"])
             else:
-                target.add_argument(flag(name), type=f.metadata.get("type", type(f.default)), default=f.default,
-                                    help=f.metadata["help"], choices=f.metadata.get("choices"))
+                target.add_argument(flag(name), *f.metadata.get("aliases", ()), default=f.default,
+                                    type=f.metadata.get("type", type(f.default)), help=f.metadata["help"],
+                                    choices=f.metadata.get("choices"))
     return parser
 
 

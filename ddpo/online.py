@@ -77,7 +77,9 @@ class OnlineConfig(generate.Sampling, TrainConfig):
     prompts: str = _("", "prompts JSONL (ddpo.generate's format; required)")
     rounds: int = _(20, "rounds to run in all (a resumed run goes on to this many)", type=in_range(int, 1))
     prompts_per_round: int = _(8, "prompts sampled each round", type=in_range(int, 1))
-    n: int = _(4, "responses sampled per prompt (2+: a pool to pair and weigh)", type=in_range(int, 2))
+    n: int = _(4, "responses sampled per prompt (2+: a pool to pair and weigh); under torchrun, whose own parser "
+               "takes --n for --nnodes, write --samples-per-prompt", type=in_range(int, 2),
+               aliases=["--samples-per-prompt"])
     steps_per_round: int = _(1, "optimiser steps on each round's pairs (1: fully on-policy)", type=in_range(int, 1))
     ref_update_every: int = _(0, "the reference becomes the policy after every R-th round (0: the start model)",
                               type=in_range(int, 0))

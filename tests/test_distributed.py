@@ -25,13 +25,13 @@ def children(pid):
     return found
 
 
-def run(args, tmp_path, ranks=1):
+def run(args, tmp_path, ranks=1, module="ddpo.train"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPO_CACHE": str(tmp_path / "cache")}
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
     # fp32: one process and two ranks agree to float rounding, not bit for bit, and under bf16 autocast such a
     # difference changed a sampled token now and then (the evaluation test failed once in six runs)
     dtype = [] if "--dtype" in args else ["--dtype", "float32"]
-    with subprocess.Popen([sys.executable, *launch, "-m", "ddpo.train", *args, *dtype], env=env, stdout=subprocess.PIPE,
+    with subprocess.Popen([sys.executable, *launch, "-m", module, *args, *dtype], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as proc:
         try:  # a rank stuck in a collective or at exit fails the test with its output instead of stalling CI
             stdout, stderr = proc.communicate(timeout=300)
@@ -126,3 +126,23 @@ def test_two_ranks_evaluate_as_one_process(tmp_path, tiny_model, mode):
         for step in (1, 2):
             name = f"eval_samples/step-{step}.jsonl"
             assert (tmp_path / "single" / name).read_text() == (tmp_path / "two" / name).read_text()
+
+
+def test_online_two_ranks_equal_one_process(tmp_path, tiny_model):
+    """ddpo.online over two ranks: each samples whole pools (batches of one prompt dealt out), every rank pairs and
+    weighs the gathered round, the gradients are summed: two rounds equal one process's."""
+    from conftest import make_tiny_encoder, make_tiny_reward_model, write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {w}."} for w in ("rain", "a clock",
+                                                                                                 "the moon")])
+    common = ["--model", tiny_model, "--prompts", prompts, "--rounds", "2", "--prompts-per-round", "3", "--samples-per-prompt", "4",
+              "--max-new-tokens", "12", "--sample-batch", "1", "--batch-size", "2", "--lr", "1e-3",
+              "--score", f"reward-model:{make_tiny_reward_model(tmp_path / 'reward', tiny_model)}",
+              "--semantic-embedder", make_tiny_encoder(tmp_path / "encoder", ["a", "e"]), "--deviation", "style"]
+    run([*common, "--output-dir", str(tmp_path / "single")], tmp_path, module="ddpo.online")
+    out = run([*common, "--output-dir", str(tmp_path / "two")], tmp_path, ranks=2, module="ddpo.online")
+    assert "x 2 ranks" in out and out.count("saved ") == 1
+    assert_same_run(tmp_path / "single", tmp_path / "two", 2)
+    for r in (1, 2):
+        name = f"rounds/round-{r}.pools.jsonl"
+        assert (tmp_path / "single" / name).read_text() == (tmp_path / "two" / name).read_text()
