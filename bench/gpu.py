@@ -1,4 +1,4 @@
-"""The first GPU run (issue #13, item 5) in one command, at most 8 minutes on one H100.
+"""The first GPU run (issue #13, item 5) in one command, at most 9.5 minutes on one H100.
 
     python -m bench.gpu                            # every stage; rows appended to bench/results.jsonl
     python -m bench.gpu --stages head-128k train   # some of them
@@ -8,7 +8,7 @@ On a machine with its own torch and no network, install the repo first without t
 imported as ddpo_kernels only once installed): pip install --no-deps --no-build-isolation -e .
 
 Each stage is a subprocess (its own CUDA context and peak memory) with a time budget: its own plus whatever the
-stages before it left unused, so the run ends within the budgets' sum (480 s). A stage that fails or runs out of time
+stages before it left unused, so the run ends within the budgets' sum (570 s). A stage that fails or runs out of time
 is reported and the others go on; the exit status is then 1.
   tests      pytest tests/test_logprobs_kernel.py tests/test_deviation_kernel.py tests/test_kernels_compile.py:
              with CUDA, tests/conftest.py puts them on the GPU, with the Triton kernels compiled for it (forward and
@@ -16,11 +16,14 @@ is reported and the others go on; the exit status is then 1.
   head-49k   bench.kernels: the log-prob head's forward+backward at 8 pairs x 1024 tokens (N 16,384), bf16,
              V 49,152 and H 576 (SmolLM2): ours, eager, torch.compile, Liger (when installed) and the bare output
              matmul (the floor); do_bench medians over 1 s of calls, peak memory above the inputs
-  head-128k  the same at V 128,256 and H 4,096 (Llama-3-8B)
+  head-128k  the same at 8,192 tokens, V 128,256 and H 4,096 (Llama-3-8B), where the floor's three bf16 matmuls
+             (logits, dX, dW) take about 38 ms on an H200 by published cuBLAS figures: the head's ratio to them
   deviation  bench.kernels: the fused deviation loss against eager, 8 and 4,096 pairs in groups of 8, D 1,024
   train      bench.train_step: tokens/s and peak memory of ddpo.train against TRL's DPOTrainer, and TRL with Liger's
              kernels, when installed; bf16 autocast, 8 pairs per step of 100-1,000 tokens, on a model of
              SmolLM2-135M's shape with random weights (random:smollm2-135m: no hub or model package needed)
+  online     bench.online: ddpo.online rounds against TRL's OnlineDPOTrainer at its setting (2 samples a prompt),
+             32 prompts a round, 128 new tokens, bf16, random:smollm2-135m; seconds per round by stage
 The closing Markdown table, with its heading, is for bench/RESULTS.md.
 """
 
@@ -50,8 +53,9 @@ def stages(smoke):
     kernels = [sys.executable, "-m", "bench.kernels", "--dtype", "bfloat16", "--rep-ms", "1000",
                "--tokens", "64" if smoke else str(8 * 1024 * 2)]
 
-    def head(V, H):
-        return kernels + ["--vocab", str(V), "--hidden", str(H), "--deviation-pairs"]
+    def head(V, H, tokens=None):
+        return kernels + ["--vocab", str(V), "--hidden", str(H), "--deviation-pairs"] + (
+            ["--tokens", str(tokens)] if tokens and not smoke else [])
 
     train = ["--model", "random:tiny", "--pairs-per-step", "2", "--steps", "2", "--min-len", "10", "--max-len", "40"] \
         if smoke else ["--model", "random:smollm2-135m", "--pairs-per-step", "8", "--steps", "8", "--min-len", "100",
@@ -60,9 +64,13 @@ def stages(smoke):
         "tests": (180, [sys.executable, "-m", "pytest", "-q", *KERNEL_TESTS]
                   + (["-k", "worked_example or all_ignored"] if smoke else [])),
         "head-49k": (60, head(512, 32) if smoke else head(49152, 576)),
-        "head-128k": (75, head(1024, 64) if smoke else head(128256, 4096)),
+        "head-128k": (75, head(1024, 64) if smoke else head(128256, 4096, tokens=8192)),
         "deviation": (25, kernels + ["--vocab", "--deviation-pairs", "8", *([] if smoke else ["4096"])]),
         "train": (140, [sys.executable, "-m", "bench.train_step", "--dtype", "bfloat16", *train]),
+        "online": (90, [sys.executable, "-m", "bench.online", "--dtypes", "bfloat16", "--semantic-embedder",
+                        "stylometric", "--model", "random:tiny" if smoke else "random:smollm2-135m",
+                        *(["--rounds", "2", "--prompts-per-round", "2", "--max-new-tokens", "8"] if smoke else
+                          ["--rounds", "4", "--prompts-per-round", "32", "--max-new-tokens", "128"])]),
     }
 
 
@@ -102,6 +110,9 @@ def table_row(r):
     if r["bench"] == "kernel_tests":
         return [r["bench"], "pytest", ", ".join(os.path.basename(f) for f in r["files"]), f"{r['seconds']:.0f} s",
                 r["summary"], "-"]
+    if r["bench"] == "online":
+        return [r["bench"], r["impl"], f"{r['model']}, {r['prompts_per_round']} prompts/round x {r['max_new_tokens']} "
+                f"tokens, {r['dtype']}", f"{r['round_s']:.2f} s/round", f"{r['prompts_per_s']:.2f} prompts/s", "-"]
     if r["bench"] == "train_step":
         return [r["bench"], r["impl"], f"{r['model']}, {r['pairs_per_step']} pairs/step of {r['lengths'][0]}-"
                 f"{r['lengths'][1]} tokens, {r['dtype']}", f"{r['step_s'] * 1e3:.0f} ms/step",
