@@ -10,7 +10,12 @@ import argparse
 import dataclasses
 
 
-def flag(name):
+def flag(default, help, **metadata):
+    """A config field with its flag's help and argparse metadata: lr: float = flag(5e-6, "peak learning rate")."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def option(name):
     return "--" + name.replace("_", "-")
 
 
@@ -23,10 +28,10 @@ def add_config_args(parser, config_class, groups=None, skip=()):
         for name in names:
             f = fields[name]
             if f.type in (bool, "bool"):
-                target.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=f.default,
+                target.add_argument(option(name), action=argparse.BooleanOptionalAction, default=f.default,
                                     help=f.metadata["help"])
             else:
-                target.add_argument(flag(name), *f.metadata.get("aliases", ()), default=f.default,
+                target.add_argument(option(name), *f.metadata.get("aliases", ()), default=f.default,
                                     type=f.metadata.get("type", type(f.default)), help=f.metadata["help"],
                                     choices=f.metadata.get("choices"))
     return parser
@@ -34,4 +39,4 @@ def add_config_args(parser, config_class, groups=None, skip=()):
 
 def given(argv, name):
     """Whether argv sets --name (as `--name value` or `--name=value`)."""
-    return any(a == flag(name) or a.startswith(flag(name) + "=") for a in argv)
+    return any(a == option(name) or a.startswith(option(name) + "=") for a in argv)

@@ -52,12 +52,12 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm import tqdm
 
-from ddpo.config import add_config_args
+from ddpo.config import add_config_args, flag
 from ddpo.data import (DataError, atomic_write, check_text, check_writable, hold_lock, in_range, prompt_ids,
                        read_jsonl)
 from ddpo.malloc import keep_freed_memory
@@ -69,21 +69,16 @@ WRITTEN_BY = "ddpo.generate"
 
 @dataclass
 class Sampling:
-    n: int = field(default=4, metadata={"help": "samples per prompt", "type": in_range(int, 1)})
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature",
-                                                      "type": in_range(float, 0, above=True)})
-    top_k: int = field(default=50, metadata={"help": "keep the k most likely tokens (0 = off)", "type": in_range(int, 0)})
-    top_p: float = field(default=0.95, metadata={"help": "then the smallest set of mass >= top_p (1 = off)",
-                                                 "type": in_range(float, 0, 1, above=True)})
-    min_p: float = field(default=0.0, metadata={"help": "then tokens of probability >= min_p x the top one's (0 = off)",
-                                                "type": in_range(float, 0, 1)})
-    repetition_penalty: float = field(default=1.1, metadata={"help": "Hugging Face's: seen tokens' logits divided "
-                                                                     "(positive) or multiplied (negative) by it",
-                                                             "type": in_range(float, 0, above=True)})
-    max_new_tokens: int = field(default=256, metadata={"help": "tokens per response at most", "type": in_range(int, 1)})
-    seed: int = field(default=0, metadata={"help": "each batch of --batch-prompts prompts draws from its own stream, "
-                                                   "seeded by seed and the batch's index (so a resumed run draws the "
-                                                   "same)", "type": in_range(int, 0, 2**32 - 1)})
+    n: int = flag(4, "samples per prompt", type=in_range(int, 1))
+    temperature: float = flag(1.0, "softmax temperature", type=in_range(float, 0, above=True))
+    top_k: int = flag(50, "keep the k most likely tokens (0 = off)", type=in_range(int, 0))
+    top_p: float = flag(0.95, "then the smallest set of mass >= top_p (1 = off)", type=in_range(float, 0, 1, above=True))
+    min_p: float = flag(0.0, "then tokens of probability >= min_p x the top one's (0 = off)", type=in_range(float, 0, 1))
+    repetition_penalty: float = flag(1.1, "Hugging Face's: seen tokens' logits divided (if > 0) or multiplied by it",
+                                     type=in_range(float, 0, above=True))
+    max_new_tokens: int = flag(256, "tokens per response at most", type=in_range(int, 1))
+    seed: int = flag(0, "each batch of prompts draws from a stream seeded by seed and its index",
+                   type=in_range(int, 0, 2**32 - 1))
 
 
 def penalise(logits, seen, penalty):

@@ -44,7 +44,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from ddpo import generate, prepare, train
 from ddpo.checkpoint import open_output_dir, output_lock, restore
-from ddpo.config import add_config_args
+from ddpo.config import add_config_args, flag
 from ddpo.data import DataError, Pair, atomic_write, in_range, micro_batches, remove_temporaries, tokenize_pairs
 from ddpo.deviation import METRICS, mean_cosine_distance
 from ddpo.distributed import data_parallel, print0, setup_distributed, shutdown_distributed
@@ -68,39 +68,34 @@ from ddpo.train import GROUPS, TrainConfig, check_device, check_paths, lr_lambda
 UNUSED = {"data", "epochs", "max_steps", "precompute_ref", "eval_data", "fsdp", "grad_accum"}  # of TrainConfig
 
 
-def _(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
 
 @dataclass
 class OnlineConfig(generate.Sampling, TrainConfig):
-    prompts: str = _("", "prompts JSONL (ddpo.generate's format; required)")
-    rounds: int = _(20, "rounds to run in all (a resumed run goes on to this many)", type=in_range(int, 1))
-    prompts_per_round: int = _(8, "prompts sampled each round", type=in_range(int, 1))
-    n: int = _(4, "responses sampled per prompt (2+: a pool to pair and weigh); under torchrun, whose own parser "
-               "takes --n for --nnodes, write --samples-per-prompt", type=in_range(int, 2),
-               aliases=["--samples-per-prompt"])
-    steps_per_round: int = _(1, "optimiser steps on each round's pairs (1: fully on-policy)", type=in_range(int, 1))
-    ref_update_every: int = _(0, "the reference becomes the policy after every R-th round (0: the start model)",
-                              type=in_range(int, 0))
-    score: str = _("proxy", "quality of the responses: proxy or reward-model:PATH (ddpo.prepare's --score)")
-    pairing: str = _("gap", "ddpo.prepare's rule, per prompt", choices=prepare.PAIRINGS)
-    gap: float = _(5.0, "gap pairing: minimum score gap before falling back", type=in_range(float, 0))
-    rho: float = _(0.25, "divpo: share of the pool taken as high and low", type=in_range(float, 0, 1, above=True))
-    pairs_per_prompt: int = _(2, "divpo: M, pairs per prompt", type=in_range(int, 1))
-    quality_eps: float = _(0.0, "diverse-ns: chosen score >= rejected score - eps", type=in_range(float, 0))
-    length_tolerance: float = _(0.1, "diverse-ns: |len_c - len_r| / len_r at most this", type=in_range(float, 0))
-    deviation: str = _("both", "metrics whose deviation weights the pairs of a weighted loss",
-                       choices=list(METRICS))
-    max_new_tokens: int = _(64, "tokens per response at most", type=in_range(int, 1))
-    seed: int = _(42, "seed of prompt order, sampling, pairing and initialisation", type=in_range(int, 0, 2**32 - 1))
-    sample_batch: int = _(generate.BATCH_PROMPTS, "prompts per sampling batch (x n sequences); the samples depend on "
-                          "it, not on the number of ranks", type=in_range(int, 1))
-    base_model: str = _("", "conformative decoding: the base model mixed into the sampler")
-    conform_weight: float = _(0.0, "w in p = (1 - w) p_policy + w p_base", type=in_range(float, 0, 1))
-    base_prompt_format: str = _("chat", "how the base model reads the prompt", choices=["chat", "completion"])
-    save_every: int = _(0, "checkpoint every N rounds (0 = only at the end)", type=in_range(int, 0))
-    eval_every: int = _(0, "evaluate every N rounds and at the last (0 = at the last only)", type=in_range(int, 0))
+    prompts: str = flag("", "prompts JSONL (ddpo.generate's format; required)")
+    rounds: int = flag(20, "rounds to run in all (a resumed run goes on to this many)", type=in_range(int, 1))
+    prompts_per_round: int = flag(8, "prompts sampled each round", type=in_range(int, 1))
+    n: int = flag(4, "responses per prompt (2+); under torchrun write --samples-per-prompt", type=in_range(int, 2),
+                aliases=["--samples-per-prompt"])
+    steps_per_round: int = flag(1, "optimiser steps on each round's pairs (1: fully on-policy)", type=in_range(int, 1))
+    ref_update_every: int = flag(0, "the reference becomes the policy every R rounds (0: the start model)",
+                                type=in_range(int, 0))
+    score: str = flag("proxy", "quality of the responses: proxy or reward-model:PATH (ddpo.prepare's --score)")
+    pairing: str = flag("gap", "ddpo.prepare's rule, per prompt", choices=prepare.PAIRINGS)
+    gap: float = flag(5.0, "gap pairing: minimum score gap before falling back", type=in_range(float, 0))
+    rho: float = flag(0.25, "divpo: share of the pool taken as high and low", type=in_range(float, 0, 1, above=True))
+    pairs_per_prompt: int = flag(2, "divpo: M, pairs per prompt", type=in_range(int, 1))
+    quality_eps: float = flag(0.0, "diverse-ns: chosen score >= rejected score - eps", type=in_range(float, 0))
+    length_tolerance: float = flag(0.1, "diverse-ns: |len_c - len_r| / len_r at most this", type=in_range(float, 0))
+    deviation: str = flag("both", "metrics whose deviation weights the pairs of a weighted loss", choices=list(METRICS))
+    max_new_tokens: int = flag(64, "tokens per response at most", type=in_range(int, 1))
+    seed: int = flag(42, "seed of prompt order, sampling, pairing and initialisation", type=in_range(int, 0, 2**32 - 1))
+    sample_batch: int = flag(generate.BATCH_PROMPTS, "prompts per sampling batch (the samples depend on it)",
+                            type=in_range(int, 1))
+    base_model: str = flag("", "conformative decoding: the base model mixed into the sampler")
+    conform_weight: float = flag(0.0, "w in p = (1 - w) p_policy + w p_base", type=in_range(float, 0, 1))
+    base_prompt_format: str = flag("chat", "how the base model reads the prompt", choices=["chat", "completion"])
+    save_every: int = flag(0, "checkpoint every N rounds (0 = only at the end)", type=in_range(int, 0))
+    eval_every: int = flag(0, "evaluate every N rounds and at the last (0 = at the last only)", type=in_range(int, 0))
     pool: str = "pairs"  # deviation over the texts of a prompt's pairs, as ddpo.prepare's default (not a flag)
 
 

@@ -29,7 +29,7 @@ from importlib import resources
 from ddpo import curves, evaluate, generate, prepare
 from ddpo import train as trainer
 from ddpo.checkpoint import checkpoint_path
-from ddpo.config import add_config_args, given
+from ddpo.config import add_config_args, flag, given
 from ddpo.data import DataError, atomic_write, in_range
 from ddpo.embedders import DEFAULT_EMBEDDERS
 from ddpo.losses import LOSSES
@@ -40,39 +40,32 @@ from ddpo.models import DEFAULT_MODEL
 MONITOR = {"samples": 4, "max_new_tokens": 48}  # of the evaluations during training: cheap enough to leave on
 
 
-def _(default, help, type=None):
-    return field(default=default, metadata={"help": help, **({"type": type} if type else {})})
-
 
 @dataclass
 class PipelineConfig:
-    work_dir: str = _("runs/pipeline", "every stage's output; a stage whose output is there is skipped")
-    model: str = _(DEFAULT_MODEL, "start model: hub name, local directory or packaged:<name>")
-    train_prompts: int = _(24, "first prompts of ddpo/data/prompts_train.jsonl (130) to sample training pools for",
-                           in_range(int, 1))
-    eval_prompts: int = _(12, "first held-out prompts of ddpo/data/prompts_eval.jsonl (32)", in_range(int, 2))
-    n: int = _(4, "responses per training prompt (its pool)", in_range(int, 2))
-    eval_n: int = _(0, "samples per held-out prompt (0 = --n)", in_range(int, 0))
-    max_new_tokens: int = _(100, "tokens per sampled response", in_range(int, 1))
-    steps: int = _(10, "optimiser steps of every arm", in_range(int, 1))
-    batch_size: int = _(4, "pairs per step", in_range(int, 1))
-    lr: float = _(1e-5, "peak learning rate", in_range(float, 0, above=True))
-    beta: float = _(0.1, "DPO/DDPO beta", in_range(float, 0, above=True))
-    gap: float = _(1.0, "gap pairing: minimum proxy-score gap before falling back", in_range(float, 0))
-    semantic_embedder: str = _(DEFAULT_EMBEDDERS["semantic"], "semantic embedder of weights and evaluation")
-    trust_remote_code: bool = _(False, "run the embedders' own code (e.g. jinaai/jina-embeddings-v3)")
-    dtype: str = field(default="auto", metadata={"help": "ddpo.generate's and ddpo.train's --dtype: auto is bf16 "
-                                                         "autocast where bf16 matmuls are native, else fp32; "
-                                                         "float32 gives the tables of fp32 machines",
-                                                 "choices": ["auto", "float32", "bfloat16"]})
-    train_flags: str = _("", "extra ddpo.train flags for every arm, e.g. \"--lora-r 128 --gradient-checkpointing\"")
-    monitor_prompts: int = _(2, "first held-out prompts sampled during training (ddpo.train --eval-prompts: "
-                                f"{MONITOR['samples']} samples of {MONITOR['max_new_tokens']} tokens each); 0 = off",
-                             in_range(int, 0))
-    monitor_every: int = _(5, "steps between those evaluations (and at the last step)", in_range(int, 1))
-    seed: int = _(0, "seed of sampling, pairing and training", in_range(int, 0))
-    quick: bool = _(False, "tiny sizes for a smoke test, for every size not given on the command line: "
-                           "train-prompts 3, eval-prompts 2, n 3, max-new-tokens 24, steps 2, batch-size 2")
+    work_dir: str = flag("runs/pipeline", "every stage's output; a stage whose output is there is skipped")
+    model: str = flag(DEFAULT_MODEL, "start model: hub name, local directory or packaged:<name>")
+    train_prompts: int = flag(24, "first prompts of ddpo/data/prompts_train.jsonl (130) to sample pools for",
+                              type=in_range(int, 1))
+    eval_prompts: int = flag(12, "first held-out prompts of ddpo/data/prompts_eval.jsonl (32)", type=in_range(int, 2))
+    n: int = flag(4, "responses per training prompt (its pool)", type=in_range(int, 2))
+    eval_n: int = flag(0, "samples per held-out prompt (0 = --n)", type=in_range(int, 0))
+    max_new_tokens: int = flag(100, "tokens per sampled response", type=in_range(int, 1))
+    steps: int = flag(10, "optimiser steps of every arm", type=in_range(int, 1))
+    batch_size: int = flag(4, "pairs per step", type=in_range(int, 1))
+    lr: float = flag(1e-5, "peak learning rate", type=in_range(float, 0, above=True))
+    beta: float = flag(0.1, "DPO/DDPO beta", type=in_range(float, 0, above=True))
+    gap: float = flag(1.0, "gap pairing: minimum proxy-score gap before falling back", type=in_range(float, 0))
+    semantic_embedder: str = flag(DEFAULT_EMBEDDERS["semantic"], "semantic embedder of weights and evaluation")
+    trust_remote_code: bool = flag(False, "run the embedders' own code (e.g. jinaai/jina-embeddings-v3)")
+    dtype: str = flag("auto", "--dtype of sampling and training: auto is bf16 where native, else fp32",
+                      choices=["auto", "float32", "bfloat16"])
+    train_flags: str = flag("", 'extra ddpo.train flags for every arm, e.g. "--lora-r 128 --gradient-checkpointing"')
+    monitor_prompts: int = flag(2, f"held-out prompts sampled during training ({MONITOR['samples']} samples each; "
+                                "0 = off)", type=in_range(int, 0))
+    monitor_every: int = flag(5, "steps between those evaluations (and at the last step)", type=in_range(int, 1))
+    seed: int = flag(0, "seed of sampling, pairing and training", type=in_range(int, 0))
+    quick: bool = flag(False, "tiny sizes for a smoke test (every size not given on the command line)")
 
 
 GROUPS = {"sizes": ["train_prompts", "eval_prompts", "n", "eval_n", "max_new_tokens", "quick"],

@@ -59,13 +59,13 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from ddpo.checkpoint import open_output_dir, output_lock, restore
-from ddpo.config import add_config_args
+from ddpo.config import add_config_args, flag
 from ddpo.data import DataError, atomic_write, check_output_dir, in_range, load_pairs, optimizer_steps, tokenize_pairs
 from ddpo.distributed import data_parallel, print0, setup_distributed, shutdown_distributed
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder
@@ -79,118 +79,74 @@ from ddpo.step import PRINTED, chosen_weights, embedders, evaluate_and_save, log
 
 @dataclass
 class TrainConfig:
-    data: str = field(default="", metadata={"help": "pairs JSONL file or directory of JSONL files (required)"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name, local directory or packaged:<name>"})
-    ref_model: str = field(default="", metadata={"help": "reference model of the losses with one (dpo, ipo, hinge, "
-                                                          "robust, cdpo, rpo and their twins; default: --model, frozen)"})
-    output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, metrics.jsonl, train_config.json"})
-    loss: str = field(default="ddpo", metadata={
-        "help": "dpo, ipo, hinge (SLiC/RSO), robust (rDPO), cdpo (conservative DPO), rpo (DPO + NLL), simpo (no "
-                "reference), orpo, sft (NLL of the chosen responses, the paper's stage before DPO); each has a "
-                "deviation-weighted twin, its loss times the chosen weight: ddpo, dorpo (the paper's), dd-<loss> for "
-                "the others (dd-ipo, ...). README 'Losses' has the equations", "choices": list(LOSSES)})
-    beta: float = field(default=0.1, metadata={"help": "inverse temperature of DPO and the losses on its logit; IPO's "
-                                                       "tau; SimPO's reward scale (DDPO paper: 0.1; SimPO paper: 2-2.5)",
-                                             "type": in_range(float, 0, above=True)})
-    orpo_lambda: float = field(default=0.25, metadata={"help": "weight of the ORPO/DORPO odds-ratio term",
-                                                    "type": in_range(float, 0)})
-    dorpo_form: str = field(default="released", metadata={
-        "help": "released: mean(w)*NLL + lambda*mean(-logsigmoid(w*Delta)); per-example: mean(w*(NLL + lambda*L_OR))",
-        "choices": ["released", "per-example"]})
-    label_smoothing: float = field(default=0.1, metadata={
-        "help": "robust, cdpo: the probability epsilon that a preference is flipped (TRL's docs, after the rDPO "
-                "paper: 0.1)",
-        "type": in_range(float, 0, 0.5, below=True)})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: the target reward margin gamma, in reward units "
-                                                              "(TRL's simpo_gamma default)", "type": in_range(float, 0)})
-    rpo_alpha: float = field(default=1.0, metadata={"help": "rpo: the weight alpha of the chosen response's NLL per "
-                                                            "token (RPO paper: 1)", "type": in_range(float, 0)})
-    deviation: str = field(default="none", metadata={
-        "help": "chosen weights of a weighted loss (ddpo, dorpo, dd-*; unweighted losses ignore this): none: the "
-                "data's 'weight'; semantic|style|both: computed once at start from embeddings of every prompt's pool "
-                "(its pairs' texts)",
-        "choices": ["none", "semantic", "style", "both"]})
-    semantic_embedder: str = field(default=DEFAULT_EMBEDDERS["semantic"], metadata={"help": "for --deviation semantic|both"})
-    style_embedder: str = field(default=DEFAULT_EMBEDDERS["style"], metadata={"help": "for --deviation style|both"})
-    weight_field: str = field(default="weight", metadata={
-        "help": "the data's field holding each pair's weight (--deviation none), e.g. a score another tool wrote; "
-                "optional under the default name, required in every record under any other"})
-    min_weight: float = field(default=0.0, metadata={"help": "clamp chosen weights from below, e.g. 0.2 (paper ablation)",
-                                                   "type": in_range(float, 0)})
-    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6)", "type": in_range(float, 0, above=True)})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "type": in_range(float, 0)})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps", "type": in_range(int, 0)})
-    schedule: str = field(default="linear", metadata={"help": "decay after warm-up", "choices": ["linear", "cosine", "constant"]})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)", "type": in_range(float, 0)})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the pairs (paper: 3); ignored if max_steps > 0",
-                                               "type": in_range(float, 0, above=True)})
-    max_steps: int = field(default=0, metadata={"help": "optimiser steps; 0 = derive from epochs", "type": in_range(int, 0)})
-    batch_size: int = field(default=2, metadata={"help": "pairs per micro-batch", "type": in_range(int, 1)})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step", "type": in_range(int, 1)})
-    max_length: int = field(default=-1, metadata={"help": "max prompt+completion tokens; completions keep their start "
-                                                           "(0 = off; -1 = as released: 512 for orpo/dorpo, off for "
-                                                           "the others)", "type": in_range(int, -1)})
-    max_prompt_length: int = field(default=-1, metadata={"help": "max prompt tokens; prompts keep their end (0 = off; "
-                                                                  "-1 = as released: 128 for orpo/dorpo, off for "
-                                                                  "the others)", "type": in_range(int, -1)})
-    seed: int = field(default=42, metadata={"help": "seed of data order and initialisation", "type": in_range(int, 0, 2**32 - 1)})
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where bf16 matmuls are native (CUDA, "
-                                                         "CPUs with AVX512-BF16 or AMX), else fp32",
-                                                 "choices": ["auto", "float32", "bfloat16"]})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    packing: bool = field(default=True, metadata={"help": "padding-free micro-batches: sequences packed in one row "
-                                                          "(checked against padding on the first pairs at start)"})
-    precompute_ref: bool = field(default=False, metadata={"help": "losses with a reference: its log-probs in one pass before "
-                                                                  "training, cached on disk; the reference model is then freed"})
-    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard parameters, gradients and optimiser "
-                                                        "state over the ranks (FSDP2, one unit per decoder layer), for "
-                                                        "models that do not fit one device; full fine-tuning only"})
-    lean: bool = field(default=True, metadata={"help": "policy SwiGLU MLPs and RMSNorms save fewer activations and "
-                                                        "recompute the rest in the backward (ddpo/lean.py; same "
-                                                        "arithmetic)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward"})
-    fused_loss: bool = field(default=True, metadata={"help": "the loss of each group of pairs computed inside the "
-                                                              "log-prob head, its gradients in the forward (3 matmuls "
-                                                              "instead of 4); off: the head, then the loss"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning; paper: 128); the reference "
-                                                      "is then the base weights with adapters off", "type": in_range(int, 0)})
-    lora_alpha: float = field(default=256.0, metadata={"help": "LoRA alpha (scale alpha / r)", "type": in_range(float, 0, above=True)})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input", "type": in_range(float, 0, 1, below=True)})
-    lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "comma-separated nn.Linear names to adapt"})
-    merge_lora: bool = field(default=True, metadata={"help": "also save merged weights (transformers-loadable) "
-                                                             "in every LoRA checkpoint"})
-    kernels: str = field(default="auto", metadata={"help": "log-prob head: auto (Triton on CUDA), triton, torch (chunked)", "choices": ["auto", "triton", "torch"]})
-    log_every: int = field(default=1, metadata={"help": "log every N steps", "type": in_range(int, 1)})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)", "type": in_range(int, 0)})
-    save_only_model: bool = field(default=False, metadata={
-        "help": "checkpoints hold the model, tokenizer and train_config.json but no trainer_state.pt (optimiser, "
-                "scheduler, RNG: twice the model's bytes), so --resume cannot continue from them (TRL's "
-                "save_only_model)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in output_dir, the newest always (0 = all)",
-                                                       "type": in_range(int, 0)})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir, with "
-                                                          "its settings (only --max-steps/--epochs, cadence, device and "
-                                                          "how it runs may change)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "run the embedders' own code from their directory "
-                                                                     "or hub repo (--deviation with jinaai/jina-"
-                                                                     "embeddings-v3); only for models you trust"})
+    data: str = flag("", "pairs JSONL file or directory of JSONL files (required)")
+    model: str = flag(DEFAULT_MODEL, "hub name, local directory or packaged:<name>")
+    ref_model: str = flag("", "reference of the losses that have one (default: --model, frozen)")
+    output_dir: str = flag("runs/train", "checkpoints, metrics.jsonl, train_config.json")
+    loss: str = flag("ddpo", "a loss of ddpo.losses.LOSSES; ddpo, dorpo, dd-<loss>: weighted by the chosen weight "
+                     "(README: Losses)", choices=list(LOSSES))
+    beta: float = flag(0.1, "DPO's inverse temperature; IPO's tau; SimPO's reward scale (paper: 0.1)",
+                       type=in_range(float, 0, above=True))
+    orpo_lambda: float = flag(0.25, "weight of the ORPO/DORPO odds-ratio term", type=in_range(float, 0))
+    dorpo_form: str = flag("released", "released: mean(w) NLL + lambda mean(-logsigmoid(w Delta)); "
+                           "per-example: mean(w (NLL + lambda L_OR))", choices=["released", "per-example"])
+    label_smoothing: float = flag(0.1, "robust, cdpo: probability that a preference is flipped (TRL: 0.1)",
+                                  type=in_range(float, 0, 0.5, below=True))
+    simpo_gamma: float = flag(0.5, "simpo: target reward margin gamma (TRL's default)", type=in_range(float, 0))
+    rpo_alpha: float = flag(1.0, "rpo: weight of the chosen NLL per token (RPO paper: 1)", type=in_range(float, 0))
+    deviation: str = flag("none", "chosen weights: none = the data's weight field; else computed once from the pools' "
+                          "embeddings", choices=["none", "semantic", "style", "both"])
+    semantic_embedder: str = flag(DEFAULT_EMBEDDERS["semantic"], "for --deviation semantic|both")
+    style_embedder: str = flag(DEFAULT_EMBEDDERS["style"], "for --deviation style|both")
+    weight_field: str = flag("weight", "the data's field of each pair's weight (--deviation none); required under another name")
+    min_weight: float = flag(0.0, "clamp chosen weights from below, e.g. 0.2 (paper ablation)", type=in_range(float, 0))
+    lr: float = flag(5e-6, "peak learning rate (paper: 5e-6)", type=in_range(float, 0, above=True))
+    weight_decay: float = flag(0.0, "AdamW weight decay", type=in_range(float, 0))
+    warmup_steps: int = flag(0, "linear warm-up steps", type=in_range(int, 0))
+    schedule: str = flag("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    max_grad_norm: float = flag(1.0, "gradient clipping (0 = off)", type=in_range(float, 0))
+    epochs: float = flag(3.0, "passes over the pairs (paper: 3); ignored if max_steps > 0",
+                        type=in_range(float, 0, above=True))
+    max_steps: int = flag(0, "optimiser steps; 0 = derive from epochs", type=in_range(int, 0))
+    batch_size: int = flag(2, "pairs per micro-batch", type=in_range(int, 1))
+    grad_accum: int = flag(1, "micro-batches per optimiser step", type=in_range(int, 1))
+    max_length: int = flag(-1, "max prompt+completion tokens (0 = off; -1 = released: 512 for orpo/dorpo, else off)",
+                          type=in_range(int, -1))
+    max_prompt_length: int = flag(-1, "max prompt tokens, keeping the end (0 = off; -1 = released: 128 for orpo/dorpo)",
+                                 type=in_range(int, -1))
+    seed: int = flag(42, "seed of data order and initialisation", type=in_range(int, 0, 2**32 - 1))
+    dtype: str = flag("auto", "auto: bf16 autocast where bf16 matmuls are native (CUDA, AVX512-BF16, AMX), else fp32",
+                      choices=["auto", "float32", "bfloat16"])
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    packing: bool = flag(True, "padding-free micro-batches: sequences packed in one row")
+    precompute_ref: bool = flag(False, "reference log-probs in one pass before training, cached on disk")
+    fsdp: bool = flag(False, "under torchrun: shard the model and optimiser over the ranks (FSDP2; full fine-tuning)")
+    lean: bool = flag(True, "policy MLPs and RMSNorms save fewer activations (ddpo/lean.py; same arithmetic)")
+    gradient_checkpointing: bool = flag(False, "recompute activations in the backward")
+    fused_loss: bool = flag(True, "the loss computed inside the log-prob head (3 matmuls instead of 4)")
+    lora_r: int = flag(0, "LoRA rank (0 = full fine-tuning; paper: 128); the reference: adapters off",
+                      type=in_range(int, 0))
+    lora_alpha: float = flag(256.0, "LoRA alpha (scale alpha / r)", type=in_range(float, 0, above=True))
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input", type=in_range(float, 0, 1, below=True))
+    lora_targets: str = flag("q_proj,v_proj", "comma-separated nn.Linear names to adapt")
+    merge_lora: bool = flag(True, "also save merged weights (transformers-loadable) in every LoRA checkpoint")
+    kernels: str = flag("auto", "log-prob head: auto (Triton on CUDA), triton, torch (chunked)",
+                        choices=["auto", "triton", "torch"])
+    log_every: int = flag(1, "log every N steps", type=in_range(int, 1))
+    save_every: int = flag(0, "checkpoint every N steps (0 = only at the end)", type=in_range(int, 0))
+    save_only_model: bool = flag(False, "checkpoints without trainer_state.pt: smaller, but --resume refuses them")
+    keep_checkpoints: int = flag(2, "checkpoints kept, the newest always (0 = all)", type=in_range(int, 0))
+    resume: bool = flag(False, "continue from the newest checkpoint in output_dir, with its settings")
+    trust_remote_code: bool = flag(False, "run the embedders' own code (e.g. jina-embeddings-v3); only code you trust")
     # evaluation and reporting (ddpo/monitor.py)
-    eval_data: str = field(default="", metadata={"help": "held-out pairs JSONL (file or directory): the training "
-                                                          "objective on them, no update, at every evaluation: "
-                                                          "eval_loss, eval_rewards/margins, eval_rewards/accuracies, ..."})
-    eval_prompts: str = field(default="", metadata={"help": "prompts JSONL: at every evaluation sample --eval-samples "
-                                                             "responses per prompt (ddpo.generate's sampler, seeded) and "
-                                                             "log ddpo.evaluate's metrics of them: eval_semantic_"
-                                                             "diversity, eval_style_diversity, eval_quality, ..."})
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps and at the last (0 = at the last "
-                                                          "step only)", "type": in_range(int, 0)})
-    eval_samples: int = field(default=4, metadata={"help": "responses per --eval-prompts prompt (2+: diversity)",
-                                                    "type": in_range(int, 2)})
-    eval_max_new_tokens: int = field(default=64, metadata={"help": "tokens per sampled response", "type": in_range(int, 1)})
-    eval_quality: str = field(default="proxy", metadata={"help": "quality of the samples: proxy or reward-model:PATH"})
-    report_to: str = field(default="none", metadata={"help": "where metrics go besides metrics.jsonl: none, "
-                                                              "tensorboard, wandb, or tensorboard,wandb (optional "
-                                                              "packages)", "type": report_targets})
+    eval_data: str = flag("", "held-out pairs: the objective on them at every evaluation (eval_loss, eval_rewards/*)")
+    eval_prompts: str = flag("", "held-out prompts: samples and ddpo.evaluate's metrics at every evaluation")
+    eval_every: int = flag(0, "evaluate every N steps and at the last (0 = at the last only)", type=in_range(int, 0))
+    eval_samples: int = flag(4, "responses per --eval-prompts prompt (2+: diversity)", type=in_range(int, 2))
+    eval_max_new_tokens: int = flag(64, "tokens per sampled response", type=in_range(int, 1))
+    eval_quality: str = flag("proxy", "quality of the samples: proxy or reward-model:PATH")
+    report_to: str = flag("none", "also send metrics to: none, tensorboard, wandb or tensorboard,wandb",
+                          type=report_targets)
 
 
 GROUPS = {  # headers of --help
