@@ -2,6 +2,7 @@
 
     python -m ddpo.pipeline --work-dir runs/pipeline && python experiments/mechanism.py --work-dir runs/pipeline
     python experiments/mechanism.py --work-dir runs/exp --arms dpo ddpo-both ddpo-sem divpo --n 8 --pool-prompts 32
+    python experiments/mechanism.py --work-dir ~/ddpo-runs/online --rounds-of ddpo    # online DDPO's own pools
 
 On held-out prompts (the pipeline's eval prompts, never trained on), the start model writes --n responses per prompt
 once (<work-dir>/mechanism/pool.jsonl). For every response y of prompt x and every trained arm M:
@@ -13,7 +14,9 @@ metrics within the prompt's pool, as ddpo.prepare computes them). DDPO scales ea
 its chosen response, so it should move probability toward rare responses more than DPO: r_DDPO - r_DPO > 0.
 Reported per arm: mean r over prompts, and the paired difference to --baseline with a bootstrap 95% interval over
 prompts and a sign-flip p-value (ddpo.evaluate's statistics). Forward passes only: no sampling noise after the pool.
-Writes <work-dir>/mechanism/report.md and results.json.
+With --rounds-of ARM the pools are instead those an online run (experiments/online_narrowing.py) trained on, one per
+round and prompt: does the weight act where it was applied? Writes <work-dir>/mechanism[-ARM-pools]/report.md and
+results.json.
 """
 
 import argparse
@@ -65,6 +68,17 @@ def correlations(delta, weights, group):
     return torch.tensor(r, dtype=torch.float64)
 
 
+def training_pools(rounds_dir):
+    """Every round's pools of an online run (ddpo.online's rounds/round-<r>.pools.jsonl), one pool per round and
+    prompt: a prompt drawn in two rounds is two pools, as each round weighs its own."""
+    names = [n for n in os.listdir(rounds_dir) if n.endswith(".pools.jsonl")]
+    rows = []
+    for name in sorted(names, key=lambda n: int(n.split("-")[1].split(".")[0])):
+        for _, rec in read_jsonl(os.path.join(rounds_dir, name)):
+            rows.append({**rec, "prompt_id": f"{name.split('.')[0]}:{rec['prompt_id']}"})
+    return rows
+
+
 def checkpoint_of(work_dir, arm):
     found = checkpoints(os.path.join(work_dir, arm))
     if not found:
@@ -73,10 +87,12 @@ def checkpoint_of(work_dir, arm):
 
 
 def run(args):
-    out_dir = os.path.join(args.work_dir, "mechanism")
+    out_dir = os.path.join(args.work_dir, f"mechanism-{args.rounds_of}-pools" if args.rounds_of else "mechanism")
     os.makedirs(out_dir, exist_ok=True)
     checkpoints = {arm: checkpoint_of(args.work_dir, arm) for arm in args.arms}
-    if args.pool:
+    if args.rounds_of:
+        rows = training_pools(os.path.join(args.work_dir, args.rounds_of, "rounds"))
+    elif args.pool:
         rows = [rec for _, rec in read_jsonl(args.pool)]
     else:
         prompts = first_prompts("eval", args.pool_prompts, os.path.join(out_dir, "prompts.jsonl"))
@@ -99,7 +115,8 @@ def run(args):
         d = e.get("vs_baseline")
         lines.append(f"| {arm} | {e['mean_r']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}] | "
                      + (f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['p_value']:.3g} |" if d else "| |"))
-    report = "\n".join(lines) + f"\n\n{results['prompts']} held-out prompts, {len(rows)} responses of the start model\n"
+    source = f"training pools of {args.rounds_of}" if args.rounds_of else "held-out prompts"
+    report = "\n".join(lines) + f"\n\n{results['prompts']} pools ({source}), {len(rows)} responses\n"
     atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2))
     atomic_write(os.path.join(out_dir, "report.md"), report)
     print(report, flush=True)
@@ -113,6 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--baseline", default="dpo", help="the arm the others are compared with, paired over prompts")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the start model the arms were trained from")
     p.add_argument("--pool", help="samples JSONL of the start model on held-out prompts (default: sample one)")
+    p.add_argument("--rounds-of", help="an online arm: the pools it trained on (its rounds/) instead of held-out ones")
     p.add_argument("--pool-prompts", type=int, default=32, help="held-out prompts (the first of the eval split)")
     p.add_argument("--n", type=int, default=8, help="responses per prompt in the pool")
     p.add_argument("--max-new-tokens", type=int, default=100, help="length of the pool's responses")

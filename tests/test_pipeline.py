@@ -65,6 +65,17 @@ def test_mechanism_correlations_by_hand():
     assert r[0] != r[0] and abs(r[1].item()) < 1e-12  # constant delta: NaN; orthogonal: 0
 
 
+def test_mechanism_training_pools_are_one_pool_per_round_and_prompt(tmp_path):
+    mechanism = load_experiment("mechanism")
+    rows = {2: [("a", "x"), ("a", "y"), ("b", "z")], 10: [("a", "w"), ("a", "v")]}
+    for r, pool in rows.items():
+        with open(tmp_path / f"round-{r}.pools.jsonl", "w") as f:
+            f.writelines(json.dumps({"prompt_id": p, "prompt": p, "response": t}) + "\n" for p, t in pool)
+        (tmp_path / f"round-{r}.jsonl").write_text("{}\n")  # the round's pairs: not a pool
+    got = [(row["prompt_id"], row["response"]) for row in mechanism.training_pools(str(tmp_path))]
+    assert got == [("round-2:a", "x"), ("round-2:a", "y"), ("round-2:b", "z"), ("round-10:a", "w"), ("round-10:a", "v")]
+
+
 def test_mechanism_check_runs_on_pipeline_arms(tmp_path, tiny_model):
     mechanism = load_experiment("mechanism")
     main(["--quick", "--model", tiny_model, "--work-dir", str(tmp_path), "--semantic-embedder", "stylometric"])
