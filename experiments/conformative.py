@@ -1,9 +1,11 @@
 """Conformative decoding over a sweep of w: the DPO-tuned model mixed with the model before preference tuning.
 
     python experiments/conformative.py --work-dir runs/exp-conf --weights 0 0.25 0.5 0.75 1
-The instruct model is the DPO arm of the pipeline in the same work dir (trained first if missing; run after
-compare_methods.py with the same --work-dir to reuse its responses and DPO checkpoint); the base model is the
-starting model (--model), as the offline default has no separate pre-trained base.
+    python experiments/conformative.py --instruct ~/ddpo-runs/online/dpo/checkpoint-40 --eval-prompts 32
+The instruct model is --instruct when given (e.g. an online DPO run's checkpoint); otherwise it is the DPO arm of
+the pipeline in the same work dir (trained first if missing; run after compare_methods.py with the same --work-dir
+to reuse its responses and DPO checkpoint). The base model is the starting model (--model), as the offline default
+has no separate pre-trained base.
 Results: <work-dir>/eval-conformative/ (report.md, plot.png, <run>.metrics.json), with paired differences to w=0
 (the DPO model alone) when 0 is among the weights.
 """
@@ -17,17 +19,19 @@ from ddpo.pipeline import Arm, first_prompts, parse_args, sample, make_pairs, tr
 if __name__ == "__main__":
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    extra.add_argument("--instruct", help="the tuned model to mix (default: train the pipeline's DPO arm)")
     sweep, rest = extra.parse_known_args()
     cfg = parse_args(rest)
     if cfg.work_dir == "runs/pipeline":
         cfg.work_dir = "runs/exp-conf"
     os.makedirs(cfg.work_dir, exist_ok=True)
-    train_prompts = first_prompts("train", cfg.train_prompts, os.path.join(cfg.work_dir, "prompts_train.jsonl"))
     eval_prompts = first_prompts("eval", cfg.eval_prompts, os.path.join(cfg.work_dir, "prompts_eval.jsonl"))
-    responses = sample(cfg, cfg.model, train_prompts, os.path.join(cfg.work_dir, "responses.jsonl"))
-    instruct = train_arm(cfg, Arm("dpo"), make_pairs(cfg, responses, ["--deviation", "both"],
-                                                     os.path.join(cfg.work_dir, "pairs.jsonl")),
-                         os.path.join(cfg.work_dir, "dpo"))
+    instruct = sweep.instruct
+    if not instruct:
+        train_prompts = first_prompts("train", cfg.train_prompts, os.path.join(cfg.work_dir, "prompts_train.jsonl"))
+        responses = sample(cfg, cfg.model, train_prompts, os.path.join(cfg.work_dir, "responses.jsonl"))
+        pairs = make_pairs(cfg, responses, ["--deviation", "both"], os.path.join(cfg.work_dir, "pairs.jsonl"))
+        instruct = train_arm(cfg, Arm("dpo"), pairs, os.path.join(cfg.work_dir, "dpo"))
     runs = {}
     for w in sweep.weights:
         runs[f"w={w:g}"] = sample(cfg, instruct, eval_prompts, os.path.join(cfg.work_dir, f"samples-w{w:g}.jsonl"),
