@@ -61,7 +61,8 @@ def main():
             for impl, t in (("vectorised", t_vec), ("per-prompt loop", t_loop))]
     append_rows(args.out, rows)
     for r in rows:
-        print(f"{r['impl']:>16}: {r['responses']} responses in {r['seconds']:.4f} s = {r['responses_per_s']:,.0f} responses/s")
+        print(f"{r['impl']:>16}: {r['responses']} responses in {r['seconds']:.4f} s = "
+              f"{r['responses_per_s']:,.0f} responses/s")
     print(f"speed-up {t_loop / t_vec:.1f}x")
 
 

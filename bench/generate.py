@@ -34,7 +34,8 @@ from ddpo.models import load_model, load_tokenizer, use_segment_attention
 
 def load_revision(rev):
     """ddpo/generate.py of git revision `rev` as a module (it imports the working tree's ddpo for the rest)."""
-    source = subprocess.run(["git", "show", f"{rev}:ddpo/generate.py"], capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(["git", "show", f"{rev}:ddpo/generate.py"], capture_output=True, text=True,
+                            check=True).stdout
     path = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
     path.write(source)
     path.close()
@@ -121,7 +122,8 @@ def main():
             print(f"batch {batch_prompts} x {args.n}: {impl:7s} {dtype:8s} {statistics.median(r):7.1f} tokens/s  {r}",
                   flush=True)
     append_rows(args.out, rows)
-    base = {r["batch_prompts"]: r["tokens_per_s"] for r in rows if (r["impl"], r["dtype"]) == ("before", args.dtypes[0])}
+    base = {r["batch_prompts"]: r["tokens_per_s"] for r in rows
+            if (r["impl"], r["dtype"]) == ("before", args.dtypes[0])}
     for r in rows:
         if (r["impl"], r["dtype"]) != ("before", args.dtypes[0]) and r["batch_prompts"] in base:
             print(f"batch {r['batch_prompts']}: {r['impl']} {r['dtype']} / before {args.dtypes[0]} = "

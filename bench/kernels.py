@@ -106,7 +106,8 @@ def dpo_steps(hidden, weight, labels, sequence_tokens):
 
     def then_loss():
         hidden.grad = weight.grad = None
-        logps = torch.zeros(2 * pairs, device=hidden.device).index_add(0, sequences, fused_logprobs(hidden, weight, labels))
+        logps = torch.zeros(2 * pairs, device=hidden.device).index_add(0, sequences,
+                                                                       fused_logprobs(hidden, weight, labels))
         dpo(everything, logps).backward()
 
     def in_forward():

@@ -111,8 +111,8 @@ def run_ours(args, data, out):
     keep_freed_memory()  # as python -m ddpo.train does (TRL runs with glibc's defaults, as its users do)
 
     cfg = parse_args(["--model", args.model, "--data", data, "--output-dir", out, "--loss", "ddpo",
-                      "--dtype", args.dtype, "--batch-size", str(args.pairs_per_step), "--epochs", "2", "--max-length", "0",
-                      "--max-prompt-length", "0", "--lr", "1e-6", "--keep-checkpoints", "1"])
+                      "--dtype", args.dtype, "--batch-size", str(args.pairs_per_step), "--epochs", "2",
+                      "--max-length", "0", "--max-prompt-length", "0", "--lr", "1e-6", "--keep-checkpoints", "1"])
     train(cfg)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][args.steps:]  # the second epoch
@@ -148,7 +148,8 @@ def run_trl(args, data, out):
                            use_cpu=not torch.cuda.is_available(), seed=0)
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, use_kernels=False), args=config,
                              ref_model=AutoModelForCausalLM.from_pretrained(path, use_kernels=False),
-                             train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
+                             train_dataset=Dataset.from_list(
+                                 [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
                              processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Clock()])
     trainer.train()
     assert len(times) == 2 * args.steps, len(times)
@@ -214,8 +215,8 @@ def main():
             for impl, r in results.items()]
     append_rows(args.out, rows)
     for r in rows:
-        print(f"{r['impl']:>9}: {r['tokens_per_s']:.1f} tokens/s, epoch {r['epoch_s']:.1f} s, median {r['step_s']:.2f} s/step, "
-              f"peak {r['peak_gb']:.2f} GB")
+        print(f"{r['impl']:>9}: {r['tokens_per_s']:.1f} tokens/s, epoch {r['epoch_s']:.1f} s, "
+              f"median {r['step_s']:.2f} s/step, peak {r['peak_gb']:.2f} GB")
     print(f"training state alone ({params / 1e6:.1f}M parameters x 4 bytes x 5: policy, reference, gradients, AdamW "
           f"m and v): {floor_gb:.2f} GB")
     for impl, t in results.items():

@@ -72,8 +72,10 @@ class Sampling:
     n: int = flag(4, "samples per prompt", type=in_range(int, 1))
     temperature: float = flag(1.0, "softmax temperature", type=in_range(float, 0, above=True))
     top_k: int = flag(50, "keep the k most likely tokens (0 = off)", type=in_range(int, 0))
-    top_p: float = flag(0.95, "then the smallest set of mass >= top_p (1 = off)", type=in_range(float, 0, 1, above=True))
-    min_p: float = flag(0.0, "then tokens of probability >= min_p x the top one's (0 = off)", type=in_range(float, 0, 1))
+    top_p: float = flag(0.95, "then the smallest set of mass >= top_p (1 = off)",
+                        type=in_range(float, 0, 1, above=True))
+    min_p: float = flag(0.0, "then tokens of probability >= min_p x the top one's (0 = off)",
+                        type=in_range(float, 0, 1))
     repetition_penalty: float = flag(1.1, "Hugging Face's: seen tokens' logits divided (if > 0) or multiplied by it",
                                      type=in_range(float, 0, above=True))
     max_new_tokens: int = flag(256, "tokens per response at most", type=in_range(int, 1))
@@ -335,7 +337,8 @@ def written_samples(output, meta, prompts, settings):
         if key in lines:
             raise DataError(f"{output}:{lineno}: sample {key[1]} of prompt {key[0]!r} is already on line {lines[key]}")
         lines[key] = lineno
-    if old.get("sampler", 1) != meta["sampler"] and len(lines) < len(prompts) * settings["n"]:  # complete: nothing to draw
+    # a complete output is kept whichever sampler wrote it: nothing is left to draw
+    if old.get("sampler", 1) != meta["sampler"] and len(lines) < len(prompts) * settings["n"]:
         raise DataError(f"{output}: written by an earlier version of the sampler (sampler {old.get('sampler', 1)}, now "
                         f"{meta['sampler']}), whose draws differ: choose another --output to finish it")
     return set(lines), len(complete)
@@ -355,7 +358,8 @@ def prompt_limit(models, max_new_tokens, flag="--max-new-tokens"):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="packaged:smollm2-135m-instruct", help="hub name, local path or packaged:<name>")
     p.add_argument("--prompts", required=True, help="prompts JSONL")
     p.add_argument("--output", required=True, help="samples JSONL, with <output>.meta.json; rerun to resume it")
@@ -426,7 +430,8 @@ def write_samples(args, prompts, s, settings, meta, device, dtype):
         atomic_write(meta_path(args.output), json.dumps({**meta, "prompts": args.prompts}, indent=1) + "\n")
     elif complete < os.path.getsize(args.output):
         os.truncate(args.output, complete)  # the torn last line of our own output
-    batches = sample(model, tokenizer, prompts, s, size, todo, base, args.conform_weight, args.base_prompt_format, dtype)
+    batches = sample(model, tokenizer, prompts, s, size, todo, base, args.conform_weight, args.base_prompt_format,
+                     dtype)
     for index, responses in tqdm(batches, desc="generate", total=len(todo), dynamic_ncols=True):
         lines = [json.dumps({"prompt_id": p["id"], "prompt": p["prompt"], "response": r, "sample": j, **settings},
                             ensure_ascii=False) + "\n"

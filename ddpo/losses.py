@@ -58,11 +58,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def ddpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, chosen_weights):
-    """DDPO: the DPO loss of each pair times the deviation weight of its chosen response (weight outside the sigmoid)."""
+    """DDPO: each pair's DPO loss times the deviation weight of its chosen response (weight outside the sigmoid)."""
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )
-    return chosen_weights * losses, chosen_rewards, rejected_rewards  # Chung et al. 2025, DDPO objective: delta_w * L_DPO
+    # Chung et al. 2025, DDPO objective: delta_w * L_DPO
+    return chosen_weights * losses, chosen_rewards, rejected_rewards
 
 
 def logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
@@ -206,7 +207,8 @@ def dorpo_loss(policy_chosen_logps, policy_rejected_logps, policy_chosen_nll, la
 
 def sft_loss(policy_chosen_logps):
     """SFT on the chosen responses: logps (B,) are *mean* per-token log-probs; returns the per-pair NLL (B,)."""
-    return -at_least_fp32(policy_chosen_logps)  # -1/|y| sum_t log pi(y_t | x, y_<t), averaged per response as ORPO's NLL
+    # -1/|y| sum_t log pi(y_t | x, y_<t), averaged per response as ORPO's NLL
+    return -at_least_fp32(policy_chosen_logps)
 
 
 # --- the table of --loss: every objective takes a micro-batch's log-probs and returns the same Objective ---------
@@ -277,7 +279,8 @@ def dorpo_objective(logps, weights, hp, weights_mean=None, **_):
     chosen_mean, rejected_mean = mean_logps(logps)
     losses, chosen_rewards, rejected_rewards, log_odds = dorpo_loss(
         chosen_mean, rejected_mean, -chosen_mean, hp.orpo_lambda, weights, hp.dorpo_form, weights_mean)
-    return Objective(losses, chosen_rewards, rejected_rewards, weights, odds_metrics(chosen_mean, rejected_mean, log_odds))
+    return Objective(losses, chosen_rewards, rejected_rewards, weights,
+                     odds_metrics(chosen_mean, rejected_mean, log_odds))
 
 
 def sft_objective(logps, weights, hp, **_):

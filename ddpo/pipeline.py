@@ -157,7 +157,8 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
     keep_freed_memory()  # every stage runs in this process
     os.makedirs(cfg.work_dir, exist_ok=True)
     train_prompts = first_prompts("train", cfg.train_prompts, os.path.join(cfg.work_dir, "prompts_train.jsonl"))
-    eval_prompts = eval_prompts or first_prompts("eval", cfg.eval_prompts, os.path.join(cfg.work_dir, "prompts_eval.jsonl"))
+    eval_prompts = eval_prompts or first_prompts("eval", cfg.eval_prompts,
+                                                 os.path.join(cfg.work_dir, "prompts_eval.jsonl"))
     responses = responses or sample(cfg, cfg.model, train_prompts, os.path.join(cfg.work_dir, "responses.jsonl"))
     samples = {}
     if include_start:
@@ -170,8 +171,8 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
         samples[name] = sample(cfg, checkpoint, eval_prompts, os.path.join(cfg.work_dir, name, "samples.jsonl"),
                                cfg.eval_n)
     results = evaluate.run(evaluate.parse_args([*samples.values(), "--names", *samples, "--semantic-embedder",
-                                                cfg.semantic_embedder, "--output-dir", os.path.join(cfg.work_dir, "eval"),
-                                                *remote_code(cfg),
+                                                cfg.semantic_embedder, "--output-dir",
+                                                os.path.join(cfg.work_dir, "eval"), *remote_code(cfg),
                                                 *(["--baseline", baseline] if baseline in samples else [])]))
     curves.run(curves.parse_args([os.path.join(cfg.work_dir, name) for name in arms] + [
         "--names", *arms, "--output", os.path.join(cfg.work_dir, "eval", "curves.png")]))
@@ -180,7 +181,8 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cfg = PipelineConfig(**vars(add_config_args(p, PipelineConfig, GROUPS).parse_args(argv)))
     if cfg.quick:  # sizes given on the command line win over --quick's
         cfg = PipelineConfig(**{**asdict(cfg), **{k: v for k, v in QUICK.items() if not given(argv, k)}})

@@ -2,9 +2,11 @@
 RPO and SFT, each with its deviation-weighted twin (dd-ipo, dd-hinge, dd-robust, dd-cdpo, dd-simpo, dd-rpo, dd-sft).
 
     python -m ddpo.train --data pairs.jsonl --loss ddpo --output-dir runs/ddpo
-    python -m ddpo.train --data pairs.jsonl --loss dd-ipo --deviation both --output-dir runs/dd-ipo   # weights from the pools
+    python -m ddpo.train --data pairs.jsonl --loss dd-ipo --deviation both \
+        --output-dir runs/dd-ipo   # weights from the pools
     python -m ddpo.train --data pairs.jsonl --loss simpo --beta 2.0 --simpo-gamma 0.5 --output-dir runs/simpo
-    python -m ddpo.train --data pairs.jsonl --loss dorpo --dorpo-form per-example --model HuggingFaceTB/SmolLM2-135M-Instruct
+    python -m ddpo.train --data pairs.jsonl --loss dorpo --dorpo-form per-example \
+        --model HuggingFaceTB/SmolLM2-135M-Instruct
     python -m ddpo.train --data pairs.jsonl --output-dir runs/ddpo --resume      # continue from the newest checkpoint
     torchrun --nproc_per_node 8 -m ddpo.train --data pairs.jsonl --loss ddpo --batch-size 2 --grad-accum 4
     torchrun --nproc_per_node 8 -m ddpo.train --data pairs.jsonl --loss ddpo --fsdp --model Qwen/Qwen2.5-7B-Instruct
@@ -31,13 +33,13 @@ the head computes each group of pairs' loss and its gradients in its forward (th
 backward); --no-fused-loss runs the head and then the loss, the same numbers (tested).
 
 Outputs in --output-dir: checkpoint-<step>/ (Hugging Face model + tokenizer, trainer_state.pt with optimiser,
-scheduler, step and RNG unless --save-only-model, train_config.json), metrics.jsonl (one line per log step) and train_config.json (every flag
-and the sha256 of the data). Checkpoints are written to a temporary directory and renamed into place
-(ddpo/checkpoint.py); a run holds <output_dir>/.lock while it writes there, so a second run into the same directory
-is refused, and removes the temporaries a killed run left there when it starts. With --eval-data / --eval-prompts,
-every --eval-every steps and at the last an evaluation row follows the step's row (held-out pairs under the training
-objective, the diversity and quality of sampled responses in eval_samples/; ddpo/monitor.py), and --report-to
-tensorboard|wandb sends every row there too.
+scheduler, step and RNG unless --save-only-model, train_config.json), metrics.jsonl (one line per log step) and
+train_config.json (every flag and the sha256 of the data). Checkpoints are written to a temporary directory and
+renamed into place (ddpo/checkpoint.py); a run holds <output_dir>/.lock while it writes there, so a second run into
+the same directory is refused, and removes the temporaries a killed run left there when it starts. With
+--eval-data / --eval-prompts, every --eval-every steps and at the last an evaluation row follows the step's row
+(held-out pairs under the training objective, the diversity and quality of sampled responses in eval_samples/;
+ddpo/monitor.py), and --report-to tensorboard|wandb sends every row there too.
 
 Flags are checked before anything loads: numeric ranges at parse time, then model paths, the output directory and
 the data. A step whose loss, gradient norm or any logged metric is not finite (NaN or inf: a huge 'weight' in the
@@ -98,7 +100,8 @@ class TrainConfig:
                           "embeddings", choices=["none", "semantic", "style", "both"])
     semantic_embedder: str = flag(DEFAULT_EMBEDDERS["semantic"], "for --deviation semantic|both")
     style_embedder: str = flag(DEFAULT_EMBEDDERS["style"], "for --deviation style|both")
-    weight_field: str = flag("weight", "the data's field of each pair's weight (--deviation none); required under another name")
+    weight_field: str = flag("weight", "the data's field of each pair's weight (--deviation none); "
+                             "required under another name")
     min_weight: float = flag(0.0, "clamp chosen weights from below, e.g. 0.2 (paper ablation)", type=in_range(float, 0))
     lr: float = flag(5e-6, "peak learning rate (paper: 5e-6)", type=in_range(float, 0, above=True))
     weight_decay: float = flag(0.0, "AdamW weight decay", type=in_range(float, 0))
@@ -151,7 +154,8 @@ class TrainConfig:
 
 GROUPS = {  # headers of --help
     "objective": ["loss", "beta", "orpo_lambda", "dorpo_form", "label_smoothing", "simpo_gamma", "rpo_alpha",
-                  "deviation", "semantic_embedder", "style_embedder", "trust_remote_code", "weight_field", "min_weight"],
+                  "deviation", "semantic_embedder", "style_embedder", "trust_remote_code", "weight_field",
+                  "min_weight"],
     "optimisation": ["lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "epochs", "max_steps",
                      "batch_size", "grad_accum", "seed"],
     "sequences": ["max_length", "max_prompt_length", "packing"],
@@ -166,7 +170,8 @@ GROUPS = {  # headers of --help
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cfg = TrainConfig(**vars(add_config_args(parser, TrainConfig, GROUPS).parse_args(argv)))
     if not cfg.data:
         parser.error("--data is required")
@@ -250,7 +255,8 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
            f"{'; the released ORPO rule' if LOSSES[cfg.loss].orpo_rule else ''})", flush=True)
     weights = chosen_weights(cfg, pairs)  # once: fixed data, frozen embedders
     if LOSSES[cfg.loss].weighted and cfg.deviation == "none" and all(p.weight is None for p in pairs):
-        print0(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals its unweighted loss", flush=True)
+        print0(f"warning: no pair has a 'weight': every weight is 1 and {cfg.loss} equals its unweighted loss",
+               flush=True)
     if cfg.deviation != "none" and not LOSSES[cfg.loss].weighted:
         print0(f"warning: --deviation {cfg.deviation} is ignored: {cfg.loss} takes no weights (its weighted twin does)",
                flush=True)
@@ -272,8 +278,9 @@ def train_locked(cfg, rank, world, device, pairs, held_out):
     plan = optimizer_steps(len(pairs), cfg.batch_size, cfg.grad_accum * world, cfg.seed, cfg.epochs, cfg.max_steps)
     total_steps = len(plan)
     if not total_steps:
-        raise DataError(f"--epochs {cfg.epochs:g}: {len(pairs)} pairs in steps of {cfg.batch_size * cfg.grad_accum * world} "
-                        "make no optimiser step; raise --epochs or set --max-steps")
+        raise DataError(f"--epochs {cfg.epochs:g}: {len(pairs)} pairs in steps of "
+                        f"{cfg.batch_size * cfg.grad_accum * world} make no optimiser step; "
+                        "raise --epochs or set --max-steps")
     if state and state["step"] > total_steps:  # nothing to train, and the checkpoint's run is longer than asked
         raise DataError(f"--max-steps/--epochs: the plan has {total_steps} steps, but {resume_from} is at step "
                         f"{state['step']}; ask for more steps to resume it")

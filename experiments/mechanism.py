@@ -110,11 +110,13 @@ def run(args):
             entry["vs_baseline"] = {"diff": diff.mean().item(), "ci95": interval(resample_means(diff[:, None])[:, 0]),
                                     "p_value": sign_flip_p(diff)}
         results["arms"][arm] = entry
-    lines = [f"| arm | mean r(delta logp/token, deviation weight) | {args.baseline} difference | p |", "|---|---|---|---|"]
+    lines = [f"| arm | mean r(delta logp/token, deviation weight) | {args.baseline} difference | p |",
+             "|---|---|---|---|"]
     for arm, e in results["arms"].items():
         d = e.get("vs_baseline")
         lines.append(f"| {arm} | {e['mean_r']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}] | "
-                     + (f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['p_value']:.3g} |" if d else "| |"))
+                     + (f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['p_value']:.3g} |"
+                        if d else "| |"))
     source = f"training pools of {args.rounds_of}" if args.rounds_of else "held-out prompts"
     report = "\n".join(lines) + f"\n\n{results['prompts']} pools ({source}), {len(rows)} responses\n"
     atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2))
@@ -124,7 +126,8 @@ def run(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work-dir", default="runs/pipeline", help="a pipeline work dir with one subdirectory per arm")
     p.add_argument("--arms", nargs="+", default=["dpo", "ddpo"], help="trained arms (subdirectories of --work-dir)")
     p.add_argument("--baseline", default="dpo", help="the arm the others are compared with, paired over prompts")
@@ -134,7 +137,8 @@ def parse_args(argv=None):
     p.add_argument("--pool-prompts", type=int, default=32, help="held-out prompts (the first of the eval split)")
     p.add_argument("--n", type=int, default=8, help="responses per prompt in the pool")
     p.add_argument("--max-new-tokens", type=int, default=100, help="length of the pool's responses")
-    p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"], help="semantic embedder of the weights")
+    p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"],
+                   help="semantic embedder of the weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the pool's sampling")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the pool's sampling dtype (ddpo.generate's --dtype)")

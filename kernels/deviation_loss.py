@@ -49,7 +49,7 @@ def group_weights_ref(embeddings):
 
 
 def deviation_loss_ref(logits, embeddings, group, chosen_index, min_weight=0.0, weight_inside=False):
-    """logits (B,), embeddings [K x (M, D_k)], group (M,), chosen_index (B,) -> (losses (B,), weights (M,), w_b (B,))."""
+    """logits (B,), embeddings [K x (M, D_k)], group (M,), chosen_index (B,) -> losses (B,), weights (M,), w_b (B,)."""
     weights = torch.empty(group.shape[0], dtype=torch.float64, device=group.device)
     for g in group.unique():
         rows = (group == g).nonzero()[:, 0]
@@ -88,12 +88,14 @@ def _deviation_loss_kernel(emb_ptr, stride_k, stride_m, offsets_ptr, logits_ptr,
         base = emb_ptr + k * stride_k + (start + local)[:, None].to(tl.int64) * stride_m
         sq = tl.zeros([BLOCK_N], tl.float64)
         for d0 in range(0, D, BLOCK_D):
-            x = tl.load(base + d0 + cols[None, :], mask=valid[:, None] & (d0 + cols[None, :] < D), other=0.0).to(tl.float64)
+            x = tl.load(base + d0 + cols[None, :], mask=valid[:, None] & (d0 + cols[None, :] < D),
+                        other=0.0).to(tl.float64)
             sq += tl.sum(x * x, axis=1)
         inv_norm = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)  # F.normalize(e.double(), dim=-1)
         dots = tl.zeros([BLOCK_N], tl.float64)
         for d0 in range(0, D, BLOCK_D):
-            x = tl.load(base + d0 + cols[None, :], mask=valid[:, None] & (d0 + cols[None, :] < D), other=0.0).to(tl.float64)
+            x = tl.load(base + d0 + cols[None, :], mask=valid[:, None] & (d0 + cols[None, :] < D),
+                        other=0.0).to(tl.float64)
             x = x * inv_norm[:, None]
             s = tl.sum(x, axis=0)  # S[d0:d0+BLOCK_D] = e[group].sum(0)
             dots += tl.sum(x * s[None, :], axis=1)  # e_i . S
@@ -142,7 +144,8 @@ def _layout(embeddings, group, chosen_index):
     pair_offsets[1:] = torch.cumsum(torch.bincount(group[chosen_index], minlength=G), 0)
     D = max(e.shape[1] for e in embeddings)
     stacked = torch.stack([F.pad(e.float(), (0, D - e.shape[1]))[order] for e in embeddings]).contiguous()  # (K, M, D)
-    return stacked, offsets, order, chosen_sorted[pair_order].to(torch.int32).contiguous(), pair_order, pair_offsets, int(counts.max())
+    return (stacked, offsets, order, chosen_sorted[pair_order].to(torch.int32).contiguous(), pair_order, pair_offsets,
+            int(counts.max()))
 
 
 def _deviation_loss_triton(logits, embeddings, group, chosen_index, min_weight, weight_inside):
@@ -191,7 +194,8 @@ def deviation_loss(logits, embeddings, group, chosen_index, min_weight=0.0, weig
     if logits.shape != chosen_index.shape:
         raise ValueError(f"one logit per pair: logits {tuple(logits.shape)}, chosen_index {tuple(chosen_index.shape)}")
     if any(e.shape[0] != group.shape[0] for e in embeddings):
-        raise ValueError(f"one row per response: group {tuple(group.shape)}, embeddings {[tuple(e.shape) for e in embeddings]}")
+        raise ValueError(f"one row per response: group {tuple(group.shape)}, "
+                         f"embeddings {[tuple(e.shape) for e in embeddings]}")
     if use_triton is None:
         use_triton = use_triton_for(logits)
     if not use_triton:

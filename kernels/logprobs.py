@@ -42,7 +42,8 @@ def logprobs_ref(hidden, weight, labels):
 def logprobs_loss_ref(hidden, weight, labels, sequences, groups, loss_fn):
     """Naive reference of fused_logprobs_loss: sequence sums of logprobs_ref, then the sum of the groups' losses."""
     n_seq = sum(len(group) for group in groups)
-    logps = torch.zeros(n_seq, device=hidden.device).index_add(0, sequences, logprobs_ref(hidden, weight, labels).float())
+    logps = torch.zeros(n_seq, device=hidden.device).index_add(0, sequences,
+                                                               logprobs_ref(hidden, weight, labels).float())
     return sum(loss_fn(group, logps[group]) for group in groups), logps.detach()
 
 

@@ -56,7 +56,8 @@ def tiny_model_plain(tmp_path_factory):
 
 
 STORIES = [
-    ("Write a story about a lighthouse.", "The keeper counted ships until the sea forgot him.", "A lighthouse was there."),
+    ("Write a story about a lighthouse.", "The keeper counted ships until the sea forgot him.",
+     "A lighthouse was there."),
     ("Write a poem about rain.", "Rain stitched the roofs together, thread by grey thread.", "Rain is wet. It falls."),
     ("Describe a dragon.", "It slept on a hoard of library cards, each one overdue.", "The dragon was big."),
     ("A story in six words.", "Sold: map, never folded, still lost.", "Short story here."),

@@ -66,7 +66,8 @@ def test_edge_cases():
     sty = torch.tensor([[1.0, 0], [0.0, 1.0], [0.0, 1.0]])  # dev: 1, .5, .5  -> d = 1, -1, -1
     w, _ = deviation_weights([sem, sty], torch.zeros(3, dtype=torch.long))
     assert w.tolist() == [1.0, 1.0, 1.0]
-    assert chosen_weights(torch.tensor([0.0, 0.1, 3.0]), torch.tensor([0, 1, 2]), 0.2).tolist() == pytest.approx([0.2, 0.2, 3.0])
+    assert chosen_weights(torch.tensor([0.0, 0.1, 3.0]), torch.tensor([0, 1, 2]),
+                          0.2).tolist() == pytest.approx([0.2, 0.2, 3.0])
 
 
 def test_mean_cosine_distance_and_minmax_hand_values():

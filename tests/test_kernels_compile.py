@@ -30,7 +30,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)  # A100, H100
-VOCABS = (259, 1000, 2000, 32000, 49152, 50257, 128256)  # the tiny test model, small / Llama-2 / SmolLM2 / GPT-2 / Llama-3
+# vocabulary sizes of the tiny test model, small / Llama-2 / SmolLM2 / GPT-2 / Llama-3
+VOCABS = (259, 1000, 2000, 32000, 49152, 50257, 128256)
 LOGIT_DTYPES = ("float32", "bfloat16", "float16")
 # deviation loss: (embedding dims, one per metric; responses per prompt) -> K, BLOCK_D (padded D), BLOCK_N
 DEVIATION_SHAPES = [
@@ -131,7 +132,8 @@ def _label(fn, signature, constexprs, attrs):
     first = next(n for n, t in signature.items() if t.startswith("*"))
     divisible = {names[k[0]] for k, v in attrs.items() if ["tt.divisibility", 16] in v}
     not16 = [n for n, t in signature.items() if t != "constexpr" and not t.startswith("fp") and n not in divisible]
-    return f"{first.removesuffix('_ptr')}={signature[first][1:]} {consts}" + (f" not16:{','.join(not16)}" if not16 else "")
+    return (f"{first.removesuffix('_ptr')}={signature[first][1:]} {consts}"
+            + (f" not16:{','.join(not16)}" if not16 else ""))
 
 
 def compile_all(archs=ARCHS):
@@ -199,7 +201,8 @@ def compiled(tmp_path_factory):
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp / "results.json")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        pytest.fail(f"AOT compilation subprocess failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+        pytest.fail(f"AOT compilation subprocess failed ({proc.returncode}):\n"
+                    f"{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     with open(tmp / "results.json") as f:
         results = json.load(f)
     print(f"\nAOT compile subprocess: {len(results)} kernel builds in {time.perf_counter() - start:.1f} s")
@@ -211,7 +214,8 @@ def test_kernels_compile(compiled, arch, capsys):
     rows = sorted((r for r in compiled if r["arch"] == arch), key=lambda r: r["kernel"])  # stable: launch order within
     w = max(len(r["config"]) for r in rows) + 2
     sources = sorted({r["usage_from"] for r in rows if "usage_from" in r})
-    print(f"\nsm_{arch} (registers and spills from {', '.join(sources)})\n{'kernel':<24}{'config':<{w}}{'regs':>5}{'spill st/ld B':>15}{'stack':>6}{'shared':>7}{'s':>6}")
+    print(f"\nsm_{arch} (registers and spills from {', '.join(sources)})\n"
+          f"{'kernel':<24}{'config':<{w}}{'regs':>5}{'spill st/ld B':>15}{'stack':>6}{'shared':>7}{'s':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['kernel']:<24}{r['config']:<{w}}  COMPILE ERROR")
@@ -241,7 +245,8 @@ def test_kernels_compile(compiled, arch, capsys):
     if errors:
         pytest.fail(f"sm_{arch}: {len(errors)} configurations do not compile:\n"
                     + "\n".join(f"  {r['kernel']} [{r['config']}]" for r in errors)
-                    + f"\nfirst error ({errors[0]['kernel']} [{errors[0]['config']}]):\n{errors[0]['error']}", pytrace=False)
+                    + f"\nfirst error ({errors[0]['kernel']} [{errors[0]['config']}]):\n{errors[0]['error']}",
+                    pytrace=False)
     unreported = [f"{r['kernel']} [{r['config']}]" for r in rows if "n_regs" not in r]
     assert not unreported, f"no registers / spills from ptxas for: {unreported}"
     for r in rows:

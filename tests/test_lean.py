@@ -112,7 +112,8 @@ def test_use_lean_leaves_other_layers(tiny_model):
     layer = model.model.layers[1].mlp
     layer.forward = lambda x, self=layer: self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
     norm = type(model.model.norm)
-    norm.forward, own = (lambda self, x: (1 + self.weight) * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()), norm.forward
+    norm.forward, own = (lambda self, x: (1 + self.weight) * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt(),
+                         norm.forward)
     try:  # Gemma-style norms (1 + weight) compute something else: the check refuses the whole class
         assert use_lean(model) == (0, 0)  # the swapped MLP roles differ numerically too
     finally:

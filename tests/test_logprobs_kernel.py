@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from ddpo_kernels.logprobs import (IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss, logprobs_loss_ref,
-                              logprobs_ref)
+from ddpo_kernels.logprobs import (IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss,
+                                   logprobs_loss_ref, logprobs_ref)
 
 SHAPES = [(47, 31, 1003), (1, 8, 17), (64, 16, 4099), (9, 64, 257)]
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=0.1, rtol=0.05)}

@@ -57,7 +57,8 @@ def test_orpo_values_and_gradients_are_finite_for_near_certain_responses(dtype):
                    dorpo_loss(chosen, rejected, nll, 0.25, torch.full((7,), 1.5, dtype=dtype), form="per-example")[0]):
         chosen.grad = rejected.grad = None
         losses.sum().backward()
-        assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+        assert (torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all()
+                and torch.isfinite(rejected.grad).all())
     x = torch.tensor([0.0, -1e-9, -6e-8, -1e4], dtype=dtype, requires_grad=True)
     log1mexp(x).sum().backward()
     assert torch.isfinite(x.grad).all()
@@ -183,7 +184,8 @@ def test_simpo_hand_value():
 
 
 def test_rpo_hand_value():
-    # DPO 0.2014133 + alpha 0.5 * NLL 2.5 (mean token log-prob -10/4) = 1.4514133; pair 2: 0.5130153 + 0.5 * 2 = 1.5130153
+    # DPO 0.2014133 + alpha 0.5 * NLL 2.5 (mean token log-prob -10/4) = 1.4514133;
+    # pair 2: 0.5130153 + 0.5 * 2 = 1.5130153
     args = pair_logps()
     nll = -args[0] / torch.tensor(COUNTS["chosen"], dtype=torch.float64)
     losses, chosen_rewards, _ = rpo_loss(*args, 0.1, nll, 0.5)

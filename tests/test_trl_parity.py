@@ -34,10 +34,10 @@ def first_step(trainer):
 
 def ours(tmp_path, model_path, rows, *flags, ref_path=None):
     data = write_pairs(tmp_path / "pairs.jsonl", rows)
+    # --max-steps, --lr, --max-prompt-length and --dtype as TRL's, below
     cfg = parse_args(["--model", model_path, "--data", data, "--output-dir", str(tmp_path / "ours"),
                       *(["--ref-model", ref_path] if ref_path else []), "--batch-size", str(len(rows)),
-                      "--max-steps", "1", "--lr", "1e-3", "--max-prompt-length", "0", "--dtype", "float32",  # as TRL's, below
-                      *flags])
+                      "--max-steps", "1", "--lr", "1e-3", "--max-prompt-length", "0", "--dtype", "float32", *flags])
     train(cfg)
     return metrics(cfg.output_dir)[0]
 
