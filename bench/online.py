@@ -86,7 +86,7 @@ def run_trl(args, prompts, model, tmp):
     config = OnlineDPOConfig(output_dir=os.path.join(tmp, "trl"), per_device_train_batch_size=args.prompts_per_round,
                              max_steps=args.rounds, max_new_tokens=args.max_new_tokens, learning_rate=5e-6, beta=[0.1],
                              bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(), report_to="none",
-                             save_strategy="no",
+                             save_strategy="no", gradient_checkpointing=False,  # TRL's default is True
                              logging_steps=1, dataloader_num_workers=0, seed=0, **SAMPLING)
     trainer = OnlineDPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=data,
                                processing_class=tokenizer, callbacks=[timer])
