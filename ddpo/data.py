@@ -207,6 +207,21 @@ def atomic_write(path, text):
             f.write(text)
 
 
+def append(path, text, sync=False):
+    """Append text to the file at path (and fsync it when `sync`); a file system's refusal is a DataError naming path
+    (a torn last line it leaves is dropped by whoever resumes the file)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+    except OSError as e:
+        if not refusal(e):
+            raise
+        raise DataError(f"{path}: cannot write it ({e.strerror})") from None
+
+
 def one_line_errors(run, *args):
     """run(*args), a command's work, with its expected failures as one line (exit status 1): a DataError, and a file
     system's refusal at a path (FILE_SYSTEM_ERRORS). Anything else is a bug and keeps its traceback."""
@@ -243,15 +258,24 @@ def check_not_input(output, source, flag="--output"):
         raise DataError(f"{flag} {output}: is the input {source} or inside it; write the output elsewhere")
 
 
+def existing_ancestor(path, what):
+    """The nearest existing ancestor of path, where the first write goes; a DataError (what: the flag and its value)
+    for a broken link or a link loop on the way, through which nothing can be created."""
+    directory = os.path.abspath(path)
+    while not os.path.exists(directory):
+        if os.path.islink(directory):
+            raise DataError(f"{what}: {directory} is a broken link or a link loop")
+        directory = os.path.dirname(directory)
+    return directory
+
+
 def check_writable(output, flag="--output"):
     """Refuse an output file that cannot be written, before any model loads; creates nothing."""
     if not output:
         raise DataError(f"{flag}: an empty path; name a file")
     if os.path.isdir(output):
         raise DataError(f"{flag} {output}: is a directory")
-    directory = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(directory):  # the nearest existing ancestor is where the first write goes
-        directory = os.path.dirname(directory)
+    directory = existing_ancestor(os.path.dirname(os.path.abspath(output)), f"{flag} {output}")
     try:
         with tempfile.TemporaryFile(dir=directory):
             pass
@@ -265,9 +289,7 @@ def check_output_dir(path, flag="--output-dir"):
     """DataError unless path is, or can be created as, a writable directory; creates nothing."""
     if not path:
         raise DataError(f"{flag}: an empty path; name a directory (. for this one)")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = existing_ancestor(path, f"{flag} {path}")
     if not os.path.isdir(existing):
         raise DataError(f"{flag} {path}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

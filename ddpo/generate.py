@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from ddpo.config import add_config_args
-from ddpo.data import (DataError, atomic_write, check_text, check_writable, hold_lock, in_range, prompt_ids,
+from ddpo.data import (DataError, append, atomic_write, check_text, check_writable, hold_lock, in_range, prompt_ids,
                        one_line_errors, read_jsonl)
 from ddpo.malloc import keep_freed_memory
 from ddpo.models import (autocast_context, autocast_dtype, check_causal_lm, check_vocabulary, load_model,
@@ -449,10 +449,7 @@ def write_samples(args, prompts, s, settings, meta, device, dtype):
                             ensure_ascii=False) + "\n"
                  for p, rs in zip(prompts[index * size:][:size], responses) for j, r in enumerate(rs)
                  if (p["id"], j) not in done]
-        with open(args.output, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        append(args.output, "".join(lines), sync=True)
     return args.output
 
 

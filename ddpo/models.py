@@ -185,11 +185,13 @@ def quiet_transformers():
 
 
 def from_pretrained(auto_class, name_or_path, **kwargs):
-    """auto_class.from_pretrained, with a failure to find or fetch the files (a hub name that is not in the local
+    """auto_class.from_pretrained, with a failure to find, fetch or read the files (a hub name that is not in the local
     cache while the hub cannot be reached, a repo that does not exist) as one DataError line."""
+    from safetensors import SafetensorError
+
     try:
         return auto_class.from_pretrained(resolve(name_or_path), **kwargs)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # the latter: a truncated or damaged weights file
         raise DataError(f"{name_or_path}: cannot load it: {str(e).splitlines()[0]}") from None
 
 

@@ -30,7 +30,7 @@ from ddpo import curves, evaluate, generate, prepare
 from ddpo import train as trainer
 from ddpo.checkpoint import checkpoint_path
 from ddpo.config import add_config_args, given
-from ddpo.data import atomic_write, in_range, one_line_errors
+from ddpo.data import atomic_write, check_output_dir, in_range, one_line_errors
 from ddpo.embedders import DEFAULT_EMBEDDERS
 from ddpo.losses import LOSSES
 from ddpo.malloc import keep_freed_memory
@@ -162,6 +162,7 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
 
     Returns the evaluation results {name: metrics}; outputs under cfg.work_dir."""
     keep_freed_memory()  # every stage runs in this process
+    check_output_dir(cfg.work_dir, "--work-dir")
     os.makedirs(cfg.work_dir, exist_ok=True)
     train_prompts = first_prompts("train", cfg.train_prompts, os.path.join(cfg.work_dir, "prompts_train.jsonl"))
     eval_prompts = eval_prompts or first_prompts("eval", cfg.eval_prompts, os.path.join(cfg.work_dir, "prompts_eval.jsonl"))
