@@ -77,10 +77,10 @@ def state_step_text(h, out):
 
 def checkpoint_entry(kind):
     def change(h, out):
-        if kind == "file":
-            (out / "checkpoint-2").write_text("not a checkpoint")
+        if kind == "file":  # older than checkpoint-1: pruned after the step (keep 2)
+            (out / "checkpoint-0").write_text("not a checkpoint")
         elif kind == "link":
-            os.symlink(h.tmp / "elsewhere", out / "checkpoint-2")
+            os.symlink(h.tmp / "elsewhere", out / "checkpoint-0")
         else:
             shutil.copytree(out / "checkpoint-1", out / "checkpoint-²")
     return change
@@ -164,8 +164,8 @@ CASES = [  # name, setup -> argv, expected outcome, its message
     ("checkpoint-² (a non-ASCII digit)", tamper(checkpoint_entry("digit")), "error",
      r"checkpoint-²: not a checkpoint name"),
     ("a checkpoint entry that is a file", tamper(checkpoint_entry("file")), "error",
-     r"checkpoint-2: is a file, and ddpo\.train writes checkpoints as directories"),
-    ("a checkpoint entry that is a link", tamper(checkpoint_entry("link")), "error", r"checkpoint-2: is a link"),
+     r"checkpoint-0: is a file, and ddpo\.train writes checkpoints as directories"),
+    ("a checkpoint entry that is a link", tamper(checkpoint_entry("link")), "error", r"checkpoint-0: is a link"),
     ("a truncated reference cache", reference_cache("truncated"), "error",
      r"\.pt: not a reference cache of these 6 pairs"),
     ("a reference cache of another shape", reference_cache("shape"), "error",
