@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -24,13 +25,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from ddpo.data import DataError, atomic_write, data_sha256, hold_lock, remove_temporaries, temporary_path
+from ddpo.data import DataError, atomic_write, data_sha256, hold_lock, remove_temporaries, torch_save, written
 from ddpo.distributed import full_state, print0
 from ddpo.lora import merged_copy, save_adapter
 
 LOCK = ".lock"
 SAMPLES_DIR = "eval_samples"  # the evaluations' samples: step-<N>.jsonl (ddpo/monitor.py)
-OWN_TEMPORARIES = r"checkpoint|metrics\.jsonl|train_config\.json"  # what train writes atomically
+OWN_TEMPORARIES = r"checkpoint(?:-\d+)?|metrics\.jsonl|train_config\.json"  # what train writes atomically
 # what --resume may change: how long to train (the schedule then follows the new total), logging and saving, and
 # how it runs (device, reference cache, kernels, memory savers), what is evaluated and where metrics go (they never
 # touch the weights); everything else must equal the checkpoint's
@@ -50,10 +51,17 @@ def checkpoint_path(output_dir, step):
 def checkpoints(output_dir):
     """[(step, path), ...] of the checkpoints in output_dir, oldest first."""
     found = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            if name.startswith(PREFIX) and name[len(PREFIX):].isdigit():
-                found.append((int(name[len(PREFIX):]), os.path.join(output_dir, name)))
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if not (name.startswith(PREFIX) and name[len(PREFIX):].isdigit()):
+            continue
+        path = os.path.join(output_dir, name)
+        if not re.fullmatch(r"[0-9]+", name[len(PREFIX):]):  # "checkpoint-²": digits to str.isdigit, no step to int
+            raise DataError(f"{path}: not a checkpoint name of ddpo.train (checkpoint-<step in 0-9>); remove or "
+                            "rename it, or choose another --output-dir")
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise DataError(f"{path}: is {'a link' if os.path.islink(path) else 'a file'}, and ddpo.train writes "
+                            "checkpoints as directories of its own; remove it or choose another --output-dir")
+        found.append((int(name[len(PREFIX):]), path))
     return sorted(found)
 
 
@@ -150,18 +158,45 @@ def load_state(checkpoint):
                         f"optimiser state to continue from; train from it with --model {checkpoint}, or choose "
                         "another --output-dir")
     try:
-        return torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True)
     except pickle.UnpicklingError:
         raise DataError(f"{path}: refused: it holds pickled objects other than tensors and plain values "
                         "(not written by ddpo.train)") from None
     except (OSError, RuntimeError, EOFError) as e:
         raise DataError(f"{path}: cannot read it ({str(e).splitlines()[0]})") from None
+    if not trainer_state(state):
+        raise DataError(f"{path}: not a trainer state of ddpo.train (step, optimizer, scheduler and rng of their "
+                        "types); remove the checkpoint to resume from an older one, or choose another --output-dir")
+    return state
+
+
+def trainer_state(state):
+    """Whether a loaded trainer_state.pt has what save_checkpoint writes, of its types (rng_state's layout)."""
+    if not (isinstance(state, dict) and type(state.get("step")) is int and state["step"] >= 0
+            and isinstance(state.get("optimizer"), dict) and isinstance(state.get("scheduler"), dict)
+            and isinstance(rng := state.get("rng"), dict)):
+        return False
+    python, numpy = rng.get("python"), rng.get("numpy")
+    return (isinstance(python, list) and [type(x) for x in python[:2]] == [int, torch.Tensor] and len(python) == 3
+            and isinstance(numpy, list) and [type(x) for x in numpy] == [str, torch.Tensor, int, int, float]
+            and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8)
 
 
 def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, model_state=None):
     """model_state: the full weights when the policy is sharded (FSDP); None saves the policy's own."""
-    tmp = temporary_path(os.path.join(cfg.output_dir, "checkpoint"))
-    os.mkdir(tmp)  # the umask's mode, as any new directory (mkdtemp's would be private: 0700)
+    final = checkpoint_path(cfg.output_dir, step)
+    with written(final, directory=True) as tmp:
+        write_checkpoint(cfg, step, tmp, policy, tokenizer, optimizer_state, scheduler, model_state)
+        shutil.rmtree(final, ignore_errors=True)  # a killed run's checkpoint of this step, replaced by a whole one
+    if cfg.keep_checkpoints > 0:
+        older = checkpoints(cfg.output_dir)[:-1]  # never the newest
+        for _, old in older[:len(older) + 1 - cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    return final
+
+
+def write_checkpoint(cfg, step, tmp, policy, tokenizer, optimizer_state, scheduler, model_state):
+    """A checkpoint's files, into the new directory tmp."""
     if cfg.lora_r:
         save_adapter(policy, tmp, {"base_model": cfg.model, "r": cfg.lora_r, "alpha": cfg.lora_alpha,
                                    "dropout": cfg.lora_dropout, "targets": cfg.lora_targets.split(",")})
@@ -171,20 +206,12 @@ def save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, mo
         policy.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if not cfg.save_only_model:
-        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        torch_save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    os.path.join(tmp, "trainer_state.pt"))
     shutil.copyfile(os.path.join(cfg.output_dir, "train_config.json"), os.path.join(tmp, "train_config.json"))
     mode = os.stat(tmp).st_mode & 0o666  # 0666 less the umask, what a new file gets (safetensors writes 0600)
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), mode)
-    final = checkpoint_path(cfg.output_dir, step)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if cfg.keep_checkpoints > 0:
-        older = checkpoints(cfg.output_dir)[:-1]  # never the newest
-        for _, old in older[:len(older) + 1 - cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-    return final
 
 
 def save(cfg, step, policy, tokenizer, optimizer, scheduler, rank, world):

@@ -17,9 +17,8 @@ row (no integer "step") is an error with file:line, before anything is drawn.
 
 import argparse
 import os
-import sys
 
-from ddpo.data import DataError, check_writable, read_jsonl
+from ddpo.data import DataError, check_writable, one_line_errors, read_jsonl, written
 
 LINES = [  # panel title, y label, [(metrics key, line style)]; evaluation rows (eval_ keys) get markers
     ("loss", "loss", [("loss", "-"), ("eval_loss", "--")]),
@@ -95,10 +94,9 @@ def plot_curves(runs, path):
     ax.set_xlabel("eval_semantic_diversity (higher = more diverse)")
     finish(ax, "quality against diversity, step by step", "eval_quality", drawn)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=110, format=image_format(path))  # the format its name says (c.pdf is a PDF)
+    with written(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=image_format(path))  # the format its name says (c.pdf is a PDF)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def image_format(path):
@@ -149,10 +147,7 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    one_line_errors(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ last max_prompt_length tokens, then, if still too long, both completions to max_
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -129,14 +130,110 @@ def hold_lock(path, what):
         os.remove(path)
 
 
-def atomic_write(path, text):
-    """Write text through a temporary file beside it and a rename: readers never see half a file. The file gets the
-    mode any new file gets (0666 less the umask; the kernel applies it), not mkstemp's private 0600."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+# a file system's refusals at a path (disk full, a file size limit, a read-only or immutable file, a name too long, a
+# link loop, a directory where a file goes): expected, so one line naming the path; any other OSError is a bug
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                      errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY}
+
+
+def refusal(e):
+    """The reason (strerror) when an exception is a file system's refusal (FILE_SYSTEM_ERRORS), else None. Writers
+    in Rust report one in their own type: safetensors' "... (os error 28)"."""
+    if isinstance(e, OSError):
+        return e.strerror if e.errno in FILE_SYSTEM_ERRORS else None
+    if (code := re.search(r"\(os error (\d+)\)", str(e))) and int(code.group(1)) in FILE_SYSTEM_ERRORS:
+        return os.strerror(int(code.group(1)))
+    return None
+
+
+class RecordingWriter:
+    """A file's write that remembers the OSError it raised (torch_save)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def torch_save(obj, path):
+    """torch.save to a new file, a failed write raising its OSError (disk full, a file size limit): torch's own
+    writer reports one as a RuntimeError that names no cause ("unexpected pos 704 vs 598")."""
+    with open(path, "xb") as f:
+        writer = RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error:
+                raise writer.error from None
+            raise
+
+
+@contextlib.contextmanager
+def written(path, directory=False):
+    """Write `path` atomically: the body fills the temporary path this yields (a new directory when `directory`),
+    which is then renamed onto `path`, so readers never see half a file. On any failure the temporary is removed; a
+    file system's refusal is a DataError naming `path`. The one rule of every output ddpo writes whole."""
     tmp = temporary_path(path)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        if directory:
+            os.mkdir(tmp)  # the umask's mode, as any new directory (mkdtemp's would be private: 0700)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp)
+            else:
+                os.remove(tmp)
+        if (reason := refusal(e)):
+            raise DataError(f"{path}: cannot write it ({reason})") from None
+        raise
+
+
+def atomic_write(path, text):
+    """Write text through `written`. The file gets the mode any new file gets (0666 less the umask; the kernel
+    applies it), not mkstemp's private 0600."""
+    with written(path) as tmp:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def append(path, text, sync=False):
+    """Append text to the file at path (and fsync it when `sync`); a file system's refusal is a DataError naming path
+    (a torn last line it leaves is dropped by whoever resumes the file)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+    except OSError as e:
+        if not refusal(e):
+            raise
+        raise DataError(f"{path}: cannot write it ({e.strerror})") from None
+
+
+def one_line_errors(run, *args):
+    """run(*args), a command's work, with its expected failures as one line (exit status 1): a DataError, and a file
+    system's refusal at a path (FILE_SYSTEM_ERRORS). Anything else is a bug and keeps its traceback."""
+    try:
+        return run(*args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        if not refusal(e):
+            raise
+        where = "".join(f"{f}: " for f in (e.filename, e.filename2) if f is not None)
+        sys.exit(f"error: {where}{e.strerror}")
 
 
 def in_range(cast, low, high=math.inf, above=False, below=False):
@@ -161,13 +258,24 @@ def check_not_input(output, source, flag="--output"):
         raise DataError(f"{flag} {output}: is the input {source} or inside it; write the output elsewhere")
 
 
+def existing_ancestor(path, what):
+    """The nearest existing ancestor of path, where the first write goes; a DataError (what: the flag and its value)
+    for a broken link or a link loop on the way, through which nothing can be created."""
+    directory = os.path.abspath(path)
+    while not os.path.exists(directory):
+        if os.path.islink(directory):
+            raise DataError(f"{what}: {directory} is a broken link or a link loop")
+        directory = os.path.dirname(directory)
+    return directory
+
+
 def check_writable(output, flag="--output"):
     """Refuse an output file that cannot be written, before any model loads; creates nothing."""
+    if not output:
+        raise DataError(f"{flag}: an empty path; name a file")
     if os.path.isdir(output):
         raise DataError(f"{flag} {output}: is a directory")
-    directory = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(directory):  # the nearest existing ancestor is where the first write goes
-        directory = os.path.dirname(directory)
+    directory = existing_ancestor(os.path.dirname(os.path.abspath(output)), f"{flag} {output}")
     try:
         with tempfile.TemporaryFile(dir=directory):
             pass
@@ -179,9 +287,9 @@ def check_writable(output, flag="--output"):
 
 def check_output_dir(path, flag="--output-dir"):
     """DataError unless path is, or can be created as, a writable directory; creates nothing."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    if not path:
+        raise DataError(f"{flag}: an empty path; name a directory (. for this one)")
+    existing = existing_ancestor(path, f"{flag} {path}")
     if not os.path.isdir(existing):
         raise DataError(f"{flag} {path}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -193,6 +301,11 @@ def jsonl_files(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl"))
         if not files:
             raise DataError(f"{path}: directory holds no .jsonl files")
+        for file in files:
+            if not os.path.isfile(file):
+                what = "a directory" if os.path.isdir(file) else "a broken link" if os.path.islink(file) else "no file"
+                raise DataError(f"{file}: is {what}, not a JSONL file; remove it or rename it (the data is every "
+                                f"*.jsonl file in {path})")
         return files
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")

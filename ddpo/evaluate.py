@@ -37,12 +37,11 @@ import io
 import json
 import os
 import re
-import sys
 from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, check_output_dir, read_jsonl
+from ddpo.data import DataError, atomic_write, check_output_dir, one_line_errors, read_jsonl, written
 from ddpo.deviation import mean_cosine_distance
 from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
 from ddpo.malloc import keep_freed_memory
@@ -320,9 +319,9 @@ def plot(results, path, x="semantic_diversity", y="quality"):
         ax.set_title(f"Paired differences to {baseline} (95% bootstrap CI)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    with written(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def parse_args(argv=None):
@@ -388,10 +387,7 @@ def run(args):
 
 def main(argv=None):
     keep_freed_memory()
-    try:
-        run(parse_args(argv))
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    one_line_errors(run, parse_args(argv))
 
 
 if __name__ == "__main__":

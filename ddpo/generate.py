@@ -58,11 +58,11 @@ import torch
 from tqdm import tqdm
 
 from ddpo.config import add_config_args, flag
-from ddpo.data import (DataError, atomic_write, check_text, check_writable, hold_lock, in_range, prompt_ids,
-                       read_jsonl)
+from ddpo.data import (DataError, append, atomic_write, check_text, check_writable, hold_lock, in_range, prompt_ids,
+                       one_line_errors, read_jsonl)
 from ddpo.malloc import keep_freed_memory
-from ddpo.models import (autocast_context, autocast_dtype, check_model_path, load_model, load_tokenizer,
-                         use_segment_attention)
+from ddpo.models import (autocast_context, autocast_dtype, check_causal_lm, check_vocabulary, load_model,
+                         load_tokenizer, use_segment_attention)
 
 WRITTEN_BY = "ddpo.generate"
 
@@ -70,14 +70,15 @@ WRITTEN_BY = "ddpo.generate"
 @dataclass
 class Sampling:
     n: int = flag(4, "samples per prompt", type=in_range(int, 1))
-    temperature: float = flag(1.0, "softmax temperature", type=in_range(float, 0, above=True))
+    # bounded where the logits stay finite: a seen logit of 30 divided by 1e-300 is inf, and the draw NaN
+    temperature: float = flag(1.0, "softmax temperature", type=in_range(float, 1e-3, 1e3))
     top_k: int = flag(50, "keep the k most likely tokens (0 = off)", type=in_range(int, 0))
     top_p: float = flag(0.95, "then the smallest set of mass >= top_p (1 = off)",
                         type=in_range(float, 0, 1, above=True))
     min_p: float = flag(0.0, "then tokens of probability >= min_p x the top one's (0 = off)",
                         type=in_range(float, 0, 1))
     repetition_penalty: float = flag(1.1, "Hugging Face's: seen tokens' logits divided (if > 0) or multiplied by it",
-                                     type=in_range(float, 0, above=True))
+                                     type=in_range(float, 1e-3, 1e3))
     max_new_tokens: int = flag(256, "tokens per response at most", type=in_range(int, 1))
     seed: int = flag(0, "each batch of prompts draws from a stream seeded by seed and its index",
                    type=in_range(int, 0, 2**32 - 1))
@@ -223,8 +224,18 @@ BEFORE = {"dtype": "float32"}  # settings that outputs written before them had: 
 SAMPLER = 4  # the version of the draws a seed gives: 2 since 2026-11-23 (top-k candidates, ended rows leave), 3 since
 # 2026-12-02 (cached decoding in segment attention: other rounding than sdpa's, so other draws under bf16), 4 since
 # 2026-12-03 (top-k keeps the tokens tied with the k-th: another set, and more candidates a row)
+MAX_ROWS = 4096  # sequences sampled together at most: 4,096 rows of SmolLM2's 49,152 logits are 0.8 GB in fp32
 BATCH_PROMPTS = 32  # prompts per batch (x N rows): on 2 CPU cores 24 prompts in one batch of 96 rows sample 1.08x the
 # tokens/s of batches of 16 (bench/generate.py, 2026-12-02)
+
+
+def check_rows(n, batch_prompts, prompts, flag="--batch-prompts"):
+    """A one-line DataError for a batch of more than MAX_ROWS sequences: refused, not chunked (a seed's draws depend on
+    the batch), so memory stays bounded (every sequence holds a row of logits and its KV cache)."""
+    if (rows := n * min(batch_prompts, prompts)) > MAX_ROWS:
+        raise DataError(f"--n {n} x {min(batch_prompts, prompts)} prompts a batch: {rows:,} sequences sampled at "
+                        f"once, over the {MAX_ROWS:,} ddpo samples together; lower "
+                        + (flag if n <= MAX_ROWS else "--n (the rest into another --output, with another --seed)"))
 
 
 def sample(model, tokenizer, prompts, s, batch_prompts=BATCH_PROMPTS, batches=None, base=None, w=0.0,
@@ -381,9 +392,9 @@ def parse_args(argv=None):
 def generate(args):
     prompts = read_prompts(args.prompts)
     check_writable(args.output)
-    check_model_path(args.model)
+    config = check_causal_lm(args.model)
     if args.base_model:
-        check_model_path(args.base_model, "--base-model")
+        check_vocabulary(config, check_causal_lm(args.base_model, "--base-model"), args.base_model, "--base-model")
     s = Sampling(**{k: getattr(args, k) for k in asdict(Sampling())})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = autocast_dtype(args.dtype, device)
@@ -394,6 +405,7 @@ def generate(args):
     if args.batch_prompts is None:  # an output being resumed keeps its batches (and so its seeds)
         resumed = read_meta(meta_path(args.output)) if os.path.exists(args.output) else {}
         args.batch_prompts = resumed.get("batch_prompts", BATCH_PROMPTS)
+    check_rows(s.n, args.batch_prompts, len(prompts))
     meta = {"written_by": WRITTEN_BY, "sampler": SAMPLER, **settings, "batch_prompts": args.batch_prompts,
             "prompts_sha256": prompts_sha256(prompts)}
     # one writer per output: a second run into it would append every sample again
@@ -437,19 +449,13 @@ def write_samples(args, prompts, s, settings, meta, device, dtype):
                             ensure_ascii=False) + "\n"
                  for p, rs in zip(prompts[index * size:][:size], responses) for j, r in enumerate(rs)
                  if (p["id"], j) not in done]
-        with open(args.output, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        append(args.output, "".join(lines), sync=True)
     return args.output
 
 
 def main(argv=None):
     keep_freed_memory()
-    try:
-        generate(parse_args(argv))
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    one_line_errors(generate, parse_args(argv))
 
 
 if __name__ == "__main__":

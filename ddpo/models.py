@@ -14,6 +14,7 @@ needs the `gguf` package but not `accelerate` (which `from_pretrained(gguf_file=
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ddpo.data import DataError, temporary_path
 from ddpo.distributed import print0, shard
 from ddpo.lean import use_lean
-from ddpo.lora import add_lora, load_adapter
+from ddpo.lora import LoRALinear, add_lora, load_adapter
 from ddpo_kernels.logprobs import IGNORE_INDEX, default_chunk_size, fused_logprobs, fused_logprobs_loss
 
 PACKAGED = {
@@ -83,6 +84,55 @@ def check_model_path(name, flag="--model"):
         raise DataError(f"{flag} {name}: not a model directory (no config.json)")
 
 
+def model_config(name):
+    """The config.json of a model as a dict, read without loading the model: of a local directory, or of a packaged
+    model once converted; None when there is none to read (a hub name, a packaged model not yet converted)."""
+    gguf = name in PACKAGED and PACKAGED[name][1].endswith(".gguf")  # converted on first load, not here
+    if not os.path.isfile(config_path := os.path.join(converted_dir(name) if gguf else resolve(name), "config.json")):
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{config_path}: cannot read it ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{config_path}: not a model config (a JSON object)")
+    return config
+
+
+def check_causal_lm(name, flag="--model"):
+    """check_model_path, then, from its config.json where there is one (before any weights load), a one-line DataError
+    for a model that is not a causal LM transformers itself implements: one shipping its own code (an auto_map),
+    an unknown model type, an encoder or another head. Returns the config (None: nothing to read)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    check_model_path(name, flag)
+    config = model_config(name)
+    if config is None:
+        return None
+    kind, heads = config.get("model_type"), config.get("architectures")
+    heads = [h for h in heads if isinstance(h, str)] if isinstance(heads, list) else []
+    if "auto_map" in config:
+        raise DataError(f"{flag} {name}: the model ships its own code (auto_map in its config.json); ddpo runs only "
+                        "the model classes of transformers")
+    if not isinstance(kind, str) or kind not in CONFIG_MAPPING:
+        raise DataError(f"{flag} {name}: model type {kind!r} is unknown to this transformers")
+    causal = not heads or any(h.endswith(("ForCausalLM", "LMHeadModel")) for h in heads)
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.get("is_encoder_decoder") or not causal:
+        raise DataError(f"{flag} {name}: not a causal language model (model type {kind}, "
+                        f"{', '.join(heads) or 'no architectures'}); ddpo trains and samples decoder-only LMs")
+    return config
+
+
+def check_vocabulary(config, other, name, flag):
+    """A one-line DataError when the model `name` given by `flag` (config `other`) has another vocabulary size than
+    the policy (config `config`): log-probs and mixed distributions need one vocabulary. None: not known yet."""
+    if config and other and config.get("vocab_size") != other.get("vocab_size"):
+        raise DataError(f"{flag} {name}: a vocabulary of {other.get('vocab_size')} tokens, the model's has "
+                        f"{config.get('vocab_size')}; they must be one vocabulary")
+
+
 def converted_dir(name):
     """Where the packaged GGUF model `name` is converted to: keyed by transformers' major version, since a directory
     saved by one major version need not load in another (5.x's saves fail in 4.57)."""
@@ -135,11 +185,13 @@ def quiet_transformers():
 
 
 def from_pretrained(auto_class, name_or_path, **kwargs):
-    """auto_class.from_pretrained, with a failure to find or fetch the files (a hub name that is not in the local
+    """auto_class.from_pretrained, with a failure to find, fetch or read the files (a hub name that is not in the local
     cache while the hub cannot be reached, a repo that does not exist) as one DataError line."""
+    from safetensors import SafetensorError
+
     try:
         return auto_class.from_pretrained(resolve(name_or_path), **kwargs)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # the latter: a truncated or damaged weights file
         raise DataError(f"{name_or_path}: cannot load it: {str(e).splitlines()[0]}") from None
 
 
@@ -382,7 +434,13 @@ def load_policy(cfg, device, world, resume_from):
     check_fusable(policy)
     disable_dropout(policy)
     if cfg.lora_r:
-        wrapped = add_lora(policy, cfg.lora_targets.split(","), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        try:
+            wrapped = add_lora(policy, cfg.lora_targets.split(","), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        except ValueError as e:  # no such layer
+            raise DataError(f"--lora-targets {cfg.lora_targets}: {e}") from None
+        if isinstance(policy.get_output_embeddings(), LoRALinear):  # the fused head reads its weight directly
+            raise DataError(f"--lora-targets {cfg.lora_targets}: names the output layer, which the log-prob head "
+                            "reads as a plain weight; adapt attention or MLP layers (q_proj, v_proj, ...)")
         if resume_from:
             load_adapter(policy, resume_from)
         print0(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {len(wrapped)} layers: "

@@ -67,7 +67,7 @@ import torch.distributed as dist
 from ddpo import evaluate, generate, step
 from ddpo.checkpoint import SAMPLES_DIR
 from ddpo.config import given
-from ddpo.data import DataError, atomic_write, load_pairs, tokenize_pairs
+from ddpo.data import DataError, append, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
 from ddpo.embedders import check_embedder, load_embedder
 from ddpo.losses import LOSSES
@@ -308,8 +308,7 @@ class Reporter:
                                     config=dataclasses.asdict(cfg))
 
     def log(self, row, line):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        append(self.path, json.dumps(row, allow_nan=False) + "\n")
         scalars = {tag(key): value for key, value in row.items() if key != "step"}
         if self.tensorboard:
             for key, value in scalars.items():

@@ -58,7 +58,8 @@ from ddpo.deviation import METRICS, mean_cosine_distance
 from ddpo.distributed import data_parallel, print0, setup_distributed, shutdown_distributed
 from ddpo.embedders import check_embedder, load_embedder, pool_weights
 from ddpo.losses import LOSSES
-from ddpo.models import autocast_context, autocast_dtype, check_model_path, load_policy, load_tokenizer, load_model
+from ddpo.models import (autocast_context, autocast_dtype, check_causal_lm, check_model_path, check_vocabulary,
+                         load_model, load_policy, load_tokenizer)
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, sampling_mode
 from ddpo.quality import load_scorer, scorer_spec
 from ddpo.reference import load_reference
@@ -193,14 +194,15 @@ def pool_metrics(responses, scores, embed):
 def online(cfg):
     rank, world, device = setup_distributed(cfg)
     # paths and prompts first: bad input fails here, before a model loads
-    check_paths(cfg)
+    config = check_paths(cfg)
     for m in ("semantic", "style"):  # both measure every round's pools
         check_embedder(getattr(cfg, f"{m}_embedder"), f"--{m}-embedder")
     if cfg.base_model:
-        check_model_path(cfg.base_model, "--base-model")
+        check_vocabulary(config, check_causal_lm(cfg.base_model, "--base-model"), cfg.base_model, "--base-model")
     if cfg.score.startswith("reward-model:"):
         check_model_path(cfg.score.split(":", 1)[1], "--score reward-model:")
     prompts = generate.read_prompts(cfg.prompts)
+    generate.check_rows(cfg.n, cfg.sample_batch, cfg.prompts_per_round, "--sample-batch")
     held_out = read_held_out(cfg)
     try:
         with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():

@@ -30,7 +30,7 @@ from ddpo import curves, evaluate, generate, prepare
 from ddpo import train as trainer
 from ddpo.checkpoint import checkpoint_path
 from ddpo.config import add_config_args, flag, given
-from ddpo.data import DataError, atomic_write, in_range
+from ddpo.data import atomic_write, check_output_dir, in_range, one_line_errors
 from ddpo.embedders import DEFAULT_EMBEDDERS
 from ddpo.losses import LOSSES
 from ddpo.malloc import keep_freed_memory
@@ -155,6 +155,7 @@ def run_arms(cfg, arms, responses=None, eval_prompts=None, include_start=False, 
 
     Returns the evaluation results {name: metrics}; outputs under cfg.work_dir."""
     keep_freed_memory()  # every stage runs in this process
+    check_output_dir(cfg.work_dir, "--work-dir")
     os.makedirs(cfg.work_dir, exist_ok=True)
     train_prompts = first_prompts("train", cfg.train_prompts, os.path.join(cfg.work_dir, "prompts_train.jsonl"))
     eval_prompts = eval_prompts or first_prompts("eval", cfg.eval_prompts,
@@ -205,10 +206,8 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg = parse_args(argv)
     print(f"pipeline: {json.dumps(asdict(cfg))}", flush=True)
-    try:  # the stages run as functions: their one-line errors are printed as the commands print them
-        run_arms(cfg, {"dpo": Arm("dpo"), "ddpo": Arm("ddpo")})
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    # the stages run as functions: their one-line errors are printed as the commands print them
+    one_line_errors(run_arms, cfg, {"dpo": Arm("dpo"), "ddpo": Arm("ddpo")})
 
 
 if __name__ == "__main__":

@@ -35,13 +35,12 @@ import math
 import os
 import random
 import re
-import sys
 from collections import OrderedDict
 
 import torch
 
 from ddpo.data import (DataError, atomic_write, check_not_input, check_size, check_text, check_writable, finite_number,
-                       in_range, pool_order, read_jsonl, remove_temporaries)
+                       in_range, one_line_errors, pool_order, read_jsonl, remove_temporaries)
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.malloc import keep_freed_memory
@@ -347,10 +346,7 @@ def prepare(args):
 
 def main(argv=None):
     keep_freed_memory()
-    try:
-        prepare(parse_args(argv))
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    one_line_errors(prepare, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ the dtype and every pair's token ids.
 import hashlib
 import json
 import os
+import pickle
 
 import torch
 from tqdm import tqdm
 
-from ddpo.data import collate, collate_packed, make_batch
+from ddpo.data import DataError, collate, collate_packed, make_batch, torch_save, written
 from ddpo.distributed import print0, shard
 from ddpo.lora import adapters_disabled
 from ddpo.models import SequenceLogps, cache_dir, disable_dropout, files_digest, load_model, use_segment_attention
@@ -46,7 +47,7 @@ class Reference:
                                         ).encode()).hexdigest()[:20]
         path = os.path.join(cache_dir(), "ref_logps", key + ".pt")
         if os.path.exists(path):
-            self.cached = torch.load(path, weights_only=True)
+            self.cached = read_cache(path, len(pairs))
             print0(f"reference log-probs: reused {path}", flush=True)
         else:
             rows = []
@@ -56,11 +57,23 @@ class Reference:
                 rows.append(torch.stack(self(batch, None), -1).float().cpu())
             self.cached = torch.cat(rows)  # (P, 2)
             if save:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.save(self.cached, path + ".tmp")
-                os.replace(path + ".tmp", path)
+                with written(path) as tmp:
+                    torch_save(self.cached, tmp)
                 print0(f"reference log-probs: computed and cached in {path}", flush=True)
         self.logps = None  # the frozen copy is no longer needed
+
+
+def read_cache(path, n_pairs):
+    """The cached reference log-probs (n_pairs, 2) at `path`; a DataError for a file that is not that (truncated,
+    another shape, not written by ddpo)."""
+    try:
+        cached = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        cached = e
+    if not (isinstance(cached, torch.Tensor) and cached.shape == (n_pairs, 2) and cached.dtype == torch.float32):
+        raise DataError(f"{path}: not a reference cache of these {n_pairs} pairs (truncated, or not written by ddpo); "
+                        "remove it, and it is computed again")
+    return cached
 
 
 def load_reference(cfg, policy_logps, device, world):

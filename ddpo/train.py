@@ -68,12 +68,14 @@ from tqdm import tqdm
 
 from ddpo.checkpoint import open_output_dir, output_lock, restore
 from ddpo.config import add_config_args, flag
-from ddpo.data import DataError, atomic_write, check_output_dir, in_range, load_pairs, optimizer_steps, tokenize_pairs
+from ddpo.data import (DataError, atomic_write, check_output_dir, in_range, load_pairs, one_line_errors,
+                       optimizer_steps, tokenize_pairs)
 from ddpo.distributed import data_parallel, print0, setup_distributed, shutdown_distributed
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder
 from ddpo.losses import LOSSES
 from ddpo.malloc import keep_freed_memory
-from ddpo.models import DEFAULT_MODEL, autocast_context, autocast_dtype, check_model_path, load_policy, load_tokenizer
+from ddpo.models import (DEFAULT_MODEL, autocast_context, autocast_dtype, check_causal_lm, check_vocabulary,
+                         load_policy, load_tokenizer)
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
 from ddpo.step import PRINTED, chosen_weights, embedders, evaluate_and_save, log_row, update
@@ -215,13 +217,15 @@ def lr_lambda(cfg, total_steps):
 
 
 def check_paths(cfg):
-    """Model and embedder paths and the output directory, before anything loads or is written."""
-    check_model_path(cfg.model)
+    """Model and embedder paths and the output directory, before anything loads or is written. Returns the model's
+    config (None: not readable before loading)."""
+    config = check_causal_lm(cfg.model)
     if cfg.ref_model:
-        check_model_path(cfg.ref_model, "--ref-model")
+        check_vocabulary(config, check_causal_lm(cfg.ref_model, "--ref-model"), cfg.ref_model, "--ref-model")
     for metric, name in embedders(cfg).items():
         check_embedder(name, f"--{metric}-embedder")
     check_output_dir(cfg.output_dir)
+    return config
 
 
 def train(cfg):
@@ -333,10 +337,7 @@ def main(argv=None, parse=parse_args, run=train):
     """The command (ddpo.online's too: its parse and run): a DataError is one line."""
     cfg = parse(argv)
     keep_freed_memory()
-    try:
-        run(cfg)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    one_line_errors(run, cfg)
 
 
 if __name__ == "__main__":

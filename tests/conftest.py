@@ -6,6 +6,8 @@ On a machine with CUDA it is left unset and the same kernel tests run on the GPU
 
 import json
 import os
+import re
+import shutil
 
 import torch
 
@@ -114,3 +116,115 @@ def write_pairs(path, rows=None, weights=True):
         {"prompt": p, "chosen": c, "rejected": r, **({"weight": 0.5 * (i % 4 + 1)} if weights else {})}
         for i, (p, c, r) in enumerate(STORIES)
     ])
+
+
+class Hostile:
+    """One hostile case of a command's table (tests/test_hostile_*.py): its setup builds files under `tmp` and
+    returns the argv; `outcome` runs the command's main in this process (a file size limit: in a child process) and
+    says what it did; the helpers make what needs root (a small disk, a read-only disk, an immutable file), undone
+    when the test ends, and skip without root."""
+
+    def __init__(self, tmp, request):
+        self.tmp, self.request, self.fsize = tmp, request, None
+
+    def root(self, what):
+        if os.geteuid() != 0:
+            pytest.skip(f"{what} needs root")
+
+    def mount(self, path, options):
+        """A fresh tmpfs at `path` (mount options, e.g. size=64k or ro), unmounted when the test ends."""
+        import subprocess
+
+        self.root("mount")
+        os.makedirs(path, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        self.request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(path)], check=True))
+        return str(path)
+
+    def immutable(self, path):
+        """chattr +i on `path` (nobody, root included, may change, replace or remove it), undone when the test ends."""
+        import subprocess
+
+        self.root("chattr +i")
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not supported here")
+        self.request.addfinalizer(lambda: subprocess.run(["chattr", "-i", str(path)], check=True))
+        return str(path)
+
+    def limit_file_size(self, size):
+        """Run the command in a child process whose files may not grow past `size` bytes (RLIMIT_FSIZE)."""
+        self.fsize = size
+
+    def files(self):
+        """Every file under tmp with its bytes, and every entry's name (a leftover .tmp-* shows in them)."""
+        found = {}
+        for directory, dirs, names in os.walk(self.tmp):
+            for name in dirs + names:
+                path = os.path.join(directory, name)
+                found[path] = open(path, "rb").read() if os.path.isfile(path) and not os.path.islink(path) else None
+        return found
+
+    def outcome(self, module, argv, capsys):
+        """("ok" | "error" | "usage" | "traceback", message): exit 0, a one-line `error: ...` (exit 1), an argparse
+        error (exit 2, its last line), or an uncaught exception (its type and first line)."""
+        if self.fsize is not None:
+            return self.child(module, argv)
+        import importlib
+
+        try:
+            importlib.import_module(module).main(argv)
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                return "error", e.code
+            return ("usage" if e.code == 2 else f"exit {e.code}"), capsys.readouterr().err.strip().splitlines()[-1]
+        except Exception as e:
+            return "traceback", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return "ok", ""
+
+    def child(self, module, argv):
+        import resource
+        import subprocess
+        import sys
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize, resource.RLIM_INFINITY))
+
+        proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=600,
+                              preexec_fn=limit, cwd=self.tmp, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        last = (proc.stderr.strip().splitlines() or [""])[-1]
+        if "Traceback" in proc.stderr:
+            return "traceback", last
+        return {0: "ok", 1: "error", 2: "usage"}.get(proc.returncode, f"exit {proc.returncode}"), last
+
+
+@pytest.fixture(scope="session")
+def hostile_models(tmp_path_factory, tiny_model):
+    """The tiny policy, and models that are wrong for it: an encoder, its own code, another vocabulary."""
+    root = tmp_path_factory.mktemp("hostile-models")
+    own_code = shutil.copytree(tiny_model, root / "own-code")
+    config = json.loads((own_code / "config.json").read_text())
+    config.update(model_type="mymodel", auto_map={"AutoModelForCausalLM": "modeling_mymodel.MyModelForCausalLM"})
+    (own_code / "config.json").write_text(json.dumps(config))
+    unknown = shutil.copytree(tiny_model, root / "unknown")
+    (unknown / "config.json").write_text(json.dumps({**json.loads((unknown / "config.json").read_text()),
+                                                     "model_type": "nosuchmodel"}))
+    return {"tiny": tiny_model, "encoder": make_tiny_encoder(root / "encoder", ["the", "a"]),
+            "own_code": str(own_code), "unknown": str(unknown),
+            "vocab": make_tiny_model(root / "vocab", vocab_extra=8)}
+
+
+def check_hostile(case, tmp_path, request, capsys, module, setup_args=(), **shared):
+    """Run one row (name, setup, expected kind, regex) of a hostile table: the command gives the expected one line,
+    leaves no temporary (.tmp-*) behind and changes no file that was there before it ran."""
+    name, setup, kind, pattern = case
+    h = Hostile(tmp_path, request)
+    vars(h).update(shared)  # what the table's fixtures built once (a finished run, ...)
+    argv = setup(h, *setup_args)
+    before = {path: data for path, data in h.files().items() if data is not None}
+    got, message = h.outcome(module, argv, capsys)
+    assert (got, "\n" in message) == (kind, False), f"{name}: {got}: {message}"
+    assert re.search(pattern, message), f"{name}: {message}"
+    after = h.files()
+    assert not [p for p in after if os.path.basename(p).startswith(".tmp-")], f"{name}: a temporary is left"
+    assert {p: after.get(p) for p in before} == before, f"{name}: a file that was there changed"
