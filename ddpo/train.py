@@ -53,6 +53,7 @@ to run the same arithmetic.
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -64,10 +65,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from ddpo.checkpoint import open_output_dir, output_lock, restore
+from ddpo.checkpoint import open_output_dir, output_lock, restore, run_config
 from ddpo.config import add_config_args
 from ddpo.data import DataError, atomic_write, check_output_dir, in_range, load_pairs, optimizer_steps, tokenize_pairs
-from ddpo.distributed import data_parallel, print0, setup_distributed, shutdown_distributed
+from ddpo.distributed import agree, data_parallel, print0, setup_distributed, shutdown_distributed
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder
 from ddpo.losses import LOSSES
 from ddpo.malloc import keep_freed_memory
@@ -263,15 +264,25 @@ def check_paths(cfg):
     check_output_dir(cfg.output_dir)
 
 
+def read_inputs(cfg, world):
+    """The flags' paths checked and the data and held-out data read, each file once (a FIFO can be read once only):
+    ((pairs, held-out data, the run's config), what every rank must share: the config and the held-out digest)."""
+    check_paths(cfg)
+    data, held_out_data = hashlib.sha256(), hashlib.sha256()
+    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field, digest=data)
+    held_out = read_held_out(cfg, held_out_data)  # --eval-data, --eval-prompts
+    config = run_config(cfg, data.hexdigest(), world)
+    return (pairs, held_out, config), {**config, "held_out_sha256": held_out_data.hexdigest()}
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
-    # 1. paths and data first: bad input fails here, before a model is loaded or anything is written
-    check_paths(cfg)
-    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field)
-    held_out = read_held_out(cfg)  # --eval-data, --eval-prompts
     try:
+        # 1. paths and data first: bad input fails here (on every rank together), before a model is loaded or
+        # anything is written
+        pairs, held_out, config = agree(world, lambda: read_inputs(cfg, world))
         with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
-            return train_locked(cfg, rank, world, device, pairs, held_out)
+            return train_locked(cfg, rank, world, device, pairs, held_out, config)
     except BaseException as e:  # under torchrun a stop (a non-finite step, bad data) keeps train_locked's frame, and
         if world > 1:  # the DDP wrapper in it, alive in its traceback: its locals are freed here (one process keeps
             traceback.clear_frames(e.__traceback__)  # them for a debugger)
@@ -280,9 +291,9 @@ def train(cfg):
         shutdown_distributed(world)  # once train_locked's DDP wrapper is freed
 
 
-def train_locked(cfg, rank, world, device, pairs, held_out):
+def train_locked(cfg, rank, world, device, pairs, held_out, config):
     # 2. the output directory: a checkpoint there is resumed from (--resume) or refused
-    config, last_checkpoint, state = open_output_dir(cfg, rank, world)
+    last_checkpoint, state = open_output_dir(cfg, rank, config)
     resume_from = last_checkpoint if state else None
 
     # 3. tokens, weights, models
