@@ -37,12 +37,14 @@ def process(argv):
 
 
 def rank_data(tmp_path, rank_1_rows):
-    """d0.jsonl (the stories) and d1.jsonl (rank_1_rows), and a launcher that gives rank r its d<r>.jsonl: torchrun
-    passes every rank the same flags, so the rank's file comes from its RANK."""
-    write_pairs(tmp_path / "d0.jsonl")
-    (tmp_path / "d1.jsonl").write_text(rank_1_rows)
+    """Each rank its own copy of data.jsonl, as nodes have: r0/ the stories, r1/ rank_1_rows, and a launcher that
+    runs rank r in r<r>/ (torchrun gives every rank the same flags: --data data.jsonl)."""
+    for rank in (0, 1):
+        (tmp_path / f"r{rank}").mkdir()
+    write_pairs(tmp_path / "r0" / "data.jsonl")
+    (tmp_path / "r1" / "data.jsonl").write_text(rank_1_rows)
     launcher = tmp_path / "launch.py"
-    launcher.write_text("import os, runpy, sys\nsys.argv[sys.argv.index('DATA')] = f\"d{os.environ['RANK']}.jsonl\"\n"
+    launcher.write_text("import os, runpy\nos.chdir(f\"r{os.environ['RANK']}\")\n"
                         "runpy.run_module('ddpo.train', run_name='__main__')\n")
     return [*TORCHRUN, str(launcher)]
 
@@ -109,17 +111,17 @@ def process_substitution(tmp_path, model):  # 17a792b: as a FIFO
 
 def ranks_with_other_data(tmp_path, model):  # 17a792b: both ranks trained, each on its own data, and exited 0
     rows = "".join(json.dumps({"prompt": p, "chosen": r, "rejected": c}) + "\n" for p, c, r in STORIES)  # swapped
-    outcome = run([*rank_data(tmp_path, rows), *train(tmp_path, model, data="DATA")], cwd=tmp_path, timeout=500)
+    outcome = run([*rank_data(tmp_path, rows), *train(tmp_path, model, data="data.jsonl")], cwd=tmp_path, timeout=500)
     no_rank_traceback(outcome)
     assert "error: torchrun: the ranks read different inputs: data_sha256" in outcome.stderr, outcome.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 
 def one_rank_bad_data(tmp_path, model):  # 17a792b: rank 1 stopped alone; rank 0 was killed by torchrun, no reason
-    outcome = run([*rank_data(tmp_path, '{"prompt": "p", "chosen"\n'), *train(tmp_path, model, data="DATA")],
+    outcome = run([*rank_data(tmp_path, '{"prompt": "p", "chosen"\n'), *train(tmp_path, model, data="data.jsonl")],
                   cwd=tmp_path, timeout=500)
     no_rank_traceback(outcome)
-    assert "error: rank 1: d1.jsonl:1: malformed JSON" in outcome.stderr, outcome.stderr[-3000:]
+    assert "error: rank 1: data.jsonl:1: malformed JSON" in outcome.stderr, outcome.stderr[-3000:]
 
 
 def hung_teardown(tmp_path, model):  # 17a792b: a rank hung in the process group's teardown held torchrun forever
@@ -130,7 +132,8 @@ def hung_teardown(tmp_path, model):  # 17a792b: a rank hung in the process group
                       "distributed.shutdown_distributed(2)\n")
     outcome = run([*TORCHRUN, str(script)], timeout=300)
     assert outcome.code not in (0, None), (outcome.code, outcome.stderr[-3000:])
-    assert "Timeout (0:00:05)!" in outcome.stderr and "in shutdown_distributed" in outcome.stderr, outcome.stderr[-3000:]
+    assert "Timeout (0:00:05)!" in outcome.stderr, outcome.stderr[-3000:]
+    assert "in shutdown_distributed" in outcome.stderr, outcome.stderr[-3000:]  # where it hung
 
 
 # ---- silent wrong results ------------------------------------------------------------------------------------------
@@ -166,13 +169,14 @@ def resume_config_lacks_a_key(tmp_path, model):  # 17a792b: a key missing from t
 def resume_below_the_checkpoint(tmp_path, model):  # 56e73d0: trained nothing, exited 0, rewrote train_config.json
     trained(tmp_path, model, "--max-steps", "2")
     before = snapshot(tmp_path / "run")
-    expect_error(call(main, train(tmp_path, model, "--max-steps", "1", "--resume")), r"the plan has 1 steps, but .* step 2")
+    expect_error(call(main, train(tmp_path, model, "--max-steps", "1", "--resume")),
+                 r"the plan has 1 steps, but .* step 2")
     assert snapshot(tmp_path / "run") == before
 
 
 def plan_of_no_step(tmp_path, model):  # 56e73d0: printed "saved None" and exited 0
-    expect_error(call(main, train(tmp_path, model, "--epochs", "1e-12")), r"--epochs 1e-12: 6 pairs in steps of 2 make no "
-                 "optimiser step")
+    expect_error(call(main, train(tmp_path, model, "--epochs", "1e-12")),
+                 r"--epochs 1e-12: 6 pairs in steps of 2 make no optimiser step")
 
 
 def overflowing_update(tmp_path, model):  # 56e73d0: saved a checkpoint of non-finite weights
