@@ -42,7 +42,7 @@ MODELS = ("model", "ref_model", "semantic_embedder", "style_embedder", "base_mod
 MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "save_only_model", "keep_checkpoints", "device", "precompute_ref",
               "resume", "output_dir", "data", "kernels", "fused_loss", "packing", "lean", "gradient_checkpointing",
               "merge_lora", "trust_remote_code", "eval_data", "eval_prompts", "eval_every", "eval_samples",
-              "eval_max_new_tokens", "eval_quality", "report_to", "rounds", "prompts", *MODELS}  # rounds, prompts: ddpo.online's
+              "eval_max_new_tokens", "eval_quality", "report_to", "rounds", "prompts", *MODELS}  # the last two: online
 
 
 PREFIX = "checkpoint-"
@@ -121,9 +121,10 @@ def check_resumable(checkpoint, config):
         raise DataError(f"{path}: cannot read it ({e})") from None
     if not isinstance(saved, dict):
         raise DataError(f"{path}: not a train_config.json of ddpo.train; remove the checkpoint or start afresh")
-    missing, extra = sorted(config.keys() - saved.keys() - MAY_CHANGE), sorted(saved.keys() - config.keys() - MAY_CHANGE)
+    missing = sorted(config.keys() - saved.keys() - MAY_CHANGE)
+    extra = sorted(saved.keys() - config.keys() - MAY_CHANGE)
     if missing or extra:  # a setting that cannot be compared is not taken as equal
-        unlike = [f"lacks {', '.join(missing)}"] * bool(missing) + [f"has {', '.join(extra)}, unknown here"] * bool(extra)
+        unlike = [f"lacks {', '.join(missing)}"] * bool(missing) + [f"has {', '.join(extra)}, unknown"] * bool(extra)
         raise DataError(f"--resume: {path} {' and '.join(unlike)}: written by another version or command; resume "
                         "with that one, or choose another --output-dir")
     differ = [f"{key} {saved[key]!r} there, {value!r} now" for key, value in config.items()

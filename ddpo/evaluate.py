@@ -93,7 +93,8 @@ def word_pattern():
     unspaced = re.compile(f"[{UNSPACED}]")
     word, start = [], None
     for code in range(sys.maxunicode + 2):
-        inside = code <= sys.maxunicode and unicodedata.category(chr(code))[0] in "LMN" and not unspaced.match(chr(code))
+        char = chr(min(code, sys.maxunicode))
+        inside = code <= sys.maxunicode and unicodedata.category(char)[0] in "LMN" and not unspaced.match(char)
         if inside and start is None:
             start = code
         elif not inside and start is not None:
@@ -137,7 +138,8 @@ def homogenization(texts):
     a word (punctuation, emoji) have nothing to compare: such a pair is left out, and a prompt of no other pair has
     no value (None), never a score."""
     toks = [rouge_tokens(t)[:MAX_ROUGE_TOKENS] for t in texts]
-    scores = [rouge_l(toks[i], toks[j]) for i in range(len(toks)) for j in range(i + 1, len(toks)) if toks[i] or toks[j]]
+    scores = [rouge_l(toks[i], toks[j]) for i in range(len(toks)) for j in range(i + 1, len(toks))
+              if toks[i] or toks[j]]
     return sum(scores) / len(scores) if scores else None
 
 

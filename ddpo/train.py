@@ -14,8 +14,9 @@ optimiser step's micro-batches are dealt out to the ranks, which accumulate loca
 buckets during the backward of their last micro-batch (ddpo/distributed.py): equal to one process running all the
 micro-batches (tested to 1e-5). With --fsdp the ranks hold shards instead (FSDP2: parameters, gradients and
 optimiser state), gradients are reduce-scattered in the backward, and the arithmetic is the same (tested to 1e-5,
-with resume). Rank 0 logs and saves; metrics are gathered from all ranks. Global batch = batch_size x grad_accum x
-world size.
+with resume). Rank 0 logs and saves; metrics are gathered from all ranks. Before any model loads the ranks compare
+their flags, data digests and models, and a rank's bad input stops all of them (distributed.agree). Global batch =
+batch_size x grad_accum x world size.
 
 One optimiser step = grad_accum micro-batches of batch_size pairs. Each micro-batch runs the policy once over
 [chosen; rejected] (packed in one row, each pair's prompt once where segment attention runs; --no-packing:
@@ -45,8 +46,8 @@ data, a --beta or --lr too large, a model that overflows) stops the run with an 
 optimiser step and before any checkpoint of it, so no NaN reaches the weights or metrics.jsonl.
 
 --resume continues from the newest checkpoint with its weights, optimiser state, RNG and step. It refuses flags
-that differ from the checkpoint's train_config.json (loss, data content, beta, model, LoRA, seed, ...: the error
-lists them) except checkpoint.MAY_CHANGE: --max-steps / --epochs (the schedule's lambda then uses the new total
+that differ from the checkpoint's train_config.json (loss, data content, beta, what the model is, LoRA, seed, ...:
+the error lists them; a setting the checkpoint's config lacks is refused too) except checkpoint.MAY_CHANGE: --max-steps / --epochs (the schedule's lambda then uses the new total
 from the resumed step on), logging and saving cadence, --keep-checkpoints, --device, --precompute-ref and other ways
 to run the same arithmetic.
 """
