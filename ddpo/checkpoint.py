@@ -25,20 +25,25 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from ddpo.data import DataError, atomic_write, data_sha256, hold_lock, remove_temporaries, torch_save, written
+from ddpo.data import (DataError, atomic_write, hold_lock, remove_temporaries, torch_save, written)
 from ddpo.distributed import full_state, print0
 from ddpo.lora import merged_copy, save_adapter
+from ddpo.models import model_identity
 
 LOCK = ".lock"
 SAMPLES_DIR = "eval_samples"  # the evaluations' samples: step-<N>.jsonl (ddpo/monitor.py)
 OWN_TEMPORARIES = r"checkpoint(?:-\d+)?|metrics\.jsonl|train_config\.json"  # what train writes atomically
+# the flags that name a model: train_config.json records what each names (models.model_identity), which --resume
+# compares instead of the name (the last: ddpo.online's)
+MODELS = ("model", "ref_model", "semantic_embedder", "style_embedder", "base_model")
 # what --resume may change: how long to train (the schedule then follows the new total), logging and saving, and
 # how it runs (device, reference cache, kernels, memory savers), what is evaluated and where metrics go (they never
-# touch the weights); everything else must equal the checkpoint's
+# touch the weights), the paths of the data and models (their content is compared); everything else must equal the
+# checkpoint's
 MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "save_only_model", "keep_checkpoints", "device", "precompute_ref",
               "resume", "output_dir", "data", "kernels", "fused_loss", "packing", "lean", "gradient_checkpointing",
               "merge_lora", "trust_remote_code", "eval_data", "eval_prompts", "eval_every", "eval_samples",
-              "eval_max_new_tokens", "eval_quality", "report_to", "rounds", "prompts"}  # the last: ddpo.online's
+              "eval_max_new_tokens", "eval_quality", "report_to", "rounds", "prompts", *MODELS}  # the last two: online
 
 
 PREFIX = "checkpoint-"
@@ -65,25 +70,29 @@ def checkpoints(output_dir):
     return sorted(found)
 
 
-def run_config(cfg):
-    """What train_config.json records: every flag, and the digest of the data's content (its path may move)."""
-    return {**dataclasses.asdict(cfg), "data_sha256": data_sha256(cfg.data)}
+def run_config(cfg, data_sha256, world):
+    """What train_config.json records: every flag, the digest of the data's content (its path may move), what each
+    model flag names (its files' digest, or a hub name) and the world size (the plan of steps depends on it)."""
+    flags = dataclasses.asdict(cfg)
+    return {**flags, "data_sha256": data_sha256, "world_size": world,
+            **{f"{name}_identity": model_identity(flags[name]) if flags[name] not in ("", "stylometric") else None
+               for name in MODELS if name in flags}}
 
 
-def open_output_dir(cfg, rank, world):
-    """Remove what a killed run left in cfg.output_dir; refuse a directory with a checkpoint unless --resume.
-    Returns (the run's config, the newest checkpoint or None, its trainer state when resuming from it or None)."""
+def open_output_dir(cfg, rank, config):
+    """Remove what a killed run left in cfg.output_dir; refuse a directory with a checkpoint unless --resume, and a
+    checkpoint whose config (run_config's) differs from `config`. Returns (the newest checkpoint or None, its trainer
+    state when resuming from it or None)."""
     check_own_outputs(cfg.output_dir)
     if rank == 0 and (left := remove_temporaries(cfg.output_dir, OWN_TEMPORARIES)):
         print0(f"removed what an interrupted run left in {cfg.output_dir}: {', '.join(left)}", flush=True)
     found = checkpoints(cfg.output_dir)
     if found and not cfg.resume:
         raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
-    config = {**run_config(cfg), "world_size": world}  # the plan of steps depends on it (grad_accum x world)
     if not found or not cfg.resume:
-        return config, None, None
+        return None, None
     check_resumable(found[-1][1], config)
-    return config, found[-1][1], load_state(found[-1][1])
+    return found[-1][1], load_state(found[-1][1])
 
 
 def written_by_train(config_path):
@@ -120,8 +129,14 @@ def check_resumable(checkpoint, config):
         raise DataError(f"{path}: cannot read it ({e})") from None
     if not isinstance(saved, dict):
         raise DataError(f"{path}: not a train_config.json of ddpo.train; remove the checkpoint or start afresh")
+    missing = sorted(config.keys() - saved.keys() - MAY_CHANGE)
+    extra = sorted(saved.keys() - config.keys() - MAY_CHANGE)
+    if missing or extra:  # a setting that cannot be compared is not taken as equal
+        unlike = [f"lacks {', '.join(missing)}"] * bool(missing) + [f"has {', '.join(extra)}, unknown"] * bool(extra)
+        raise DataError(f"--resume: {path} {' and '.join(unlike)}: written by another version or command; resume "
+                        "with that one, or choose another --output-dir")
     differ = [f"{key} {saved[key]!r} there, {value!r} now" for key, value in config.items()
-              if key not in MAY_CHANGE and key in saved and saved[key] != value]
+              if key not in MAY_CHANGE and saved[key] != value]
     if differ:
         raise DataError(f"--resume: {checkpoint} was trained with other settings: {'; '.join(differ)}; resume with "
                         "its settings or choose another --output-dir")

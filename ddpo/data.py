@@ -312,37 +312,56 @@ def jsonl_files(path):
     return [path]
 
 
-def data_sha256(path):
-    """sha256 of the content of the JSONL file(s) at `path`, in reading order (the path itself may move)."""
-    digest = hashlib.sha256()
+def read_jsonl(path, digest=None):
+    """Yield (source, record) for every non-blank line of a JSONL file or directory; DataError on bad UTF-8 or JSON,
+    or a lone surrogate (an unpaired \\ud800-\\udfff escape: no text, and no UTF-8 file can hold it). `digest` (a
+    hashlib sha256) receives the sha256 of each file's content in reading order, from this one read: a FIFO or a
+    process substitution can be read once only."""
     for file in jsonl_files(path):
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
-def read_jsonl(path):
-    """Yield (source, record) for every non-blank line of a JSONL file or directory; DataError on bad UTF-8 or JSON."""
-    for file in jsonl_files(path):
+        content = hashlib.sha256()
         with open(file, "rb") as f:
             for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{file}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start + 1})") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                except RecursionError:
-                    raise DataError(f"{file}:{lineno}: JSON nested too deeply") from None
-                except ValueError as e:  # an integer of over 4,300 digits
-                    raise DataError(f"{file}:{lineno}: malformed JSON ({str(e).split(';')[0]})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{file}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                yield f"{file}:{lineno}", record
+                content.update(raw)
+                if (record := parse_line(raw, f"{file}:{lineno}")) is not None:
+                    yield f"{file}:{lineno}", record
+        if digest is not None:
+            digest.update(content.digest())
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def has_surrogate(record):
+    """Whether a string of the record holds a lone surrogate (which no UTF-8 text can)."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def parse_line(raw, source):
+    """The JSON object on one line (bytes), None for a blank line; DataError naming `source` (file:line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: invalid UTF-8 ({e.reason} at byte {e.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{source}: JSON nested too deeply") from None
+    except ValueError as e:  # an integer of over 4,300 digits
+        raise DataError(f"{source}: malformed JSON ({str(e).split(';')[0]})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
+    # only a \u escape can make a surrogate (UTF-8 cannot hold one); a valid pair decodes to one character
+    if SURROGATE_ESCAPE.search(line) and has_surrogate(record):
+        raise DataError(f"{source}: lone surrogate (an unpaired \\ud800-\\udfff escape): not text")
+    return record
 
 
 MAX_TEXT_CHARS = 4_000_000  # about a million tokens: beyond any context, and bounded before a tokenizer sees it
@@ -432,16 +451,16 @@ def implicit_prompt(chosen, rejected):
     return (chosen[:n], chosen[n:], rejected[n:]), None
 
 
-def load_pairs(path, max_errors=10, weight_field="weight"):
+def load_pairs(path, max_errors=10, weight_field="weight", digest=None):
     """Read and validate a pairs file. Raises DataError listing up to max_errors problems with file:line.
 
     A record without 'prompt' whose 'chosen' and 'rejected' are conversations takes its prompt from their shared
     leading messages (implicit_prompt). The weight is read from `weight_field` (--weight-field): optional under its
-    default name 'weight', required in every record under any other name."""
+    default name 'weight', required in every record under any other name. `digest`: as read_jsonl's."""
     if not weight_field:
         raise DataError("--weight-field: empty field name")
     pairs, errors = [], []
-    for source, rec in read_jsonl(path):
+    for source, rec in read_jsonl(path, digest):
         problems = [f"missing field {k!r}" for k in ("prompt", "chosen", "rejected") if k not in rec]
         texts = tuple(rec.get(k) for k in ("prompt", "chosen", "rejected"))
         if problems == ["missing field 'prompt'"]:  # TRL's implicit prompt, or the reason it is not one

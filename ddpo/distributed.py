@@ -10,6 +10,7 @@ averaged, so the loss scaling is that of one process. print0 prints on rank 0 on
 """
 
 import contextlib
+import faulthandler
 import gc
 import math
 import os
@@ -21,6 +22,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+
+from ddpo.data import DataError
+
+EXIT_TIMEOUT = 120  # seconds a rank may take to end its process group before it is ended with its threads' stacks
 
 
 def print0(*args, **kwargs):
@@ -56,15 +61,45 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+def agree(world, read):
+    """Run read(), a rank's checks and reading of its input, which returns (what it read, what every rank must share:
+    the flags, the data's digest, the models' identities); returns what it read. Under torchrun the ranks exchange
+    the outcome once, so a rank's error (a DataError or SystemExit: one line) or a shared part unlike rank 0's stops
+    every rank together with one line, before any model loads: ranks whose data differ would train apart until
+    their collectives desync and hang."""
+    if world == 1:
+        return read()[0]
+    try:
+        (result, shared), failure = read(), None
+    except (DataError, SystemExit) as e:
+        result, shared, failure = None, None, str(e)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (failure, shared))
+    for rank, (error, _) in enumerate(gathered):
+        if error:
+            raise DataError(f"rank {rank}: {error}")
+    first = gathered[0][1]
+    for rank, (_, other) in enumerate(gathered):
+        if (differ := [f"{key} {first.get(key)!r} on rank 0, {other.get(key)!r} on rank {rank}"
+                       for key in {**first, **other} if first.get(key) != other.get(key)]):
+            raise DataError(f"torchrun: the ranks read different inputs: {'; '.join(differ)}; give every rank the "
+                            "same data, models and flags")
+    return result
+
+
 def shutdown_distributed(world):
     """End torchrun's process group (after a successful run; a failing rank just exits and torchrun stops the rest),
     once the modules that hold it are freed. The order matters: freed from DDP's reducer (C++, which keeps the GIL),
     the group's destructor joins gloo's worker threads while one of them may be waiting for the GIL to free a
     collective's tensor, and the rank hangs forever (seen about once in 4 two-rank runs). Freed by
-    destroy_process_group instead, the destructor releases the GIL first."""
+    destroy_process_group instead, the destructor releases the GIL first. Should the teardown hang anyway, the rank
+    is ended after EXIT_TIMEOUT seconds (exit code 1) with every thread's stack on stderr: faulthandler's timer runs
+    without the GIL, so torchrun never waits forever."""
     if world > 1:
+        faulthandler.dump_traceback_later(EXIT_TIMEOUT, exit=True)
         gc.collect()  # a DDP wrapper kept by a reference cycle would free its reducer later, holding the GIL
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def shard(logps, device, world):

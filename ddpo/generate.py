@@ -257,17 +257,14 @@ def sample(model, tokenizer, prompts, s, batch_prompts=BATCH_PROMPTS, batches=No
         yield index, texts
 
 
-def read_prompts(path):
+def read_prompts(path, digest=None):
+    """[{"id", "prompt"}] of a prompts file; `digest`: as read_jsonl's."""
     prompts, sources = [], {}
-    for source, rec in read_jsonl(path):
+    for source, rec in read_jsonl(path, digest):
         if "prompt" not in rec:
             raise DataError(f"{source}: missing field 'prompt'")
         if (problem := check_text(rec["prompt"], "prompt")):
             raise DataError(f"{source}: {problem}")
-        try:
-            json.dumps(rec, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(f"{source}: lone surrogate (an unpaired \\ud800-\\udfff escape): not text") from None
         pid = rec.get("id", len(prompts))
         if isinstance(pid, bool) or not isinstance(pid, (str, int)):
             raise DataError(f"{source}: 'id' must be a string or an integer, got {pid!r}")

@@ -177,6 +177,13 @@ def files_digest(name_or_path):
     return digest.hexdigest()
 
 
+def model_identity(name_or_path):
+    """What a model flag names, as --resume compares it: the digest of a local (or packaged) model's files, so the
+    same model by another path is the same, and a path that holds another model now is not; a hub name itself."""
+    path = resolve(name_or_path)
+    return f"files {files_digest(path)}" if os.path.isdir(path) else f"name {name_or_path}"
+
+
 def quiet_transformers():
     """One progress bar per job is ours; transformers' per-load bars would interleave with it."""
     from transformers.utils import logging

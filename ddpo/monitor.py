@@ -145,13 +145,15 @@ class HeldOut:
     prompts: list | None = None
 
 
-def read_held_out(cfg):
-    """--eval-data and --eval-prompts read and checked, and the models sampling will load, before any model loads."""
+def read_held_out(cfg, digest=None):
+    """--eval-data and --eval-prompts read and checked, and the models sampling will load, before any model loads.
+    `digest` (a hashlib sha256) receives the content of both files (read_jsonl's)."""
     held_out = HeldOut()
     if cfg.eval_data:
-        held_out.pairs = flagged("--eval-data", load_pairs, cfg.eval_data, max_errors=1, weight_field=cfg.weight_field)
+        held_out.pairs = flagged("--eval-data", load_pairs, cfg.eval_data, max_errors=1, weight_field=cfg.weight_field,
+                                 digest=digest)
     if cfg.eval_prompts:
-        held_out.prompts = flagged("--eval-prompts", generate.read_prompts, cfg.eval_prompts)
+        held_out.prompts = flagged("--eval-prompts", generate.read_prompts, cfg.eval_prompts, digest)
         check_embedder(cfg.semantic_embedder, "--semantic-embedder")
         check_embedder(cfg.style_embedder, "--style-embedder")
         if cfg.eval_quality != "proxy":
@@ -269,7 +271,9 @@ class Monitor:
                                     for p, texts in zip(self.prompts, responses))}
         self.write_samples(step, runs["step"])
         result = evaluate.evaluate(runs, self.semantic, self.style, self.quality)["step"]
-        return {f"eval_{metric}": result[metric]["mean"] for metric in evaluate.METRICS}
+        # a metric of no value on these samples (homogenization of texts without words) is left out of the row
+        return {f"eval_{metric}": result[metric]["mean"] for metric in evaluate.METRICS
+                if result[metric]["mean"] is not None}
 
     def write_samples(self, step, prompts):
         settings = {**dataclasses.asdict(self.sampling), "dtype": generate.dtype_name(self.dtype)}

@@ -39,6 +39,7 @@ the gradients are summed as in ddpo.train (DDP; not --fsdp).
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -51,11 +52,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ddpo import generate, prepare, train
-from ddpo.checkpoint import open_output_dir, output_lock, restore
+from ddpo.checkpoint import open_output_dir, output_lock, restore, run_config
 from ddpo.config import add_config_args, flag
 from ddpo.data import DataError, Pair, atomic_write, in_range, micro_batches, remove_temporaries, tokenize_pairs
 from ddpo.deviation import METRICS, mean_cosine_distance
-from ddpo.distributed import data_parallel, print0, setup_distributed, shutdown_distributed
+from ddpo.distributed import agree, data_parallel, print0, setup_distributed, shutdown_distributed
 from ddpo.embedders import check_embedder, load_embedder, pool_weights
 from ddpo.losses import LOSSES
 from ddpo.models import (autocast_context, autocast_dtype, check_causal_lm, check_model_path, check_vocabulary,
@@ -191,28 +192,38 @@ def pool_metrics(responses, scores, embed):
     return {**row, "pool_quality_mean": q.mean().item(), "pool_quality_max": q.max(1).values.mean().item()}
 
 
-def online(cfg):
-    rank, world, device = setup_distributed(cfg)
-    # paths and prompts first: bad input fails here, before a model loads
-    config = check_paths(cfg)
+def read_inputs(cfg, world):
+    """train.read_inputs for the online run: the flags' paths checked, the prompts and held-out data read once;
+    ((prompts, held-out data, the run's config), what every rank must share)."""
+    model_config = check_paths(cfg)
     for m in ("semantic", "style"):  # both measure every round's pools
         check_embedder(getattr(cfg, f"{m}_embedder"), f"--{m}-embedder")
     if cfg.base_model:
-        check_vocabulary(config, check_causal_lm(cfg.base_model, "--base-model"), cfg.base_model, "--base-model")
+        check_vocabulary(model_config, check_causal_lm(cfg.base_model, "--base-model"), cfg.base_model,
+                         "--base-model")
     if cfg.score.startswith("reward-model:"):
         check_model_path(cfg.score.split(":", 1)[1], "--score reward-model:")
-    prompts = generate.read_prompts(cfg.prompts)
+    data, held_out_data = hashlib.sha256(), hashlib.sha256()
+    prompts = generate.read_prompts(cfg.prompts, data)
     generate.check_rows(cfg.n, cfg.sample_batch, cfg.prompts_per_round, "--sample-batch")
-    held_out = read_held_out(cfg)
+    held_out = read_held_out(cfg, held_out_data)
+    config = run_config(cfg, data.hexdigest(), world)
+    return (prompts, held_out, config), {**config, "held_out_sha256": held_out_data.hexdigest()}
+
+
+def online(cfg):
+    rank, world, device = setup_distributed(cfg)
     try:
+        # paths and prompts first: bad input fails here (on every rank together), before a model loads
+        prompts, held_out, config = agree(world, lambda: read_inputs(cfg, world))
         with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
-            return online_locked(cfg, rank, world, device, prompts, held_out)
+            return online_locked(cfg, rank, world, device, prompts, held_out, config)
     finally:
         shutdown_distributed(world)
 
 
-def online_locked(cfg, rank, world, device, prompts, held_out):
-    config, last_checkpoint, state = open_output_dir(cfg, rank, world)
+def online_locked(cfg, rank, world, device, prompts, held_out, config):
+    last_checkpoint, state = open_output_dir(cfg, rank, config)
     resume_from = last_checkpoint if state else None
     if state and cfg.ref_update_every and state["step"] % cfg.ref_update_every:
         raise DataError(f"--resume: {resume_from} is at round {state['step']}, not a multiple of --ref-update-every "

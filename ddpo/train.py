@@ -16,8 +16,9 @@ optimiser step's micro-batches are dealt out to the ranks, which accumulate loca
 buckets during the backward of their last micro-batch (ddpo/distributed.py): equal to one process running all the
 micro-batches (tested to 1e-5). With --fsdp the ranks hold shards instead (FSDP2: parameters, gradients and
 optimiser state), gradients are reduce-scattered in the backward, and the arithmetic is the same (tested to 1e-5,
-with resume). Rank 0 logs and saves; metrics are gathered from all ranks. Global batch = batch_size x grad_accum x
-world size.
+with resume). Rank 0 logs and saves; metrics are gathered from all ranks. Before any model loads the ranks compare
+their flags, data digests and models, and a rank's bad input stops all of them (distributed.agree). Global batch =
+batch_size x grad_accum x world size.
 
 One optimiser step = grad_accum micro-batches of batch_size pairs. Each micro-batch runs the policy once over
 [chosen; rejected] (packed in one row, each pair's prompt once where segment attention runs; --no-packing:
@@ -47,14 +48,15 @@ data, a --beta or --lr too large, a model that overflows) stops the run with an 
 optimiser step and before any checkpoint of it, so no NaN reaches the weights or metrics.jsonl.
 
 --resume continues from the newest checkpoint with its weights, optimiser state, RNG and step. It refuses flags
-that differ from the checkpoint's train_config.json (loss, data content, beta, model, LoRA, seed, ...: the error
-lists them) except checkpoint.MAY_CHANGE: --max-steps / --epochs (the schedule's lambda then uses the new total
+that differ from the checkpoint's train_config.json (loss, data content, beta, what the model is, LoRA, seed, ...:
+the error lists them; a setting the checkpoint's config lacks is refused too) except checkpoint.MAY_CHANGE: --max-steps / --epochs (the schedule's lambda then uses the new total
 from the resumed step on), logging and saving cadence, --keep-checkpoints, --device, --precompute-ref and other ways
 to run the same arithmetic.
 """
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -66,11 +68,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ddpo.checkpoint import open_output_dir, output_lock, restore
+from ddpo.checkpoint import open_output_dir, output_lock, restore, run_config
 from ddpo.config import add_config_args, flag
 from ddpo.data import (DataError, atomic_write, check_output_dir, in_range, load_pairs, one_line_errors,
                        optimizer_steps, tokenize_pairs)
-from ddpo.distributed import data_parallel, print0, setup_distributed, shutdown_distributed
+from ddpo.distributed import agree, data_parallel, print0, setup_distributed, shutdown_distributed
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder
 from ddpo.losses import LOSSES
 from ddpo.malloc import keep_freed_memory
@@ -228,15 +230,25 @@ def check_paths(cfg):
     return config
 
 
+def read_inputs(cfg, world):
+    """The flags' paths checked and the data and held-out data read, each file once (a FIFO can be read once only):
+    ((pairs, held-out data, the run's config), what every rank must share: the config and the held-out digest)."""
+    check_paths(cfg)
+    data, held_out_data = hashlib.sha256(), hashlib.sha256()
+    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field, digest=data)
+    held_out = read_held_out(cfg, held_out_data)  # --eval-data, --eval-prompts
+    config = run_config(cfg, data.hexdigest(), world)
+    return (pairs, held_out, config), {**config, "held_out_sha256": held_out_data.hexdigest()}
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
-    # 1. paths and data first: bad input fails here, before a model is loaded or anything is written
-    check_paths(cfg)
-    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field)
-    held_out = read_held_out(cfg)  # --eval-data, --eval-prompts
     try:
+        # 1. paths and data first: bad input fails here (on every rank together), before a model is loaded or
+        # anything is written
+        pairs, held_out, config = agree(world, lambda: read_inputs(cfg, world))
         with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
-            return train_locked(cfg, rank, world, device, pairs, held_out)
+            return train_locked(cfg, rank, world, device, pairs, held_out, config)
     except BaseException as e:  # under torchrun a stop (a non-finite step, bad data) keeps train_locked's frame, and
         if world > 1:  # the DDP wrapper in it, alive in its traceback: its locals are freed here (one process keeps
             traceback.clear_frames(e.__traceback__)  # them for a debugger)
@@ -245,9 +257,9 @@ def train(cfg):
         shutdown_distributed(world)  # once train_locked's DDP wrapper is freed
 
 
-def train_locked(cfg, rank, world, device, pairs, held_out):
+def train_locked(cfg, rank, world, device, pairs, held_out, config):
     # 2. the output directory: a checkpoint there is resumed from (--resume) or refused
-    config, last_checkpoint, state = open_output_dir(cfg, rank, world)
+    last_checkpoint, state = open_output_dir(cfg, rank, config)
     resume_from = last_checkpoint if state else None
 
     # 3. tokens, weights, models

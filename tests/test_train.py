@@ -670,7 +670,7 @@ def test_orpo_on_a_response_the_model_is_certain_of_stays_finite(tmp_path, loss)
     ([], ["--seed", "1"], "seed 42 there, 1 now"),
     ([], ["--deviation", "style"], "deviation 'none' there, 'style' now"),
     ([], ["--dorpo-form", "per-example"], "dorpo_form 'released' there, 'per-example' now"),
-    ([], ["OTHER"], "model '.*' there, '.*other' now"),
+    ([], ["OTHER"], "model_identity 'files [0-9a-f]+' there, 'files [0-9a-f]+' now"),  # what the model is
     ([], ["EDIT"], "data_sha256 '[0-9a-f]+' there, '[0-9a-f]+' now"),  # same path, other content
 ])
 def test_resume_refuses_other_settings(tmp_path, tiny_model, first, then, differing):
