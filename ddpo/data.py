@@ -1,6 +1,7 @@
-"""Preference pairs: read and validate JSONL, tokenise like TRL, truncate, batch [chosen; rejected].
+"""Preference pairs: read and validate them, tokenise like TRL, truncate, batch [chosen; rejected].
 
-Input: one JSONL file, or a directory of *.jsonl files read in name order. One JSON object per line:
+Input: any source ddpo/sources.py reads (JSONL file or directory, parquet, a save_to_disk directory, a Hub dataset;
+columns renamed by --prompt-field, --chosen-field, --rejected-field). One record per pair:
   {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages], "weight": float (optional)}
 or TRL's conversational format with an implicit prompt, whole conversations that share their prompt turns:
   {"chosen": [messages], "rejected": [messages], "weight": float (optional)}
@@ -25,7 +26,6 @@ last max_prompt_length tokens, then, if still too long, both completions to max_
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from ddpo_kernels.logprobs import IGNORE_INDEX
 
-
-class DataError(ValueError):
-    """Bad input, with every message prefixed by file:line."""
+# where records come from (JSONL, parquet, datasets, the Hub) is ddpo/sources.py's; these names stay importable here
+from ddpo.sources import DataError, data_sha256, jsonl_files, read_jsonl, read_records  # noqa: F401
 
 
 @dataclass
@@ -188,50 +187,6 @@ def check_output_dir(path, flag="--output-dir"):
         raise DataError(f"{flag} {path}: {existing} is not writable")
 
 
-def jsonl_files(path):
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl"))
-        if not files:
-            raise DataError(f"{path}: directory holds no .jsonl files")
-        return files
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file or directory")
-    return [path]
-
-
-def data_sha256(path):
-    """sha256 of the content of the JSONL file(s) at `path`, in reading order (the path itself may move)."""
-    digest = hashlib.sha256()
-    for file in jsonl_files(path):
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
-def read_jsonl(path):
-    """Yield (source, record) for every non-blank line of a JSONL file or directory; DataError on bad UTF-8 or JSON."""
-    for file in jsonl_files(path):
-        with open(file, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{file}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start + 1})") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                except RecursionError:
-                    raise DataError(f"{file}:{lineno}: JSON nested too deeply") from None
-                except ValueError as e:  # an integer of over 4,300 digits
-                    raise DataError(f"{file}:{lineno}: malformed JSON ({str(e).split(';')[0]})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{file}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                yield f"{file}:{lineno}", record
-
-
 MAX_TEXT_CHARS = 4_000_000  # about a million tokens: beyond any context, and bounded before a tokenizer sees it
 
 
@@ -319,8 +274,9 @@ def implicit_prompt(chosen, rejected):
     return (chosen[:n], chosen[n:], rejected[n:]), None
 
 
-def load_pairs(path, max_errors=10, weight_field="weight"):
-    """Read and validate a pairs file. Raises DataError listing up to max_errors problems with file:line.
+def load_pairs(path, max_errors=10, weight_field="weight", fields=None):
+    """Read and validate pairs from any source of ddpo.sources (`fields`: our names -> the input's columns). Raises
+    DataError listing up to max_errors problems with file:line (or file:row N).
 
     A record without 'prompt' whose 'chosen' and 'rejected' are conversations takes its prompt from their shared
     leading messages (implicit_prompt). The weight is read from `weight_field` (--weight-field): optional under its
@@ -328,7 +284,7 @@ def load_pairs(path, max_errors=10, weight_field="weight"):
     if not weight_field:
         raise DataError("--weight-field: empty field name")
     pairs, errors = [], []
-    for source, rec in read_jsonl(path):
+    for source, rec in read_records(path, fields):
         problems = [f"missing field {k!r}" for k in ("prompt", "chosen", "rejected") if k not in rec]
         texts = tuple(rec.get(k) for k in ("prompt", "chosen", "rejected"))
         if problems == ["missing field 'prompt'"]:  # TRL's implicit prompt, or the reason it is not one

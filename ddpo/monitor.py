@@ -70,6 +70,7 @@ from ddpo.config import given
 from ddpo.data import DataError, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
 from ddpo.embedders import check_embedder, load_embedder
+from ddpo.sources import PAIR_FIELDS, field_map
 from ddpo.losses import LOSSES
 from ddpo.models import autocast_context, check_model_path, use_segment_attention
 from ddpo.quality import load_scorer, scorer_spec
@@ -149,9 +150,10 @@ def read_held_out(cfg):
     """--eval-data and --eval-prompts read and checked, and the models sampling will load, before any model loads."""
     held_out = HeldOut()
     if cfg.eval_data:
-        held_out.pairs = flagged("--eval-data", load_pairs, cfg.eval_data, max_errors=1, weight_field=cfg.weight_field)
+        held_out.pairs = flagged("--eval-data", load_pairs, cfg.eval_data, max_errors=1, weight_field=cfg.weight_field,
+                                 fields=field_map(cfg, PAIR_FIELDS))
     if cfg.eval_prompts:
-        held_out.prompts = flagged("--eval-prompts", generate.read_prompts, cfg.eval_prompts)
+        held_out.prompts = flagged("--eval-prompts", generate.read_prompts, cfg.eval_prompts, cfg.prompt_field)
         check_embedder(cfg.semantic_embedder, "--semantic-embedder")
         check_embedder(cfg.style_embedder, "--style-embedder")
         if cfg.eval_quality != "proxy":

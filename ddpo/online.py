@@ -65,7 +65,8 @@ from ddpo.reference import load_reference
 from ddpo.step import PRINTED, evaluate_and_save, log_row, update
 from ddpo.train import GROUPS, TrainConfig, check_device, check_paths, lr_lambda
 
-UNUSED = {"data", "epochs", "max_steps", "precompute_ref", "eval_data", "fsdp", "grad_accum"}  # of TrainConfig
+UNUSED = {"data", "epochs", "max_steps", "precompute_ref", "eval_data", "fsdp", "grad_accum", "chosen_field",
+          "rejected_field"}  # of TrainConfig
 
 
 def _(default, help, **kw):
@@ -74,7 +75,7 @@ def _(default, help, **kw):
 
 @dataclass
 class OnlineConfig(generate.Sampling, TrainConfig):
-    prompts: str = _("", "prompts JSONL (ddpo.generate's format; required)")
+    prompts: str = _("", "prompts in ddpo.generate's format, from any source --data reads (required)")
     rounds: int = _(20, "rounds to run in all (a resumed run goes on to this many)", type=in_range(int, 1))
     prompts_per_round: int = _(8, "prompts sampled each round", type=in_range(int, 1))
     n: int = _(4, "responses sampled per prompt (2+: a pool to pair and weigh); under torchrun, whose own parser "
@@ -205,7 +206,7 @@ def online(cfg):
         check_model_path(cfg.base_model, "--base-model")
     if cfg.score.startswith("reward-model:"):
         check_model_path(cfg.score.split(":", 1)[1], "--score reward-model:")
-    prompts = generate.read_prompts(cfg.prompts)
+    prompts = generate.read_prompts(cfg.prompts, cfg.prompt_field)
     held_out = read_held_out(cfg)
     try:
         with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():

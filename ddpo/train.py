@@ -74,12 +74,14 @@ from ddpo.malloc import keep_freed_memory
 from ddpo.models import DEFAULT_MODEL, autocast_context, autocast_dtype, check_model_path, load_policy, load_tokenizer
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
+from ddpo.sources import PAIR_FIELDS, field_map
 from ddpo.step import PRINTED, chosen_weights, embedders, evaluate_and_save, log_row, update
 
 
 @dataclass
 class TrainConfig:
-    data: str = field(default="", metadata={"help": "pairs JSONL file or directory of JSONL files (required)"})
+    data: str = field(default="", metadata={"help": "pairs: JSONL or parquet (file or directory), a save_to_disk "
+                                                    "directory, or a Hub dataset ORG/NAME[:split] (required)"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub name, local directory or packaged:<name>"})
     ref_model: str = field(default="", metadata={"help": "reference model of the losses with one (dpo, ipo, hinge, "
                                                           "robust, cdpo, rpo and their twins; default: --model, frozen)"})
@@ -115,6 +117,10 @@ class TrainConfig:
     weight_field: str = field(default="weight", metadata={
         "help": "the data's field holding each pair's weight (--deviation none), e.g. a score another tool wrote; "
                 "optional under the default name, required in every record under any other"})
+    prompt_field: str = field(default="prompt", metadata={"help": "the data's column holding the prompt (--data, "
+                                                                   "--eval-data, --eval-prompts, --prompts)"})
+    chosen_field: str = field(default="chosen", metadata={"help": "the data's column holding the chosen response"})
+    rejected_field: str = field(default="rejected", metadata={"help": "the data's column holding the rejected one"})
     min_weight: float = field(default=0.0, metadata={"help": "clamp chosen weights from below, e.g. 0.2 (paper ablation)",
                                                    "type": in_range(float, 0)})
     lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 5e-6)", "type": in_range(float, 0, above=True)})
@@ -196,6 +202,7 @@ class TrainConfig:
 GROUPS = {  # headers of --help
     "objective": ["loss", "beta", "orpo_lambda", "dorpo_form", "label_smoothing", "simpo_gamma", "rpo_alpha",
                   "deviation", "semantic_embedder", "style_embedder", "trust_remote_code", "weight_field", "min_weight"],
+    "data columns": ["prompt_field", "chosen_field", "rejected_field"],
     "optimisation": ["lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "epochs", "max_steps",
                      "batch_size", "grad_accum", "seed"],
     "sequences": ["max_length", "max_prompt_length", "packing"],
@@ -267,7 +274,7 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg)
     # 1. paths and data first: bad input fails here, before a model is loaded or anything is written
     check_paths(cfg)
-    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field)
+    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field, fields=field_map(cfg, PAIR_FIELDS))
     held_out = read_held_out(cfg)  # --eval-data, --eval-prompts
     try:
         with output_lock(cfg.output_dir) if rank == 0 else contextlib.nullcontext():
