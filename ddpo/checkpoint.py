@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from ddpo.data import DataError, atomic_write, data_sha256, hold_lock, remove_temporaries, temporary_path
+from ddpo.data import DataError, atomic_write, hold_lock, remove_temporaries, temporary_path
+from ddpo.sources import data_sha256
 from ddpo.distributed import full_state, print0
 from ddpo.lora import merged_copy, save_adapter
 

@@ -19,7 +19,8 @@ import argparse
 import os
 import sys
 
-from ddpo.data import DataError, check_writable, read_jsonl
+from ddpo.data import DataError, check_writable
+from ddpo.sources import read_jsonl
 
 LINES = [  # panel title, y label, [(metrics key, line style)]; evaluation rows (eval_ keys) get markers
     ("loss", "loss", [("loss", "-"), ("eval_loss", "--")]),

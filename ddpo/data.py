@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from ddpo_kernels.logprobs import IGNORE_INDEX
 
-# where records come from (JSONL, parquet, datasets, the Hub) is ddpo/sources.py's; these names stay importable here
-from ddpo.sources import DataError, data_sha256, jsonl_files, read_jsonl, read_records  # noqa: F401
+# where records come from (JSONL, parquet, datasets, the Hub) is ddpo/sources.py's; DataError stays importable here
+from ddpo.sources import DataError, read_records
 
 
 @dataclass

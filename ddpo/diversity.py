@@ -1,7 +1,7 @@
 """The diversity metrics papers cite, each of one prompt's samples (ddpo.evaluate and train's eval_* rows call them).
 
-  vendi_score        Friedman & Dieng 2023 (arXiv 2210.02410): exp of the Shannon entropy of the eigenvalues of K/n, K
-                     the n x n cosine-similarity kernel of the samples' embeddings; from 1 (all alike) to n (orthogonal).
+  vendi_score        Friedman & Dieng 2023 (arXiv 2210.02410): exp of the Shannon entropy of the eigenvalues of K/n,
+                     K the n x n cosine-similarity kernel of the samples' embeddings; 1 (all alike) to n (orthogonal).
   effective_rank     Roy & Vetterli 2007: exp of the entropy of the singular values of the unit-normalised embedding
                      matrix, normalised to sum 1; from 1 to min(n, dim).
   distinct_classes   NoveltyBench-style (Zhang et al. 2025, arXiv 2504.05228): the samples, in order, are partitioned

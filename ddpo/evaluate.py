@@ -47,13 +47,14 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, check_output_dir, in_range, read_jsonl
+from ddpo.data import DataError, atomic_write, check_output_dir, in_range
 from ddpo.deviation import mean_cosine_distance
 from ddpo.diversity import (CLASS_THRESHOLD, distinct_classes, effective_rank, slop_score,
                             vendi_score)
 from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
 from ddpo.malloc import keep_freed_memory
 from ddpo.quality import load_scorer
+from ddpo.sources import read_jsonl
 
 METRICS = ["semantic_diversity", "style_diversity", "compression_ratio", "ngram_diversity", "homogenization",
            "distinct_1", "distinct_2", "length", "vendi_score", "effective_rank", "distinct_classes", "slop_score",

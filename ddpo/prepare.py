@@ -192,8 +192,8 @@ def score_flag(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", required=True, help="pools or pairs: JSONL or parquet (file or directory), a save_to_disk "
-                   "directory, or a Hub dataset ORG/NAME[:split] or ORG/NAME:config:split")
+    p.add_argument("--input", required=True, help="pools or pairs: JSONL or parquet (file or directory), a "
+                   "save_to_disk directory, or a Hub dataset ORG/NAME[:split] or ORG/NAME:config:split")
     p.add_argument("--from", dest="schema", default="ddpo", choices=["ddpo", "writingprompts"],
                    help="the input's schema: ddpo's pools or pairs (module docstring), or writingprompts: "
                         "euclaise/WritingPrompts_preferences, one post a record, turned into pools as released "
@@ -203,7 +203,7 @@ def parse_args(argv=None):
                         "template, has more tokens (released: 2048; 0 = keep all)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="--from writingprompts: the policy whose tokenizer counts "
                    "--max-response-tokens (released: meta-llama/Llama-3.1-8B-Instruct)")
-    for name, what in [("prompt", "prompt"), ("response", "response of a pool"), ("score", "score of a pool's response"),
+    for name, what in [("prompt", "prompt"), ("response", "response of a pool"), ("score", "score of a response"),
                        ("chosen", "chosen response of a pair"), ("rejected", "rejected response of a pair")]:
         p.add_argument(f"--{name}-field", default=name, help=f"the input's column holding the {what}")
     p.add_argument("--output", required=True, help="pairs JSONL to write; beside it <output>.meta.json records the "
@@ -402,8 +402,8 @@ def prepare(args):
         rows = sorted(rows, key=lambda row: -row["meta"]["diversity_gain"])[:args.budget]
     if not rows:
         raise DataError(f"{args.input}: no pair could be formed ({counts})")
-    lines = (json.dumps(trl_row(row) if args.output_format == "trl" else row, ensure_ascii=False) + "\n" for row in rows)
-    atomic_write(args.output, "".join(lines))
+    rows = [trl_row(row) for row in rows] if args.output_format == "trl" else rows
+    atomic_write(args.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     atomic_write(meta_path(args.output), json.dumps({"written_by": WRITTEN_BY, "source": source, "flags": vars(args)},
                                                     indent=1) + "\n")
     w = torch.tensor([row["weight"] for row in rows])

@@ -7,8 +7,8 @@
     datasets index rows);
   - a `datasets.save_to_disk` directory: a Dataset, or a DatasetDict read at its split `DIR:split` (default train):
     `DIR[split]:row N`;
-  - a Hugging Face Hub dataset `ORG/NAME`, `ORG/NAME:split` or `ORG/NAME:config:split` (default split train):
-    `ORG/NAME[split]:row N`. A local path wins over a Hub name.
+  - a Hugging Face Hub dataset `ORG/NAME`, `ORG/NAME:split` or `ORG/NAME:config:split` (default split train; a
+    split may be sliced as datasets slices it, `train[:90%]`): `ORG/NAME[split]:row N`. A local path wins.
 Everything but JSONL needs the optional extra `data` (pip install -e '.[data]': datasets, pyarrow).
 
 Memory: records are yielded one at a time. Parquet is read one batch of at most BATCH rows at a time (a row group is
@@ -18,12 +18,14 @@ what its caller keeps: the texts are never held twice.
 """
 
 import hashlib
+import importlib
 import json
 import os
 import re
 
 BATCH = 1024  # rows decoded at a time from parquet or Arrow
-HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+){0,2}")  # ORG/NAME[:config][:split]
+PART = r"[\w.-]+(?:\[[^\]]*\])?"  # a config, or a split with datasets' slicing: train, train[:90%]
+HUB_NAME = re.compile(rf"(?P<name>[\w.-]+/[\w.-]+)(?::(?P<first>{PART}))?(?::(?P<second>{PART}))?")
 EXTRA = "pip install -e '.[data]'"
 
 
@@ -91,18 +93,18 @@ def locate(path):
     head, _, split = path.rpartition(":")
     if head and os.path.isdir(head) and is_saved_dataset(head):
         return "disk", head, None, split
-    if HUB_NAME.fullmatch(path) and not path.endswith((".jsonl", ".json", ".parquet")):
-        name, *rest = path.split(":")
-        return "hub", name, (rest[0] if len(rest) == 2 else None), (rest[-1] if rest else "train")
+    if (hub := HUB_NAME.fullmatch(path)) and not path.endswith((".jsonl", ".json", ".parquet")):
+        first, second = hub["first"], hub["second"]
+        return "hub", hub["name"], (first if second else None), (second or first or "train")
     raise DataError(f"{path}: no such file or directory")
 
 
 def need_extra(path, what):
-    try:
-        import datasets  # noqa: F401
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise DataError(f"{path}: reading {what} needs the optional extra 'data' ({EXTRA})") from None
+    for module in ("datasets", "pyarrow"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise DataError(f"{path}: reading {what} needs the optional extra 'data' ({EXTRA})") from None
 
 
 def load_arrow(kind, location, config, split):
@@ -115,7 +117,8 @@ def load_arrow(kind, location, config, split):
             return datasets.load_dataset(location, config, split=split)
         ds = datasets.load_from_disk(location)
     except Exception as e:  # offline, unknown name or split, a corrupt directory: datasets raises many kinds
-        raise DataError(f"{name}: cannot load the dataset ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first_line = str(e).splitlines()[0][:200] if str(e) else ""
+        raise DataError(f"{name}: cannot load the dataset ({type(e).__name__}: {first_line})") from None
     if isinstance(ds, datasets.DatasetDict):
         split = split or "train"
         if split not in ds:

@@ -96,7 +96,9 @@ def test_hub_names(tmp_path, monkeypatch):
     assert as_tuples(load_pairs("org/name"))[0] == ("p1", "c1", "r1", 0.5)
     load_pairs("org/name:test")
     load_pairs("org/name:cfg:validation")
-    assert calls == [("org/name", None, "train"), ("org/name", None, "test"), ("org/name", "cfg", "validation")]
+    load_pairs("org/name:train[90%:]")
+    assert calls == [("org/name", None, "train"), ("org/name", None, "test"), ("org/name", "cfg", "validation"),
+                     ("org/name", None, "train[90%:]")]
     assert [s for s, _ in sources.read_records("org/name:test")][:2] == ["org/name[test]:row 0", "org/name[test]:row 1"]
 
     def offline(*args, **kwargs):
