@@ -24,7 +24,8 @@ seeds from --seed, its default settings but --max-new-tokens from --eval-max-new
 with the same random numbers and steps differ by the model alone, under training's autocast, and the texts are
 those `python -m ddpo.generate --model checkpoint-<step> --n K --max-new-tokens M --seed S --dtype D` writes (D: the
 --dtype of training). They are scored with ddpo.evaluate's code (evaluate.evaluate), logged as the means over prompts eval_semantic_diversity, eval_style_diversity,
-eval_compression_ratio, eval_ngram_diversity, eval_homogenization, eval_distinct_1, eval_distinct_2, eval_length and
+eval_compression_ratio, eval_ngram_diversity, eval_homogenization, eval_distinct_1, eval_distinct_2, eval_length,
+eval_vendi_score, eval_effective_rank, eval_distinct_classes (threshold 0.9), eval_slop_score and
 eval_quality (--eval-quality: proxy or reward-model:PATH), with --semantic-embedder and --style-embedder (the
 stylometric style profile is standardised over each evaluation's samples), and written to
 eval_samples/step-<N>.jsonl in ddpo.generate's samples format (ddpo.evaluate reads them). Sampling runs in eval mode

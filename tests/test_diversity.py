@@ -59,7 +59,8 @@ def test_distinct_classes_join_the_first_member_of_a_class():
 def test_slop_score_by_hand(tmp_path):
     words = tmp_path / "slop.txt"
     words.write_text("# a comment line\ntestament\na testament to\nshivers down her spine\ndelve\n")
-    texts = ["It was a testament to the testaments of Delve.",  # the phrase once (longest first), 'Delve'; not 'testaments'
+    # the phrase once (longest first), 'Delve'; not 'testaments'
+    texts = ["It was a testament to the testaments of Delve.",
              "Shivers   down\nher spine, she said."]  # a phrase across any whitespace, any case
     # 3 hits in 9 + 6 = 15 words
     assert slop_score(texts, str(words)) == pytest.approx(1000 * 3 / 15)

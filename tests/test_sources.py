@@ -74,7 +74,8 @@ def test_errors_name_the_record(tmp_path):
 
 
 def test_columns_map_with_field_flags(tmp_path):
-    rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "w": r["weight"]} for r in string_rows()]
+    rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "w": r["weight"]}
+            for r in string_rows()]
     got = load_pairs(write_parquet(tmp_path / "theirs.parquet", rows), weight_field="w",
                      fields={"prompt": "question", "chosen": "good", "rejected": "bad"})
     assert as_tuples(got) == as_tuples(load_pairs(write_jsonl(tmp_path / "ours.jsonl", string_rows())))
@@ -132,3 +133,21 @@ def test_digests_follow_the_content(tmp_path):
     assert sources.describe(a) == {"input": a, "kind": "parquet", "sha256": sources.data_sha256(a)}
     jsonl = write_jsonl(tmp_path / "p.jsonl", rows)
     assert json.loads(json.dumps(sources.describe(jsonl)))["kind"] == "jsonl"
+
+
+def test_prepare_reads_pools_from_parquet_with_column_flags(tmp_path):
+    import ddpo.prepare as prep
+    pools = [{"prompt": p, "response": f"{p} answer {i}{'!' * i}", "score": float(i)}
+             for p in ("a", "b") for i in range(3)]
+    theirs = [{"question": r["prompt"], "answer": r["response"], "votes": r["score"]} for r in pools]
+    out = {}
+    for name, path, flags in [("jsonl", write_jsonl(tmp_path / "pools.jsonl", pools), []),
+                              ("parquet", write_parquet(tmp_path / "pools.parquet", theirs),
+                               ["--prompt-field", "question", "--response-field", "answer", "--score-field", "votes"])]:
+        prep.main(["--input", path, "--output", str(tmp_path / f"{name}.jsonl"), "--deviation", "style", "--gap", "1",
+                   *flags])
+        with open(tmp_path / f"{name}.jsonl") as f:
+            out[name] = [json.loads(line) for line in f]
+        meta = json.load(open(tmp_path / f"{name}.jsonl.meta.json"))
+        assert meta["source"] == sources.describe(path) and meta["source"]["kind"] == name
+    assert out["parquet"] == out["jsonl"] and len(out["jsonl"]) == 2

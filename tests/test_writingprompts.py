@@ -1,4 +1,4 @@
-"""prepare --from writingprompts: euclaise/WritingPrompts_preferences' schema -> the released pools, offline to train."""
+"""prepare --from writingprompts: euclaise/WritingPrompts_preferences' schema -> the released pools, then train."""
 
 import json
 import math
@@ -17,8 +17,8 @@ from ddpo.writingprompts import conversation_tokens, read_writingprompts, transf
 
 MAX_TOKENS = 200
 PROMPT0 = "The moon is a lie\nWrite it."
-# the tiny byte-level chat model counts <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{comment}<|im_end|>\n:
-# four special tokens, "user\n" (5), "\n" after each turn (2), "assistant\n" (10) and one token a byte: 21 + bytes
+# the tiny byte-level chat model counts <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{comment}
+# <|im_end|>\n as four special tokens, "user\n" (5), "\n" after each turn (2), "assistant\n" (10) and a token a byte
 FITS = "x" * (MAX_TOKENS - 21 - len(PROMPT0))  # exactly MAX_TOKENS: kept (released: <= 2048)
 POSTS = [  # the dataset's columns, as on the Hub
     {"post_title": "[WP] The moon is a lie", "post_text": "Write it.", "post_scores": 120,
@@ -66,12 +66,14 @@ def test_transformed_scores_released_and_intended():
     assert transformed_score(0, 0, 40, released=False) == pytest.approx(-1) and \
         transformed_score(40, 0, 40, released=False) == pytest.approx(1)
     # released: the unshifted ends do not (0 votes -> 0.944, the max -> above 1)
-    assert transformed_score(0, 0, 40) == pytest.approx(released_transform(0, 0, 40)) == pytest.approx(0.94373, abs=1e-5)
+    bottom = transformed_score(0, 0, 40)
+    assert bottom == pytest.approx(released_transform(0, 0, 40)) and bottom == pytest.approx(0.94373, abs=1e-5)
     top = transformed_score(40, 0, 40)
     assert top == pytest.approx(released_transform(40, 0, 40)) and top > 1
     for votes in (3, 12, 30):
         assert transformed_score(votes, 0, 40) == pytest.approx(released_transform(votes, 0, 40), rel=1e-9)
-        assert transformed_score(votes, 0, 40, False) == pytest.approx(released_transform(votes, 0, 40, False), rel=1e-9)
+        intended = transformed_score(votes, 0, 40, False)
+        assert intended == pytest.approx(released_transform(votes, 0, 40, False), rel=1e-9)
     assert transformed_score(5, -3, 40) is None  # released: log of a min vote <= -1 is NaN, written as null
 
 
@@ -81,7 +83,8 @@ def test_pools_match_the_hand_checked_expectation(tmp_path, tiny_model):
     groups, counts = read_writingprompts(write_posts(tmp_path / "wp.parquet"), count, MAX_TOKENS)
     pools = [(g["prompt"], g["responses"], g["scores"]) for g in groups.values()]
     assert pools == [
-        (PROMPT0, ["A long story about the moon.", "Short one.", "Another tale, told twice.", FITS], [12.0, 5.0, 40.0, 2.0]),
+        (PROMPT0, ["A long story about the moon.", "Short one.", "Another tale, told twice.", FITS],
+         [12.0, 5.0, 40.0, 2.0]),
         ("\nOnly the text.", ["Nine votes.", "Three votes."], [9.0, 3.0]),
         ("Spaced tag\n", ["Alone."], [4.0]),
         ("Mid [WP] tag\nBody", ["First.", "Second."], [0.0, 0.0]),
@@ -121,20 +124,24 @@ def test_prepare_then_train_offline_from_the_parquet(tmp_path, tiny_model):
         "A long story about the moon.", "Short one.", "Another tale, told twice.", FITS}
     assert (pairs[2]["chosen"], pairs[2]["rejected"]) == ("Nine votes.", "Three votes.")
     for p in pairs:
+        votes = (p["chosen_score"], p["rejected_score"])
         assert p["meta"]["transformed_score"] == {
-            "released": [pytest.approx(released_transform(s, 0, 40)) for s in (p["chosen_score"], p["rejected_score"])],
-            "intended": [pytest.approx(released_transform(s, 0, 40, False)) for s in (p["chosen_score"], p["rejected_score"])]}
+            "released": [pytest.approx(released_transform(s, 0, 40)) for s in votes],
+            "intended": [pytest.approx(released_transform(s, 0, 40, False)) for s in votes]}
     meta = json.load(open(str(out) + ".meta.json"))
     assert meta["source"]["kind"] == "parquet" and len(meta["source"]["sha256"]) == 64
     assert meta["written_by"] == "ddpo.prepare" and meta["flags"]["schema"] == "writingprompts"
-    # train reads the pairs as JSONL, and as parquet and a save_to_disk directory
+    # train reads the pairs as JSONL, and as parquet (other column names, mapped by flags) and a save_to_disk directory
     rows = [{k: p[k] for k in ("prompt", "chosen", "rejected", "weight")} for p in pairs]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    pq.write_table(pa.Table.from_pylist([{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"],
+                                          "weight": r["weight"]} for r in rows]), tmp_path / "pairs.parquet")
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    columns = ["--prompt-field", "question", "--chosen-field", "good", "--rejected-field", "bad"]
     losses = []
-    for name, data in [("jsonl", str(out)), ("parquet", str(tmp_path / "pairs.parquet")), ("disk", str(tmp_path / "saved"))]:
+    for name, data, flags in [("jsonl", str(out), []), ("parquet", str(tmp_path / "pairs.parquet"), columns),
+                              ("disk", str(tmp_path / "saved"), [])]:
         cfg = parse_args(["--model", tiny_model, "--data", data, "--output-dir", str(tmp_path / name), "--loss", "ddpo",
-                          "--max-steps", "2", "--batch-size", "3", "--dtype", "float32", "--lr", "1e-3"])
+                          "--max-steps", "2", "--batch-size", "3", "--dtype", "float32", "--lr", "1e-3", *flags])
         train(cfg)
         with open(tmp_path / name / "metrics.jsonl") as f:
             losses.append([json.loads(line)["loss"] for line in f])
