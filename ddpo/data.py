@@ -1,6 +1,7 @@
-"""Preference pairs: read and validate JSONL, tokenise like TRL, truncate, batch [chosen; rejected].
+"""Preference pairs: read and validate them, tokenise like TRL, truncate, batch [chosen; rejected].
 
-Input: one JSONL file, or a directory of *.jsonl files read in name order. One JSON object per line:
+Input: any source ddpo/sources.py reads (JSONL file or directory, parquet, a save_to_disk directory, a Hub dataset;
+columns renamed by --prompt-field, --chosen-field, --rejected-field). One record per pair:
   {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages], "weight": float (optional)}
 or TRL's conversational format with an implicit prompt, whole conversations that share their prompt turns:
   {"chosen": [messages], "rejected": [messages], "weight": float (optional)}
@@ -26,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
@@ -40,9 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from ddpo_kernels.logprobs import IGNORE_INDEX
 
-
-class DataError(ValueError):
-    """Bad input, with every message prefixed by file:line."""
+# where records come from (JSONL, parquet, datasets, the Hub) is ddpo/sources.py's; DataError stays importable here
+from ddpo.sources import DataError, read_jsonl, read_records  # noqa: F401 (read_jsonl: importable here)
 
 
 @dataclass
@@ -296,74 +295,6 @@ def check_output_dir(path, flag="--output-dir"):
         raise DataError(f"{flag} {path}: {existing} is not writable")
 
 
-def jsonl_files(path):
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl"))
-        if not files:
-            raise DataError(f"{path}: directory holds no .jsonl files")
-        for file in files:
-            if not os.path.isfile(file):
-                what = "a directory" if os.path.isdir(file) else "a broken link" if os.path.islink(file) else "no file"
-                raise DataError(f"{file}: is {what}, not a JSONL file; remove it or rename it (the data is every "
-                                f"*.jsonl file in {path})")
-        return files
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file or directory")
-    return [path]
-
-
-def read_jsonl(path, digest=None):
-    """Yield (source, record) for every non-blank line of a JSONL file or directory; DataError on bad UTF-8 or JSON,
-    or a lone surrogate (an unpaired \\ud800-\\udfff escape: no text, and no UTF-8 file can hold it). `digest` (a
-    hashlib sha256) receives the sha256 of each file's content in reading order, from this one read: a FIFO or a
-    process substitution can be read once only."""
-    for file in jsonl_files(path):
-        content = hashlib.sha256()
-        with open(file, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                content.update(raw)
-                if (record := parse_line(raw, f"{file}:{lineno}")) is not None:
-                    yield f"{file}:{lineno}", record
-        if digest is not None:
-            digest.update(content.digest())
-
-
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def has_surrogate(record):
-    """Whether a string of the record holds a lone surrogate (which no UTF-8 text can)."""
-    try:
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def parse_line(raw, source):
-    """The JSON object on one line (bytes), None for a blank line; DataError naming `source` (file:line)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{source}: invalid UTF-8 ({e.reason} at byte {e.start + 1})") from None
-    if not line.strip():
-        return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{source}: malformed JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise DataError(f"{source}: JSON nested too deeply") from None
-    except ValueError as e:  # an integer of over 4,300 digits
-        raise DataError(f"{source}: malformed JSON ({str(e).split(';')[0]})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
-    # only a \u escape can make a surrogate (UTF-8 cannot hold one); a valid pair decodes to one character
-    if SURROGATE_ESCAPE.search(line) and has_surrogate(record):
-        raise DataError(f"{source}: lone surrogate (an unpaired \\ud800-\\udfff escape): not text")
-    return record
-
-
 MAX_TEXT_CHARS = 4_000_000  # about a million tokens: beyond any context, and bounded before a tokenizer sees it
 
 
@@ -451,8 +382,9 @@ def implicit_prompt(chosen, rejected):
     return (chosen[:n], chosen[n:], rejected[n:]), None
 
 
-def load_pairs(path, max_errors=10, weight_field="weight", digest=None):
-    """Read and validate a pairs file. Raises DataError listing up to max_errors problems with file:line.
+def load_pairs(path, max_errors=10, weight_field="weight", fields=None, digest=None):
+    """Read and validate pairs from any source of ddpo.sources (`fields`: our names -> the input's columns). Raises
+    DataError listing up to max_errors problems with file:line (or file:row N).
 
     A record without 'prompt' whose 'chosen' and 'rejected' are conversations takes its prompt from their shared
     leading messages (implicit_prompt). The weight is read from `weight_field` (--weight-field): optional under its
@@ -460,7 +392,7 @@ def load_pairs(path, max_errors=10, weight_field="weight", digest=None):
     if not weight_field:
         raise DataError("--weight-field: empty field name")
     pairs, errors = [], []
-    for source, rec in read_jsonl(path, digest):
+    for source, rec in read_records(path, fields, digest):
         problems = [f"missing field {k!r}" for k in ("prompt", "chosen", "rejected") if k not in rec]
         texts = tuple(rec.get(k) for k in ("prompt", "chosen", "rejected"))
         if problems == ["missing field 'prompt'"]:  # TRL's implicit prompt, or the reason it is not one

@@ -21,6 +21,11 @@ it is reported in "skipped_prompts" and left out of every average.
                       responses hold no word (listed in "undefined_prompts", "n/a" in the report)
   distinct_1, _2      unique / total word n-grams
   length              mean words per sample
+  vendi_score         Vendi score of the semantic embeddings (exp entropy of the eigenvalues of K/n; 1 to N)
+  effective_rank      exp entropy of their normalised singular values (Roy & Vetterli 2007; 1 to N)
+  distinct_classes    NoveltyBench-style classes: greedy partition by cosine similarity >= --class-threshold (1 to N)
+  slop_score          EQ-Bench-style over-used words and phrases (ddpo/data/slop.txt) per 1,000 words (lower is better)
+  (the last four: ddpo/diversity.py, with their papers)
   quality             ddpo.quality: the offline proxy, or a reward model (--quality reward-model:PATH)
 With --baseline NAME, runs are paired by prompt key: for every metric, each other run's mean per-prompt difference
 to the baseline over the prompts both have (2+ samples in each), with a paired percentile bootstrap 95% interval
@@ -46,14 +51,17 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, check_output_dir, one_line_errors, read_jsonl, written
+from ddpo.data import DataError, atomic_write, check_output_dir, in_range, one_line_errors, written
 from ddpo.deviation import mean_cosine_distance
+from ddpo.diversity import CLASS_THRESHOLD, distinct_classes, effective_rank, slop_score, vendi_score
 from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
 from ddpo.malloc import keep_freed_memory
 from ddpo.quality import load_scorer
+from ddpo.sources import read_jsonl
 
 METRICS = ["semantic_diversity", "style_diversity", "compression_ratio", "ngram_diversity", "homogenization",
-           "distinct_1", "distinct_2", "length", "quality"]
+           "distinct_1", "distinct_2", "length", "vendi_score", "effective_rank", "distinct_classes", "slop_score",
+           "quality"]
 MAX_ROUGE_TOKENS = 20_000  # per response, for homogenization only
 
 
@@ -212,12 +220,13 @@ def shared_prompts(kept, baseline):
     return shared
 
 
-def per_prompt(kept, semantic, style, quality):
+def per_prompt(kept, semantic, style, quality, class_threshold=CLASS_THRESHOLD):
     """kept: {name: {prompt key: {"prompt", "responses"}}} -> {name: {metric: {prompt key: value}}}."""
     pools = [(name, key, v) for name, prompts in kept.items() for key, v in prompts.items()]
     texts = [r for _, _, v in pools for r in v["responses"]]
     group = torch.tensor([i for i, (_, _, v) in enumerate(pools) for _ in v["responses"]])
-    per_text = {"semantic_diversity": mean_cosine_distance(semantic(texts), group),
+    meaning = semantic(texts)  # (M, D)
+    per_text = {"semantic_diversity": mean_cosine_distance(meaning, group),
                 "style_diversity": mean_cosine_distance(style(texts), group)}  # style standardised over all runs
     prompt_texts = [v["prompt"] for _, _, v in pools for _ in v["responses"]]
     per_text["quality"] = torch.tensor(quality(prompt_texts, texts), dtype=torch.float64)
@@ -232,6 +241,10 @@ def per_prompt(kept, semantic, style, quality):
         row["distinct_1"][key] = distinct_n(rs, 1)
         row["distinct_2"][key] = distinct_n(rs, 2)
         row["length"][key] = sum(len(r.split()) for r in rs) / n
+        row["vendi_score"][key] = vendi_score(meaning[offset:offset + n])
+        row["effective_rank"][key] = effective_rank(meaning[offset:offset + n])
+        row["distinct_classes"][key] = distinct_classes(meaning[offset:offset + n], class_threshold)
+        row["slop_score"][key] = slop_score(rs)
         offset += n
     return values
 
@@ -266,12 +279,12 @@ def summary(values):
     return {**out, "undefined_prompts": undefined} if undefined else out
 
 
-def evaluate(runs, semantic, style, quality, baseline=None):
+def evaluate(runs, semantic, style, quality, baseline=None, class_threshold=CLASS_THRESHOLD):
     """runs: {name: {prompt key: {"prompt", "responses"}}} -> {name: metrics dict}; with a baseline, every other
     run's metrics also hold "vs_baseline", its paired differences to the baseline run."""
     kept = with_two_samples(runs)
     shared = shared_prompts(kept, baseline) if baseline else {}
-    values = per_prompt(kept, semantic, style, quality)
+    values = per_prompt(kept, semantic, style, quality, class_threshold)
     results = {}
     for name, rows in values.items():
         results[name] = {"prompts": len(kept[name]), "samples": sum(len(v["responses"]) for v in kept[name].values()),
@@ -381,6 +394,9 @@ def parse_args(argv=None):
     p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"],
                    help="style diversity's embedder: stylometric, or an encoder (paper: AnnaWegmann/Style-Embedding)")
     p.add_argument("--quality", default="proxy", help="proxy or reward-model:PATH")
+    p.add_argument("--class-threshold", type=in_range(float, -1, 1), default=CLASS_THRESHOLD,
+                   help="distinct_classes: two samples are one class at this cosine similarity of their semantic "
+                        "embeddings or above")
     p.add_argument("--trust-remote-code", action="store_true", help="run the embedders' own code from their "
                    "directory or hub repo (jinaai/jina-embeddings-v3 needs it); only for models you trust")
     return p.parse_args(argv)
@@ -414,7 +430,7 @@ def run(args):
         raise DataError(f"--quality: {e}") from None
     results = evaluate(runs, load_embedder(args.semantic_embedder, trust_remote_code=args.trust_remote_code),
                        load_embedder(args.style_embedder, trust_remote_code=args.trust_remote_code), quality,
-                       args.baseline)
+                       args.baseline, args.class_threshold)
     os.makedirs(args.output_dir, exist_ok=True)
     for name, r in results.items():
         atomic_write(os.path.join(args.output_dir, f"{name}.metrics.json"), json.dumps(r, indent=2))

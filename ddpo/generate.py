@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from ddpo.config import add_config_args, flag
 from ddpo.data import (DataError, append, atomic_write, check_text, check_writable, hold_lock, in_range, prompt_ids,
-                       one_line_errors, read_jsonl)
+                       one_line_errors, read_records)
 from ddpo.malloc import keep_freed_memory
 from ddpo.models import (autocast_context, autocast_dtype, check_causal_lm, check_vocabulary, load_model,
                          load_tokenizer, use_segment_attention)
@@ -257,10 +257,11 @@ def sample(model, tokenizer, prompts, s, batch_prompts=BATCH_PROMPTS, batches=No
         yield index, texts
 
 
-def read_prompts(path, digest=None):
-    """[{"id", "prompt"}] of a prompts file; `digest`: as read_jsonl's."""
+def read_prompts(path, prompt_field="prompt", digest=None):
+    """The prompts at `path` (any source of ddpo.sources; the prompt read from the column `prompt_field`) as
+    [{"id", "prompt"}]; `digest`: as read_records'."""
     prompts, sources = [], {}
-    for source, rec in read_jsonl(path, digest):
+    for source, rec in read_records(path, {"prompt": prompt_field}, digest):
         if "prompt" not in rec:
             raise DataError(f"{source}: missing field 'prompt'")
         if (problem := check_text(rec["prompt"], "prompt")):
@@ -369,7 +370,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="packaged:smollm2-135m-instruct", help="hub name, local path or packaged:<name>")
-    p.add_argument("--prompts", required=True, help="prompts JSONL")
+    p.add_argument("--prompts", required=True, help="prompts: JSONL or parquet (file or directory), a save_to_disk "
+                   "directory, or a Hub dataset ORG/NAME[:split]")
+    p.add_argument("--prompt-field", default="prompt", help="the column of --prompts holding the prompt")
     p.add_argument("--output", required=True, help="samples JSONL, with <output>.meta.json; rerun to resume it")
     p.add_argument("--base-model", default="", help="conformative decoding: the base model to mix in")
     p.add_argument("--conform-weight", type=in_range(float, 0, 1), default=0.0,
@@ -387,7 +390,7 @@ def parse_args(argv=None):
 
 
 def generate(args):
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, args.prompt_field)
     check_writable(args.output)
     config = check_causal_lm(args.model)
     if args.base_model:

@@ -24,7 +24,8 @@ seeds from --seed, its default settings but --max-new-tokens from --eval-max-new
 with the same random numbers and steps differ by the model alone, under training's autocast, and the texts are
 those `python -m ddpo.generate --model checkpoint-<step> --n K --max-new-tokens M --seed S --dtype D` writes (D: the
 --dtype of training). They are scored with ddpo.evaluate's code (evaluate.evaluate), logged as the means over prompts eval_semantic_diversity, eval_style_diversity,
-eval_compression_ratio, eval_ngram_diversity, eval_homogenization, eval_distinct_1, eval_distinct_2, eval_length and
+eval_compression_ratio, eval_ngram_diversity, eval_homogenization, eval_distinct_1, eval_distinct_2, eval_length,
+eval_vendi_score, eval_effective_rank, eval_distinct_classes (threshold 0.9), eval_slop_score and
 eval_quality (--eval-quality: proxy or reward-model:PATH), with --semantic-embedder and --style-embedder (the
 stylometric style profile is standardised over each evaluation's samples), and written to
 eval_samples/step-<N>.jsonl in ddpo.generate's samples format (ddpo.evaluate reads them). Sampling runs in eval mode
@@ -70,6 +71,7 @@ from ddpo.config import given
 from ddpo.data import DataError, append, atomic_write, load_pairs, tokenize_pairs
 from ddpo.distributed import gather_metrics, print0, rank_share
 from ddpo.embedders import check_embedder, load_embedder
+from ddpo.sources import PAIR_FIELDS, field_map
 from ddpo.losses import LOSSES
 from ddpo.models import autocast_context, check_model_path, use_segment_attention
 from ddpo.quality import load_scorer, scorer_spec
@@ -151,9 +153,10 @@ def read_held_out(cfg, digest=None):
     held_out = HeldOut()
     if cfg.eval_data:
         held_out.pairs = flagged("--eval-data", load_pairs, cfg.eval_data, max_errors=1, weight_field=cfg.weight_field,
-                                 digest=digest)
+                                 fields=field_map(cfg, PAIR_FIELDS), digest=digest)
     if cfg.eval_prompts:
-        held_out.prompts = flagged("--eval-prompts", generate.read_prompts, cfg.eval_prompts, digest)
+        held_out.prompts = flagged("--eval-prompts", generate.read_prompts, cfg.eval_prompts, cfg.prompt_field,
+                                   digest)
         check_embedder(cfg.semantic_embedder, "--semantic-embedder")
         check_embedder(cfg.style_embedder, "--style-embedder")
         if cfg.eval_quality != "proxy":

@@ -67,13 +67,14 @@ from ddpo.reference import load_reference
 from ddpo.step import PRINTED, evaluate_and_save, log_row, update
 from ddpo.train import GROUPS, TrainConfig, check_device, check_paths, lr_lambda
 
-UNUSED = {"data", "epochs", "max_steps", "precompute_ref", "eval_data", "fsdp", "grad_accum"}  # of TrainConfig
+UNUSED = {"data", "epochs", "max_steps", "precompute_ref", "eval_data", "fsdp", "grad_accum", "chosen_field",
+          "rejected_field"}  # of TrainConfig
 
 
 
 @dataclass
 class OnlineConfig(generate.Sampling, TrainConfig):
-    prompts: str = flag("", "prompts JSONL (ddpo.generate's format; required)")
+    prompts: str = flag("", "prompts in ddpo.generate's format, from any source --data reads (required)")
     rounds: int = flag(20, "rounds to run in all (a resumed run goes on to this many)", type=in_range(int, 1))
     prompts_per_round: int = flag(8, "prompts sampled each round", type=in_range(int, 1))
     n: int = flag(4, "responses per prompt (2+); under torchrun write --samples-per-prompt", type=in_range(int, 2),
@@ -204,7 +205,7 @@ def read_inputs(cfg, world):
     if cfg.score.startswith("reward-model:"):
         check_model_path(cfg.score.split(":", 1)[1], "--score reward-model:")
     data, held_out_data = hashlib.sha256(), hashlib.sha256()
-    prompts = generate.read_prompts(cfg.prompts, data)
+    prompts = generate.read_prompts(cfg.prompts, cfg.prompt_field, data)
     generate.check_rows(cfg.n, cfg.sample_batch, cfg.prompts_per_round, "--sample-batch")
     held_out = read_held_out(cfg, held_out_data)
     config = run_config(cfg, data.hexdigest(), world)

@@ -40,19 +40,22 @@ from collections import OrderedDict
 import torch
 
 from ddpo.data import (DataError, atomic_write, check_not_input, check_size, check_text, check_writable, finite_number,
-                       in_range, one_line_errors, pool_order, read_jsonl, remove_temporaries)
+                       in_range, one_line_errors, pool_order, read_records, remove_temporaries)
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.malloc import keep_freed_memory
-from ddpo.models import check_model_path
+from ddpo.models import DEFAULT_MODEL, check_model_path, load_tokenizer
 from ddpo.quality import load_scorer, scorer_spec
+from ddpo.sources import PAIR_FIELDS, POOL_FIELDS, describe, field_map
+from ddpo.writingprompts import conversation_tokens, read_writingprompts
 
 
-def read_input(path, scored_later):
+def read_input(path, scored_later, fields=None):
     """Returns (kind, groups): groups maps a prompt key to {"prompt", "responses": [text], "scores": [float|None],
-    "pairs": [(i_chosen, i_rejected)]}; plus drop counts. Errors name file:line."""
+    "pairs": [(i_chosen, i_rejected)]}; plus drop counts. Errors name file:line (or file:row N). `fields`: our
+    field names -> the input's columns."""
     groups, kind, dropped = OrderedDict(), None, {"empty": 0, "duplicate": 0}
-    for source, rec in read_jsonl(path):
+    for source, rec in read_records(path, fields):
         this = "pairs" if "chosen" in rec or "rejected" in rec else "pool"
         if kind not in (None, this):
             raise DataError(f"{source}: a {this} record in a file of {kind} records")
@@ -188,8 +191,25 @@ def score_flag(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", required=True, help="pools or pairs JSONL (file or directory)")
-    p.add_argument("--output", required=True, help="pairs JSONL to write")
+    p.add_argument("--input", required=True, help="pools or pairs: JSONL or parquet (file or directory), a "
+                   "save_to_disk directory, or a Hub dataset ORG/NAME[:split] or ORG/NAME:config:split")
+    p.add_argument("--from", dest="schema", default="ddpo", choices=["ddpo", "writingprompts"],
+                   help="the input's schema: ddpo's pools or pairs (module docstring), or writingprompts: "
+                        "euclaise/WritingPrompts_preferences, one post a record, turned into pools as released "
+                        "(ddpo/writingprompts.py)")
+    p.add_argument("--max-response-tokens", type=in_range(int, 0), default=2048,
+                   help="--from writingprompts: drop a comment whose conversation with its prompt, in --model's chat "
+                        "template, has more tokens (released: 2048; 0 = keep all)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="--from writingprompts: the policy whose tokenizer counts "
+                   "--max-response-tokens (released: meta-llama/Llama-3.1-8B-Instruct)")
+    for name, what in [("prompt", "prompt"), ("response", "response of a pool"), ("score", "score of a response"),
+                       ("chosen", "chosen response of a pair"), ("rejected", "rejected response of a pair")]:
+        p.add_argument(f"--{name}-field", default=name, help=f"the input's column holding the {what}")
+    p.add_argument("--output", required=True, help="pairs JSONL to write; beside it <output>.meta.json records the "
+                   "input (its sha256, or its datasets fingerprint and revision) and the flags")
+    p.add_argument("--output-format", default="ddpo", choices=["ddpo", "trl"],
+                   help="ddpo: pairs with weight, scores and meta; trl: TRL's conversational preference format "
+                        "(prompt, chosen, rejected as message lists) with weight, chosen_score and rejected_score")
     p.add_argument("--deviation", default="both", choices=list(METRICS), help="metrics whose deviation weights pairs")
     p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"], help="hub name, path or packaged:<name> (paper: jinaai/jina-embeddings-v3)")
     p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"], help="hub name, path, or 'stylometric' (paper: AnnaWegmann/Style-Embedding)")
@@ -263,10 +283,54 @@ def pair_prompt(args, kind, g, start, deviation, rng, ranking):
             for c, r, gain in pair_diverse_ns(g["responses"], s, weights, args.quality_eps, args.length_tolerance)]
 
 
+WRITTEN_BY = "ddpo.prepare"
+
+
+def meta_path(output):
+    return output + ".meta.json"
+
+
+def check_meta(path):
+    """Refuse to replace a <output>.meta.json that ddpo.prepare did not write."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            ours = json.load(f).get("written_by") == WRITTEN_BY
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError, RecursionError):
+        ours = False
+    if not ours:
+        raise DataError(f"--output: {path} exists and is not a ddpo.prepare meta file; choose another --output or "
+                        "remove it")
+
+
+def read_groups(args):
+    """(kind, groups, drop counts) of --input under --from (read_input's, or the WritingPrompts pools')."""
+    if args.schema == "ddpo":
+        return read_input(args.input, args.score != "none", field_map(args, PAIR_FIELDS + POOL_FIELDS))
+    count = conversation_tokens(load_tokenizer(args.model)) if args.max_response_tokens else None
+    groups, counts = read_writingprompts(args.input, count, args.max_response_tokens)
+    print("read " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    return "pool", groups, {"empty": counts["dropped_empty"], "duplicate": counts["dropped_duplicate"]}
+
+
+def trl_row(row):
+    """A pair in TRL's conversational preference format, its weight and scores as columns."""
+    prompt = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}], "weight": row["weight"],
+            "chosen_score": row["chosen_score"], "rejected_score": row["rejected_score"]}
+
+
 def prepare(args):
     check_not_input(args.output, args.input)
     check_writable(args.output)
-    kind, groups, dropped = read_input(args.input, scored_later=args.score != "none")
+    check_writable(meta_path(args.output), "--output")
+    check_meta(meta_path(args.output))
+    if args.schema == "writingprompts" and args.max_response_tokens:
+        check_model_path(args.model)
+    source = describe(args.input)
+    kind, groups, dropped = read_groups(args)
     texts = [t for g in groups.values() for t in g["responses"]]
     weighting, ranking = metric_roles(args.pairing if kind == "pool" else "gap", args.deviation)
     plain = not weighting and bool(ranking)  # DivPO and Diverse-NS pairs: weight 1
@@ -277,7 +341,7 @@ def prepare(args):
     if args.score.startswith("reward-model:"):
         check_model_path(args.score.split(":", 1)[1], "--score reward-model:")
     directory, name = os.path.split(os.path.abspath(args.output))
-    remove_temporaries(directory, re.escape(name))
+    remove_temporaries(directory, re.escape(name) + r"(\.meta\.json)?")
     if args.score != "none":
         prompts = [g["prompt"] for g in groups.values() for _ in g["responses"]]
         scores = load_scorer(args.score)(prompts, texts)
@@ -328,13 +392,19 @@ def prepare(args):
             w = 1.0 if plain else w
             meta = {"group_size": len(pool), "pairing": "input" if kind == "pairs" else args.pairing,
                     "deviation": {m: [d[at[c]], d[at[r]]] for m, d in devs.items()}, **meta}
+            if "transformed" in g:  # --from writingprompts: the released transformed votes, and the intended ones
+                meta["transformed_score"] = {k: [g["transformed"][c][j], g["transformed"][r][j]]
+                                             for j, k in enumerate(("released", "intended"))}
             rows.append({"prompt": g["prompt"], "chosen": g["responses"][c], "rejected": g["responses"][r], "weight": w,
                          "chosen_score": g["scores"][c], "rejected_score": g["scores"][r], "meta": meta})
     if args.pairing == "diverse-ns" and args.budget and len(rows) > args.budget:
         rows = sorted(rows, key=lambda row: -row["meta"]["diversity_gain"])[:args.budget]
     if not rows:
         raise DataError(f"{args.input}: no pair could be formed ({counts})")
+    rows = [trl_row(row) for row in rows] if args.output_format == "trl" else rows
     atomic_write(args.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write(meta_path(args.output), json.dumps({"written_by": WRITTEN_BY, "source": source, "flags": vars(args)},
+                                                    indent=1) + "\n")
     w = torch.tensor([row["weight"] for row in rows])
     summary = {**counts, "pairs": len(rows), "dropped_empty": dropped["empty"], "dropped_duplicate": dropped["duplicate"],
                "weight_mean": w.mean().item(), "weight_min": w.min().item(), "weight_max": w.max().item(),

@@ -80,12 +80,13 @@ from ddpo.models import (DEFAULT_MODEL, autocast_context, autocast_dtype, check_
                          load_policy, load_tokenizer)
 from ddpo.monitor import Monitor, Reporter, check_flags, read_held_out, report_targets
 from ddpo.reference import check_packing, load_reference
+from ddpo.sources import PAIR_FIELDS, field_map
 from ddpo.step import PRINTED, chosen_weights, embedders, evaluate_and_save, log_row, update
 
 
 @dataclass
 class TrainConfig:
-    data: str = flag("", "pairs JSONL file or directory of JSONL files (required)")
+    data: str = flag("", "pairs: JSONL or parquet (file or directory), save_to_disk directory or Hub ORG/NAME[:split]")
     model: str = flag(DEFAULT_MODEL, "hub name, local directory or packaged:<name>")
     ref_model: str = flag("", "reference of the losses that have one (default: --model, frozen)")
     output_dir: str = flag("runs/train", "checkpoints, metrics.jsonl, train_config.json")
@@ -106,6 +107,9 @@ class TrainConfig:
     style_embedder: str = flag(DEFAULT_EMBEDDERS["style"], "for --deviation style|both")
     weight_field: str = flag("weight", "the data's field of each pair's weight (--deviation none); "
                              "required under another name")
+    prompt_field: str = flag("prompt", "the data's column of the prompt (--data, --eval-data, --eval-prompts)")
+    chosen_field: str = flag("chosen", "the data's column of the chosen response")
+    rejected_field: str = flag("rejected", "the data's column of the rejected response")
     min_weight: float = flag(0.0, "clamp chosen weights from below, e.g. 0.2 (paper ablation)", type=in_range(float, 0))
     lr: float = flag(5e-6, "peak learning rate (paper: 5e-6)", type=in_range(float, 0, above=True))
     weight_decay: float = flag(0.0, "AdamW weight decay", type=in_range(float, 0))
@@ -160,6 +164,7 @@ GROUPS = {  # headers of --help
     "objective": ["loss", "beta", "orpo_lambda", "dorpo_form", "label_smoothing", "simpo_gamma", "rpo_alpha",
                   "deviation", "semantic_embedder", "style_embedder", "trust_remote_code", "weight_field",
                   "min_weight"],
+    "data columns": ["prompt_field", "chosen_field", "rejected_field"],
     "optimisation": ["lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "epochs", "max_steps",
                      "batch_size", "grad_accum", "seed"],
     "sequences": ["max_length", "max_prompt_length", "packing"],
@@ -235,7 +240,7 @@ def read_inputs(cfg, world):
     ((pairs, held-out data, the run's config), what every rank must share: the config and the held-out digest)."""
     check_paths(cfg)
     data, held_out_data = hashlib.sha256(), hashlib.sha256()
-    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field, digest=data)
+    pairs = load_pairs(cfg.data, weight_field=cfg.weight_field, fields=field_map(cfg, PAIR_FIELDS), digest=data)
     held_out = read_held_out(cfg, held_out_data)  # --eval-data, --eval-prompts
     config = run_config(cfg, data.hexdigest(), world)
     return (pairs, held_out, config), {**config, "held_out_sha256": held_out_data.hexdigest()}

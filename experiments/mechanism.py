@@ -26,12 +26,13 @@ import os
 import torch
 
 from ddpo.checkpoint import checkpoints
-from ddpo.data import Pair, atomic_write, collate, read_jsonl, tokenize_pairs
+from ddpo.data import Pair, atomic_write, collate, tokenize_pairs
 from ddpo.deviation import deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
 from ddpo.evaluate import interval, resample_means, sign_flip_p
 from ddpo.models import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
 from ddpo.pipeline import first_prompts, sample
+from ddpo.sources import read_jsonl
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ def test_empty_file_and_missing_path(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_pairs(str(tmp_path / "missing.jsonl"))
     (tmp_path / "dir").mkdir()
-    with pytest.raises(DataError, match="no .jsonl files"):
+    with pytest.raises(DataError, match="holds no .jsonl or .parquet files"):
         load_pairs(str(tmp_path / "dir"))
 
 

@@ -101,6 +101,11 @@ def test_report_files_and_single_sample_prompts(tmp_path, capsys):
     assert lo <= m["varied"]["quality"]["mean"] <= hi
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "| varied | 2 |" in (out / "report.md").read_text()
+    # the cited metrics: identical samples are one class of Vendi score and effective rank 1
+    for metric in ("vendi_score", "effective_rank", "distinct_classes"):
+        assert m["same"][metric]["mean"] == pytest.approx(1.0), metric
+        assert m["varied"][metric]["mean"] > 1.2 and f"| {metric} " in report, metric
+    assert m["same"]["slop_score"]["mean"] == 0.0 and "slop_score" in report
 
 
 def test_bad_samples_file(tmp_path):

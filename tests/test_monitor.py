@@ -48,6 +48,10 @@ def test_evaluations_at_every_nth_and_the_last_step_leave_training_alone(tmp_pat
         assert 0 <= r["eval_homogenization"] <= 1 and 0 <= r["eval_distinct_1"] <= 1 and 0 <= r["eval_distinct_2"] <= 1
         assert 0 <= r["eval_quality"] <= 10 and r["eval_length"] >= 0 and 0 < r["eval_ngram_diversity"] <= 4
         assert r["eval_compression_ratio"] > 0 and 0 <= r["eval_rewards/accuracies"] <= 1 and r["eval_runtime"] > 0
+        # 3 samples a prompt: Vendi score, effective rank and classes between 1 and 3
+        for m in ("vendi_score", "effective_rank", "distinct_classes"):
+            assert 1 - 1e-9 <= r[f"eval_{m}"] <= 3 + 1e-9, m
+        assert r["eval_slop_score"] >= 0
     assert evals[-1]["eval_rewards/margins"] > 0  # held-out pairs = training pairs here: it learns them
     # training is untouched: sampling draws from its own generators, evaluation takes no gradient
     for a, b in zip(metrics(plain.output_dir), [r for r in rows if "loss" in r]):

@@ -256,6 +256,10 @@ BAD_INPUTS = [  # files under tmp_path (in.jsonl is --input, o.jsonl --output), 
                  r"--output .*d/pairs.jsonl: is the input .*/d or inside it", id="output inside the input directory"),
     pytest.param({"in.jsonl": GOOD.encode() + b'{"prompt": "caf\xe9", "response": "r", "score": 1}\n'}, [],
                  r"^error: .*in.jsonl:3: invalid UTF-8", id="invalid utf-8"),
+    pytest.param({"o.jsonl.meta.json": "{}"}, [], r"--output: .*o.jsonl.meta.json exists and is not a ddpo.prepare "
+                 "meta file", id="a meta file we did not write"),
+    pytest.param({}, ["--from", "writingprompts", "--model", "{tmp}/none"], r"--model .*/none: no such directory",
+                 id="writingprompts' tokenizer missing"),
 ]
 
 
