@@ -2,7 +2,7 @@
 
     python -m ddpo.pipeline --work-dir runs/pipeline && python experiments/mechanism.py --work-dir runs/pipeline
     python experiments/mechanism.py --work-dir runs/exp --arms dpo ddpo-both ddpo-sem divpo --n 8 --pool-prompts 32
-    python experiments/mechanism.py --work-dir ~/ddpo-runs/online --rounds-of ddpo    # online DDPO's own pools
+    python experiments/mechanism.py --work-dir ~/ddpo-runs/online --rounds-of ddpo --from-round 31   # its own pools
 
 On held-out prompts (the pipeline's eval prompts, never trained on), the start model writes --n responses per prompt
 once (<work-dir>/mechanism/pool.jsonl). For every response y of prompt x and every trained arm M:
@@ -69,15 +69,19 @@ def correlations(delta, weights, group):
     return torch.tensor(r, dtype=torch.float64)
 
 
-def training_pools(rounds_dir):
-    """Every round's pools of an online run (ddpo.online's rounds/round-<r>.pools.jsonl), one pool per round and
-    prompt: a prompt drawn in two rounds is two pools, as each round weighs its own."""
-    names = [n for n in os.listdir(rounds_dir) if n.endswith(".pools.jsonl")]
+def training_pools(rounds_dir, first=1):
+    """The pools of an online run's rounds from `first` on (ddpo.online's rounds/round-<r>.pools.jsonl), one pool per
+    round and prompt: a prompt drawn in two rounds is two pools, as each round weighs its own."""
+    names = [n for n in os.listdir(rounds_dir) if n.endswith(".pools.jsonl") and round_of(n) >= first]
     rows = []
-    for name in sorted(names, key=lambda n: int(n.split("-")[1].split(".")[0])):
+    for name in sorted(names, key=round_of):
         for _, rec in read_jsonl(os.path.join(rounds_dir, name)):
             rows.append({**rec, "prompt_id": f"{name.split('.')[0]}:{rec['prompt_id']}"})
     return rows
+
+
+def round_of(name):
+    return int(name.split("-")[1].split(".")[0])
 
 
 def checkpoint_of(work_dir, arm):
@@ -92,7 +96,7 @@ def run(args):
     os.makedirs(out_dir, exist_ok=True)
     checkpoints = {arm: checkpoint_of(args.work_dir, arm) for arm in args.arms}
     if args.rounds_of:
-        rows = training_pools(os.path.join(args.work_dir, args.rounds_of, "rounds"))
+        rows = training_pools(os.path.join(args.work_dir, args.rounds_of, "rounds"), args.from_round)
     elif args.pool:
         rows = [rec for _, rec in read_jsonl(args.pool)]
     else:
@@ -135,6 +139,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL, help="the start model the arms were trained from")
     p.add_argument("--pool", help="samples JSONL of the start model on held-out prompts (default: sample one)")
     p.add_argument("--rounds-of", help="an online arm: the pools it trained on (its rounds/) instead of held-out ones")
+    p.add_argument("--from-round", type=int, default=1, help="with --rounds-of: the first round whose pools are used")
     p.add_argument("--pool-prompts", type=int, default=32, help="held-out prompts (the first of the eval split)")
     p.add_argument("--n", type=int, default=8, help="responses per prompt in the pool")
     p.add_argument("--max-new-tokens", type=int, default=100, help="length of the pool's responses")

@@ -74,6 +74,7 @@ def test_mechanism_training_pools_are_one_pool_per_round_and_prompt(tmp_path):
         (tmp_path / f"round-{r}.jsonl").write_text("{}\n")  # the round's pairs: not a pool
     got = [(row["prompt_id"], row["response"]) for row in mechanism.training_pools(str(tmp_path))]
     assert got == [("round-2:a", "x"), ("round-2:a", "y"), ("round-2:b", "z"), ("round-10:a", "w"), ("round-10:a", "v")]
+    assert [row["response"] for row in mechanism.training_pools(str(tmp_path), first=3)] == ["w", "v"]
 
 
 def test_mechanism_check_runs_on_pipeline_arms(tmp_path, tiny_model):
