@@ -21,7 +21,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from ddpo.data import DataError, temporary_path
+from ddpo.data import DataError, written
 from ddpo.distributed import print0, shard
 from ddpo.lean import use_lean
 from ddpo.lora import LoRALinear, add_lora, load_adapter
@@ -60,12 +60,9 @@ def convert_gguf(gguf_path, out_dir):
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = temporary_path(out_dir)
-    os.mkdir(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
+    with written(out_dir, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def check_model_path(name, flag="--model"):

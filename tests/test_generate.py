@@ -383,7 +383,7 @@ def test_read_only_output_directory_is_refused_before_a_model_loads(tmp_path, ti
 def test_mismatched_tokenizers_and_bad_prompts(tmp_path, tiny_model):
     from transformers import AutoTokenizer
 
-    other = make_tiny_model(tmp_path / "other", vocab_extra=1)
+    other = make_tiny_model(tmp_path / "other")  # the same vocabulary size (else its config.json refuses it first)
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
     tok.save_pretrained(other)
