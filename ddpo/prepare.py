@@ -4,13 +4,18 @@
     python -m ddpo.prepare --input responses.jsonl --output pairs.jsonl --pairing divpo --rho 0.25
     python -m ddpo.prepare --input responses.jsonl --output pairs.jsonl --pairing diverse-ns --budget 3000
     python -m ddpo.prepare --input pairs_in.jsonl --output pairs.jsonl --deviation semantic --min-weight 0.2
+    python -m ddpo.prepare --from writingprompts --input euclaise/WritingPrompts_preferences --output pairs.jsonl
 
-Input, JSONL (file or directory), one of:
+Input, from any source of ddpo/sources.py (JSONL, parquet, save_to_disk, Hub; other column names with
+--prompt-field, --response-field, --score-field, --chosen-field, --rejected-field), one of:
   pools  {"prompt": str | [messages], "response": str, "score": number}   (score optional with --score)
   pairs  {"prompt": ..., "chosen": str, "rejected": str, "chosen_score": n, "rejected_score": n}  (scores optional)
-Output: pairs JSONL with "weight" and "meta" (group size, each metric's raw deviation of chosen and rejected, the
-pairing method), written to a temporary file and renamed (what a killed run left, .tmp-<output name>-*, is removed at
-the next start); a summary of what was kept and dropped is printed. Flags, the output's directory and model paths are
+or, with --from writingprompts, the posts of euclaise/WritingPrompts_preferences, made pools as the released scripts
+made them (ddpo/writingprompts.py). Output: pairs JSONL with "weight" and "meta" (group size, each metric's raw
+deviation of chosen and rejected, the pairing method; --output-format trl: TRL's conversational format with weight and
+score columns), and <output>.meta.json (the input's digest, a Hub dataset's revision, the flags), each written to a
+temporary file and renamed (what a killed run left, .tmp-<output name>-*, is removed at the next start); a summary of
+what was kept and dropped is printed. Flags, the output's directory and model paths are
 checked before any scorer or embedder loads.
 
 Pairing of pools:
