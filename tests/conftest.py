@@ -16,6 +16,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from ddpo.train import parse_args, train  # noqa: E402
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -228,3 +230,51 @@ def check_hostile(case, tmp_path, request, capsys, module, setup_args=(), **shar
     after = h.files()
     assert not [p for p in after if os.path.basename(p).startswith(".tmp-")], f"{name}: a temporary is left"
     assert {p: after.get(p) for p in before} == before, f"{name}: a file that was there changed"
+
+
+# shared by the ddpo.train tests (test_train, test_checkpoints, test_logps, test_monitor, ...)
+METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected", "weights/mean", "weights/min", "weights/max"]
+
+
+def run(tmp_path, tiny_model, *extra, name="run", data=None):
+    out = str(tmp_path / name)
+    data = data or write_pairs(tmp_path / "pairs.jsonl")
+    cfg = parse_args(["--model", tiny_model, "--data", data, "--output-dir", out, "--lr", "1e-3", "--dtype", "float32",
+                      *extra])  # fp32 unless a test says: --dtype auto is bf16 on CPUs with native bf16, and tests
+    return cfg, train(cfg)  # here compare two paths to ~1e-5
+
+
+def metrics(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+FAMILY = ["ipo", "hinge", "robust", "cdpo", "rpo", "simpo", "sft"]  # beside dpo/ddpo and orpo/dorpo
+
+
+def pool_pairs(path):
+    """Three prompts with 3, 2 and 4 pairs over shared responses: pools of 4, 3 and 5 texts."""
+    stories = {"sea": ["The sea kept our letters.", "Waves. Waves again!", "A gull read the tide aloud, slowly, to no one.",
+                       "Salt; rope; a bell -- then nothing."],
+               "clock": ["It ticked.", "The clock ran backwards on Sundays, just to be heard.", "Tick? Tock? Who asks?"],
+               "fox": ["The fox sat.", "A fox, a fence, a famine of hens.", "She said: 'run.' He did not.",
+                       "Red fur in the snow, and the hunter looked away.", "Fox!"]}
+    rows = []
+    for prompt, texts in stories.items():
+        for i in range(1, len(texts)):
+            rows.append({"prompt": f"Write about a {prompt}.", "chosen": texts[i], "rejected": texts[i - 1]})
+    return write_pairs(path, rows)
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+def strict_rows(path):
+    """metrics.jsonl rows; NaN and Infinity (not JSON) fail."""
+    def refuse(token):
+        raise ValueError(f"{token} in {path}")
+
+    with open(path) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]

@@ -9,7 +9,9 @@ import torch
 from conftest import write_pairs
 from safetensors.torch import load_file
 
-from test_train import metrics
+from conftest import metrics
+
+pytestmark = pytest.mark.slow  # torchrun launches: python -m pytest -m 'not slow' skips them
 
 
 def children(pid):

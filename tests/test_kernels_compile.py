@@ -28,6 +28,8 @@ import warnings
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ahead-of-time compilation: python -m pytest -m 'not slow' skips them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)  # A100, H100
 # vocabulary sizes of the tiny test model, small / Llama-2 / SmolLM2 / GPT-2 / Llama-3

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from ddpo.lora import adapters_disabled, add_lora, merged_copy
 from ddpo.models import load_model
-from test_train import METRICS, metrics, run
+from conftest import METRICS, metrics, run
 
 
 def test_lora_layer_math_and_merge(tiny_model):

@@ -16,7 +16,7 @@ import ddpo.monitor as monitor_mod
 import ddpo.train as train_mod
 from ddpo import curves, evaluate, generate
 from ddpo.train import main
-from test_train import metrics, no_model, run, strict_rows
+from conftest import metrics, no_model, run, strict_rows
 
 SAMPLED = [f"eval_{m}" for m in evaluate.METRICS]
 PAIRED = ["eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins", "eval_rewards/accuracies",
@@ -80,7 +80,7 @@ def test_an_evaluation_without_update_equals_the_training_row_of_the_same_pairs(
     the held-out pairs are step 1's pairs (all of them, reversed), so every eval_ value equals step 1's training value. A
     reference other than the start model makes the rewards non-zero; with --deviation, pools of 3 to 5 texts make
     weights other than 1."""
-    from test_train import pool_pairs
+    from conftest import pool_pairs
 
     monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
     ref = make_tiny_model(tmp_path / "ref", seed=1)

@@ -9,6 +9,8 @@ import torch
 from ddpo.models import autocast_dtype
 from ddpo.pipeline import main
 
+pytestmark = pytest.mark.slow  # whole pipelines and experiments: python -m pytest -m 'not slow' skips them
+
 NOT_AUTO = "float32" if autocast_dtype("auto", torch.device("cpu")) else "bfloat16"  # the dtype auto is not here
 
 

@@ -1,5 +1,5 @@
-"""ddpo.train end to end on tiny models: metrics, checkpoints, resume equality, exact accumulation, bad flags and input,
-the lock, non-finite steps, resume rules."""
+"""ddpo.train end to end on tiny models: metrics, each loss, exact accumulation, deviation weights, epochs, the
+schedule, bad flags and input."""
 
 import json
 import math
@@ -8,165 +8,18 @@ import re
 import socket
 import subprocess
 import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_pairs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-
-import ddpo.checkpoint as checkpoint_mod
-import ddpo.step as step_mod
 import ddpo.train as train_mod
-from ddpo.data import DataError, collate, collate_packed, load_pairs, temporary_path, tokenize_pairs
+from ddpo.data import DataError, load_pairs, tokenize_pairs
 from ddpo.losses import LOSSES
-from ddpo.models import (SEGMENT_ATTENTION, autocast_dtype, load_model, load_tokenizer, segment_attention,
-                         sequence_logps, use_segment_attention)
-from ddpo.train import main, parse_args, train
-
-METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-           "logps/rejected", "weights/mean", "weights/min", "weights/max"]
-
-
-def run(tmp_path, tiny_model, *extra, name="run", data=None):
-    out = str(tmp_path / name)
-    data = data or write_pairs(tmp_path / "pairs.jsonl")
-    cfg = parse_args(["--model", tiny_model, "--data", data, "--output-dir", out, "--lr", "1e-3", "--dtype", "float32",
-                      *extra])  # fp32 unless a test says: --dtype auto is bf16 on CPUs with native bf16, and tests
-    return cfg, train(cfg)  # here compare two paths to ~1e-5
-
-
-def metrics(path):
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def test_sequence_logps_equal_full_logits(tiny_model):
-    tok = load_tokenizer(tiny_model)
-    model = load_model(tiny_model)
-    pairs = load_pairs(write_pairs(os.path.join(os.path.dirname(tiny_model), "p.jsonl")))[:3]
-    tokenize_pairs(pairs, tok)
-    batch = collate(pairs, tok.pad_token_id)
-    input_ids, attention_mask, labels = batch.input_ids, batch.attention_mask, batch.labels
-    logps, counts = sequence_logps(model, batch, use_triton=False)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (2B, T-1, V)
-    targets = labels[:, 1:]
-    mask = targets != -100
-    token = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(logps, (token * mask).sum(1), rtol=1e-5, atol=1e-4)
-    assert counts.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
-    packed, packed_counts = sequence_logps(model, collate_packed(pairs), use_triton=False)  # one row, no padding
-    assert collate_packed(pairs).tokens == batch.tokens == attention_mask.sum()
-    torch.testing.assert_close(packed, logps, rtol=1e-5, atol=1e-4)
-    assert packed_counts.tolist() == counts.tolist()
-
-
-def test_segment_attention_equals_padded_sdpa(tiny_model):
-    """Packed rows under segment attention (one sdpa call per sequence, no mask) give the padded sdpa log-probs and
-    the same parameter gradients; so do packed rows holding each pair's prompt once (the rejected completion attends
-    to the prompt, not to the chosen one), and padded rows under it (the masked branch). The mask step builds no
-    mask."""
-    tok = load_tokenizer(tiny_model)
-    pairs = load_pairs(write_pairs(os.path.join(os.path.dirname(tiny_model), "p.jsonl")))[:3]
-    tokenize_pairs(pairs, tok)
-    padded_batch, packed_batch = collate(pairs, tok.pad_token_id), collate_packed(pairs)
-    shared_batch = collate_packed(pairs, share_prompts=True)
-    prompts = sum(len(p.prompt_ids) for p in pairs)
-    assert shared_batch.input_ids.numel() == packed_batch.input_ids.numel() - prompts  # each prompt once
-    assert shared_batch.tokens == packed_batch.tokens == padded_batch.tokens  # the sequences' tokens, in any layout
-    results = []
-    for attention, batch in (("sdpa", padded_batch), ("segments", packed_batch), ("segments", shared_batch),
-                             ("segments", padded_batch)):
-        model = load_model(tiny_model)
-        assert model.config._attn_implementation == "sdpa"
-        if attention == "segments":
-            assert use_segment_attention(model) and model.config._attn_implementation == SEGMENT_ATTENTION
-        logps, _ = sequence_logps(model, batch, use_triton=False)
-        (logps * torch.arange(1.0, 7.0)).sum().backward()
-        results.append((logps.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    for logps, grads in results[1:]:
-        torch.testing.assert_close(logps, results[0][0], rtol=1e-5, atol=1e-4)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, results[0][1][name], rtol=1e-4, atol=1e-5, msg=name)
-    q, k, v = torch.randn(3, 1, 4, 9, 8).unbind()  # boundaries from position ids == the lengths sequence_logps passes
-    by_positions, _ = segment_attention(None, q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]]))
-    by_lengths, _ = segment_attention(None, q, k, v, None, segments=[(4,), (2,), (3,)])
-    torch.testing.assert_close(by_positions, by_lengths)
-    torch.testing.assert_close(by_lengths[:, 4:6], F.scaled_dot_product_attention(
-        q[:, :, 4:6], k[:, :, 4:6], v[:, :, 4:6], is_causal=True).transpose(1, 2))  # the middle sequence alone
-    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind()  # rows of equal length, no mask: plain causal attention per row
-    out, _ = segment_attention(None, q, k, v, None, position_ids=torch.arange(5).expand(2, 5))
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
-
-
-@pytest.mark.parametrize("loss, ref_window, shared", [("dpo", None, True), ("simpo", None, True), ("sft", None, False),
-                                                     ("dpo", 4, False)])
-def test_pairs_share_their_prompt_where_segment_attention_runs(tmp_path, tiny_model, monkeypatch, loss, ref_window,
-                                                               shared):
-    """Training's packed batches hold each pair's prompt once when the policy and a frozen reference both run
-    segment attention (not for losses without a rejected completion, nor with a reference that keeps its own
-    attention, whose batches must be the policy's)."""
-    calls = []
-    real = step_mod.make_batch
-    monkeypatch.setattr(step_mod, "make_batch", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
-    if ref_window:
-        ref = str(tmp_path / "ref")
-        model = load_model(tiny_model)
-        model.config.sliding_window = ref_window
-        model.save_pretrained(ref)
-        load_tokenizer(tiny_model).save_pretrained(ref)
-    run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "1", *(["--ref-model", ref] if ref_window else []))
-    assert calls and set(calls) == {shared}
-
-
-def test_packing_that_changes_the_log_probs_stops_before_training(tmp_path, tiny_model, monkeypatch):
-    """check_packing scores the first pairs packed and padded: a packed layout that reads other tokens (as a model
-    that does not honour position ids as boundaries would) stops the run with a message naming the model."""
-    import ddpo.reference as reference_mod
-
-    real = reference_mod.collate_packed
-
-    def misread(*args, **kwargs):
-        batch = real(*args, **kwargs)
-        batch.input_ids = batch.input_ids.flip(-1)
-        return batch
-
-    monkeypatch.setattr(reference_mod, "collate_packed", misread)
-    with pytest.raises(SystemExit, match=rf"packed and padded log-probs differ on {re.escape(tiny_model)} .*--no-packing"):
-        run(tmp_path, tiny_model, "--max-steps", "1")
-    assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
-
-
-def test_segment_attention_only_for_plain_causal_attention(tiny_model):
-    model = load_model(tiny_model)
-    model.config.sliding_window = 4  # a window packed segments would ignore: keep transformers' own attention
-    assert not use_segment_attention(model) and model.config._attn_implementation == "sdpa"
-    model.config.use_sliding_window = False  # Qwen2 style: the window is switched off
-    assert use_segment_attention(model)
-
-
-@pytest.mark.parametrize("loss", ["dpo", "ddpo", "orpo", "dorpo"])
-def test_train_writes_metrics_and_loadable_checkpoint(tmp_path, tiny_model, loss):
-    cfg, path = run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "3")
-    rows = metrics(cfg.output_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in METRICS:
-        assert all(key in r and r[key] == r[key] for r in rows), key
-    if loss in ("dpo", "ddpo"):
-        assert rows[0]["rewards/margins"] == 0.0 and rows[0]["loss"] > 0  # policy == reference at step 1
-        assert rows[-1]["rewards/margins"] > 0  # and it learns to prefer the chosen stories
-    if loss in ("ddpo", "dorpo"):
-        assert {r["weights/max"] for r in rows} != {1.0}
-    else:
-        assert {r["weights/min"] for r in rows} == {r["weights/max"] for r in rows} == {1.0}
-    model = AutoModelForCausalLM.from_pretrained(path)
-    assert isinstance(model, torch.nn.Module)
-    saved = json.load(open(os.path.join(path, "train_config.json")))
-    assert saved["loss"] == loss and saved["max_steps"] == 3
-
-
-FAMILY = ["ipo", "hinge", "robust", "cdpo", "rpo", "simpo", "sft"]  # beside dpo/ddpo and orpo/dorpo
+from ddpo.models import (load_model, load_tokenizer)
+from ddpo.train import main, parse_args
+from conftest import FAMILY, METRICS, run, metrics, no_model, strict_rows, pool_pairs
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -209,33 +62,6 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_model, loss):
         assert (wa[key] - wb[key]).abs().gt(1e-6).float().mean() < 1e-3, key
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, monkeypatch):
-    args = ("--loss", "ddpo", "--max-steps", "5", "--save-every", "2", "--batch-size", "2", "--warmup-steps", "1")
-    full, _ = run(tmp_path, tiny_model, *args, name="full")
-
-    real_save = checkpoint_mod.save_checkpoint
-
-    def save_then_crash(cfg, step, *a):
-        path = real_save(cfg, step, *a)
-        if step == 4:
-            raise KeyboardInterrupt  # killed right after the second checkpoint
-        return path
-
-    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, tiny_model, *args, name="resumed")
-    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", real_save)
-    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")  # a line logged after the checkpoint, then lost
-    resumed, path = run(tmp_path, tiny_model, *args, "--resume", name="resumed")
-    a, b = metrics(full.output_dir), metrics(resumed.output_dir)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
-    for ra, rb in zip(a, b):
-        for key in METRICS + ["lr"]:
-            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
-    assert sorted(os.listdir(resumed.output_dir)) == ["checkpoint-4", "checkpoint-5", "metrics.jsonl", "train_config.json"]
-
-
 def test_bad_input_stops_before_anything_is_written(tmp_path, tiny_model, capsys):
     bad = write_pairs(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"},
                                                {"prompt": "p", "chosen": "c", "rejected": "r", "weight": float("nan")}])
@@ -268,26 +94,6 @@ def test_trl_conversations_with_an_implicit_prompt_and_a_weight_field_train(tmp_
             data=data)
 
 
-def test_existing_checkpoint_needs_resume(tmp_path, tiny_model):
-    run(tmp_path, tiny_model, "--max-steps", "1", name="x")
-    with pytest.raises(SystemExit, match="--resume"):
-        run(tmp_path, tiny_model, "--max-steps", "2", name="x")
-
-
-def pool_pairs(path):
-    """Three prompts with 3, 2 and 4 pairs over shared responses: pools of 4, 3 and 5 texts."""
-    stories = {"sea": ["The sea kept our letters.", "Waves. Waves again!", "A gull read the tide aloud, slowly, to no one.",
-                       "Salt; rope; a bell -- then nothing."],
-               "clock": ["It ticked.", "The clock ran backwards on Sundays, just to be heard.", "Tick? Tock? Who asks?"],
-               "fox": ["The fox sat.", "A fox, a fence, a famine of hens.", "She said: 'run.' He did not.",
-                       "Red fur in the snow, and the hunter looked away.", "Fox!"]}
-    rows = []
-    for prompt, texts in stories.items():
-        for i in range(1, len(texts)):
-            rows.append({"prompt": f"Write about a {prompt}.", "chosen": texts[i], "rejected": texts[i - 1]})
-    return write_pairs(path, rows)
-
-
 @pytest.mark.parametrize("loss", ["ddpo", "dd-ipo"])  # the fused kernel's loss; its weights times IPO's loss
 def test_in_step_deviation_equals_prepared_weights(tmp_path, tiny_model, loss):
     import ddpo.prepare as prep
@@ -302,56 +108,6 @@ def test_in_step_deviation_equals_prepared_weights(tmp_path, tiny_model, loss):
         for key in ("loss", "weights/mean", "weights/min", "weights/max", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert metrics(in_step.output_dir)[0]["weights/max"] > 1.0
-
-
-def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_model, monkeypatch, capsys):
-    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
-    args = ("--loss", "ddpo", "--max-steps", "3", "--batch-size", "2")
-    live, _ = run(tmp_path, tiny_model, *args, name="live")
-    cached, _ = run(tmp_path, tiny_model, *args, "--precompute-ref", name="cached")
-    assert "computed and cached" in capsys.readouterr().out
-    again, _ = run(tmp_path, tiny_model, *args, "--precompute-ref", "--no-packing", name="again")
-    assert "reused" in capsys.readouterr().out
-    for a, b, c in zip(metrics(live.output_dir), metrics(cached.output_dir), metrics(again.output_dir)):
-        for key in METRICS:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6) and a[key] == pytest.approx(c[key], rel=1e-4, abs=1e-5), key
-
-
-@pytest.mark.parametrize("loss, extra", [("dpo", ()), ("ddpo", ()), ("dorpo", ()), ("dd-simpo", ()), ("sft", ()),
-                                         ("rpo", ("--no-packing",)), ("ddpo", ("--deviation", "style")),
-                                         ("dorpo", ("--deviation", "style")),
-                                         ("dorpo", ("--deviation", "style", "--dorpo-form", "per-example"))])
-@pytest.mark.parametrize("grouping", ["one-group", "a-group-per-pair", "pairs-too-long-for-a-tile"])
-def test_loss_fused_in_the_head_equals_the_head_then_the_loss(tmp_path, tiny_model, monkeypatch, loss, extra,
-                                                               grouping):
-    """--fused-loss (each group of pairs' loss and gradients in the head's forward) against --no-fused-loss: the same
-    metrics, gradient norms and weights after two steps, with one group per micro-batch, one per pair, or pairs too
-    long for one logits tile (which take the chunked head, then the loss)."""
-    import ddpo.models as models
-
-    if grouping == "a-group-per-pair":
-        monkeypatch.setattr(models, "default_chunk_size", lambda N, V, H: 1)
-    if grouping == "pairs-too-long-for-a-tile":
-        monkeypatch.setattr(models, "FUSED_TILE_ELEMENTS", 1)
-        monkeypatch.setattr(models, "fused_logprobs_loss", None)  # never reached
-    data = pool_pairs(tmp_path / "pool_pairs.jsonl") if "--deviation" in extra else None
-    common = ("--loss", loss, "--max-steps", "2", "--batch-size", "4", *extra)
-    fused, a = run(tmp_path, tiny_model, *common, name="fused", data=data)
-    plain, b = run(tmp_path, tiny_model, *common, "--no-fused-loss", name="plain", data=data)
-    for ra, rb in zip(metrics(fused.output_dir), metrics(plain.output_dir), strict=True):
-        for key in set(ra) - {"step_time_s", "peak_mem_gb", "tokens_per_s"}:
-            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
-    wa, wb = AutoModelForCausalLM.from_pretrained(a).state_dict(), AutoModelForCausalLM.from_pretrained(b).state_dict()
-    for key in wa:  # Adam's first steps are about lr * sign(grad): gradients within float noise of 0 may flip
-        assert (wa[key] - wb[key]).abs().gt(1e-5).float().mean() < 1e-2, key
-
-
-def test_gradient_checkpointing_and_padding_give_the_same_step(tmp_path, tiny_model):
-    base, _ = run(tmp_path, tiny_model, "--max-steps", "2", name="base")
-    other, _ = run(tmp_path, tiny_model, "--max-steps", "2", "--gradient-checkpointing", "--no-packing", name="other")
-    for a, b in zip(metrics(base.output_dir), metrics(other.output_dir)):
-        for key in ("loss", "grad_norm", "rewards/margins"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -372,36 +128,6 @@ def test_lr_schedule_equals_hugging_face(schedule, warmup):
         assert ours(step) == pytest.approx(theirs.lr_lambdas[0](step), abs=1e-12), step
     if warmup:
         assert ours(0) == 0.0
-
-
-@pytest.mark.parametrize("avx512_bf16, amx, want", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
-                                                      (False, False, None)])
-def test_dtype_auto_is_bf16_on_cpus_with_native_bf16_matmuls(monkeypatch, avx512_bf16, amx, want):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    cpu = torch.device("cpu")
-    assert autocast_dtype("auto", cpu) == want
-    assert autocast_dtype("float32", cpu) is None and autocast_dtype("bfloat16", cpu) == torch.bfloat16
-
-
-def test_dtype_auto_trains_in_the_dtype_it_resolves_to(tmp_path, tiny_model):
-    """--dtype auto gives the run of the dtype it names on this machine, to the last digit."""
-    want = "bfloat16" if autocast_dtype("auto", torch.device("cpu")) else "float32"
-    auto, _ = run(tmp_path, tiny_model, "--max-steps", "2", "--dtype", "auto", name="auto")
-    named, _ = run(tmp_path, tiny_model, "--max-steps", "2", "--dtype", want, name="named")
-    for a, b in zip(metrics(auto.output_dir), metrics(named.output_dir), strict=True):
-        assert [a[k] for k in METRICS + ["grad_norm"]] == [b[k] for k in METRICS + ["grad_norm"]]
-
-
-@pytest.mark.parametrize("path", ["live", "precompute", "lora"])
-def test_bf16_policy_and_reference_agree_at_step_one(tmp_path, tiny_model, monkeypatch, path):
-    """Same starting model => same log-probs under --dtype bfloat16 on every reference path: step-1 rewards are 0."""
-    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
-    extra = {"live": [], "precompute": ["--precompute-ref"], "lora": ["--lora-r", "4", "--lora-alpha", "8"]}[path]
-    cfg, _ = run(tmp_path, tiny_model, "--loss", "dpo", "--max-steps", "1", "--dtype", "bfloat16", *extra)
-    first = metrics(cfg.output_dir)[0]
-    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
-    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
 
 
 RAGGED = [1, 1, 3, 1, 3, 1, 1, 2, 3]  # pairs per prompt: prompt-grouped micro-batches pack differently every epoch
@@ -453,33 +179,6 @@ def test_in_step_accumulation_is_exact(tmp_path, tiny_model, loss):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
-def test_precomputed_reference_is_keyed_by_the_weights_not_the_path(tmp_path, monkeypatch, capsys):
-    """A model rebuilt at the same path with the same shapes (same file names and sizes) is a new reference."""
-    from conftest import make_tiny_model
-
-    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
-    model = make_tiny_model(tmp_path / "model", seed=0)
-    args = ("--loss", "dpo", "--max-steps", "1", "--precompute-ref")
-    run(tmp_path, model, *args, name="first")
-    assert "computed and cached" in capsys.readouterr().out
-    make_tiny_model(tmp_path / "model", seed=1)  # retrained in place
-    second, _ = run(tmp_path, model, *args, name="second")
-    assert "computed and cached" in capsys.readouterr().out
-    assert metrics(second.output_dir)[0]["rewards/margins"] == 0.0  # policy == reference at step 1
-
-
-@pytest.mark.parametrize("loss, lengths", [("dpo", (0, 0)), ("ddpo", (0, 0)), ("sft", (0, 0)), ("orpo", (512, 128)),
-                                           ("dorpo", (512, 128)), *[(name, (0, 0)) for name in FAMILY],
-                                           *[(f"dd-{name}", (0, 0)) for name in FAMILY]])
-def test_truncation_defaults_follow_the_released_code(loss, lengths):
-    cfg = parse_args(["--data", "x", "--loss", loss])
-    assert (cfg.max_length, cfg.max_prompt_length) == lengths
-    cfg = parse_args(["--data", "x", "--loss", loss, "--max-length", "300", "--max-prompt-length", "0"])
-    assert (cfg.max_length, cfg.max_prompt_length) == (300, 0)
-    with pytest.raises(SystemExit):
-        parse_args(["--data", "x", "--loss", loss, "--max-length", "100", "--max-prompt-length", "100"])
-
-
 def test_sft_is_the_mean_token_nll_of_the_chosen_responses(tmp_path, tiny_model):
     tok, model = load_tokenizer(tiny_model), load_model(tiny_model)
     pairs = load_pairs(write_pairs(tmp_path / "pairs.jsonl"))
@@ -494,10 +193,6 @@ def test_sft_is_the_mean_token_nll_of_the_chosen_responses(tmp_path, tiny_model)
     assert rows[0]["loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert rows[0]["logps/chosen"] == pytest.approx(-rows[0]["loss"], rel=1e-6)
     assert rows[-1]["loss"] < rows[0]["loss"] and "rewards/margins" not in rows[0]
-
-
-def no_model(*args, **kwargs):
-    raise AssertionError("a model was loaded")
 
 
 BAD_FLAGS = [("--max-grad-norm", "-1"), ("--beta", "0"), ("--beta", "-0.1"), ("--beta", "inf"), ("--beta", "nan"),
@@ -535,6 +230,8 @@ def live_pid():
 
 
 GOOD_PAIRS = '{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
+
+
 BAD_INPUTS = [  # files under tmp_path (pairs.jsonl is --data, out the --output-dir), extra flags, the error
     pytest.param({}, ["--model", "./no/such/model"], r"--model ./no/such/model: no such directory", id="missing model"),
     pytest.param({}, ["--ref-model", "{tmp}/ref"], r"--ref-model .*/ref: no such directory", id="missing ref model"),
@@ -587,52 +284,6 @@ def test_read_only_output_dir_is_refused_before_a_model_loads(tmp_path, tiny_mod
         main(["--model", tiny_model, "--data", write_pairs(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "ro" / "o")])
 
 
-def test_a_stale_lock_is_taken_over_and_the_lock_is_released(tmp_path, tiny_model, capsys):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")
-    cfg, path = run(tmp_path, tiny_model, "--max-steps", "1")
-    assert f"taking over the lock of pid {dead.pid}, which is no longer running" in capsys.readouterr().out
-    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint-1", "metrics.jsonl", "train_config.json"]
-    with pytest.raises(SystemExit, match="--resume"):  # also released when the run fails
-        run(tmp_path, tiny_model, "--max-steps", "1")
-    assert not os.path.exists(os.path.join(cfg.output_dir, ".lock"))
-
-
-def test_pruning_never_deletes_the_newest_checkpoint(tmp_path, tiny_model):
-    cfg = parse_args(["--model", tiny_model, "--data", write_pairs(tmp_path / "pairs.jsonl"), "--output-dir",
-                      str(tmp_path / "run"), "--max-steps", "3", "--save-every", "1"])
-    cfg.keep_checkpoints = -1  # past parse_args, which refuses it
-    assert train(cfg).endswith("checkpoint-3") and os.path.isdir(tmp_path / "run" / "checkpoint-3")
-
-
-def strict_rows(path):
-    """metrics.jsonl rows; NaN and Infinity (not JSON) fail."""
-    def refuse(token):
-        raise ValueError(f"{token} in {path}")
-
-    with open(path) as f:
-        return [json.loads(line, parse_constant=refuse) for line in f]
-
-
-@pytest.mark.parametrize("flags, rows, step", [
-    (["--data", "HUGE"], 0, 1),            # a finite weight of 1e308 makes the step's loss inf
-    (["--beta", "1e300"], 0, 1),           # beta overflows float32: inf * 0 = NaN rewards
-    (["--lr", "1e30", "--save-every", "1"], 1, 2),  # step 1 is fine and saved, its update blows up step 2
-])
-def test_a_non_finite_step_stops_before_its_update_and_checkpoint(tmp_path, tiny_model, flags, rows, step):
-    huge = write_pairs(tmp_path / "huge.jsonl", [{"prompt": "p", "chosen": "c c", "rejected": "r r", "weight": 1e308},
-                                                 {"prompt": "q", "chosen": "d", "rejected": "e", "weight": 1.0}])
-    with pytest.raises(SystemExit, match=f"^error: step {step}: non-finite .*stopped before its update and checkpoint"):
-        run(tmp_path, tiny_model, "--max-steps", "3", *[huge if f == "HUGE" else f for f in flags])
-    out = tmp_path / "run"
-    assert [r["step"] for r in strict_rows(out / "metrics.jsonl")] == list(range(1, rows + 1))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in range(1, rows + 1)]
-    for checkpoint in out.glob("checkpoint-*"):
-        assert all(w.isfinite().all() for w in load_file(checkpoint / "model.safetensors").values())
-
-
 def certain_model(path):
     """A plain-text model certain of its EOS everywhere: a huge constant direction in the residual stream, read only
     by the EOS row of the output layer (log-prob 0 for EOS, about -1e5 for any other token)."""
@@ -660,122 +311,6 @@ def test_orpo_on_a_response_the_model_is_certain_of_stays_finite(tmp_path, loss)
     rows = strict_rows(os.path.join(cfg.output_dir, "metrics.jsonl"))
     assert rows[0]["logps/chosen"] == 0.0 and rows[0]["rewards/margins"] > 0 and len(rows) == 2
     assert all(w.isfinite().all() for w in load_file(os.path.join(path, "model.safetensors")).values())
-
-
-@pytest.mark.parametrize("first, then, differing", [
-    ([], ["--loss", "dpo"], "loss 'ddpo' there, 'dpo' now"),
-    ([], ["--beta", "0.5"], "beta 0.1 there, 0.5 now"),
-    ([], ["--lora-r", "4"], "lora_r 0 there, 4 now"),
-    (["--lora-r", "4"], [], "lora_r 4 there, 0 now"),
-    ([], ["--seed", "1"], "seed 42 there, 1 now"),
-    ([], ["--deviation", "style"], "deviation 'none' there, 'style' now"),
-    ([], ["--dorpo-form", "per-example"], "dorpo_form 'released' there, 'per-example' now"),
-    ([], ["OTHER"], "model_identity 'files [0-9a-f]+' there, 'files [0-9a-f]+' now"),  # what the model is
-    ([], ["EDIT"], "data_sha256 '[0-9a-f]+' there, '[0-9a-f]+' now"),  # same path, other content
-])
-def test_resume_refuses_other_settings(tmp_path, tiny_model, first, then, differing):
-    from conftest import make_tiny_model
-
-    data = write_pairs(tmp_path / "data.jsonl")
-    run(tmp_path, tiny_model, "--max-steps", "1", *first, data=data)
-    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    if then == ["EDIT"]:
-        write_pairs(data, [{"prompt": "p", "chosen": "c", "rejected": "r"}])
-    if "OTHER" in then:
-        then = ["--model", make_tiny_model(tmp_path / "other", seed=1)]
-    with pytest.raises(DataError, match=f"^--resume: .*checkpoint-1 was trained with other settings: {differing}"):
-        run(tmp_path, tiny_model, "--max-steps", "2", "--resume", *[f for f in then if f != "EDIT"], data=data)
-    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
-
-
-def test_resume_may_extend_the_run_and_the_schedule_follows_the_new_total(tmp_path, tiny_model, monkeypatch):
-    """Four steps of a linear schedule, resumed to eight from a copy of the data at another path and with other
-    cadence and device flags: steps 5-8 take the eight-step schedule (the four-step one had reached lr 0)."""
-    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
-    run(tmp_path, tiny_model, "--max-steps", "4", "--save-every", "2", "--log-every", "2")
-    moved = write_pairs(tmp_path / "moved.jsonl")
-    cfg, path = run(tmp_path, tiny_model, "--max-steps", "8", "--save-every", "3", "--resume", "--keep-checkpoints", "1",
-                    "--log-every", "1", "--device", "cpu", "--precompute-ref", data=moved)
-    rows = metrics(cfg.output_dir)
-    assert [r["step"] for r in rows] == [2, 4, 5, 6, 7, 8] and path.endswith("checkpoint-8")
-    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint-8", "metrics.jsonl", "train_config.json"]
-    schedule = train_mod.lr_lambda(cfg, 8)
-    for r in rows[2:]:  # steps 5-8
-        assert r["lr"] == pytest.approx(1e-3 * schedule(r["step"] - 1), rel=1e-9), r["step"]
-
-
-@pytest.mark.parametrize("damage, error", [
-    (lambda text: text + '{"step": 3, "lo', None),  # killed while writing step 3's line: dropped
-    (lambda text: "garbage\n" + text, r"metrics.jsonl:1: not a metrics line of ddpo.train"),
-    (lambda text: text.replace("\n", "\n\xff", 1), r"metrics.jsonl:2: not a metrics line"),
-])
-def test_resume_drops_only_a_torn_last_metrics_line(tmp_path, tiny_model, damage, error):
-    run(tmp_path, tiny_model, "--max-steps", "2", "--save-every", "1")
-    path = tmp_path / "run" / "metrics.jsonl"
-    path.write_bytes(damage(path.read_text()).encode("utf-8", "surrogateescape").replace(b"\xc3\xbf", b"\xff"))
-    if error:
-        with pytest.raises(DataError, match=error):
-            run(tmp_path, tiny_model, "--max-steps", "3", "--save-every", "1", "--resume")
-        return
-    run(tmp_path, tiny_model, "--max-steps", "3", "--save-every", "1", "--resume")
-    assert [r["step"] for r in strict_rows(path)] == [1, 2, 3]
-
-
-def test_save_only_model_checkpoints_load_as_models_and_refuse_resume(tmp_path, tiny_model):
-    """--save-only-model: the same weights as a full checkpoint's, no trainer_state.pt; --resume from it is a one-line
-    error that leaves the directory as it was."""
-    full, path = run(tmp_path, tiny_model, "--max-steps", "2", name="full")
-    only, only_path = run(tmp_path, tiny_model, "--max-steps", "2", "--save-only-model", name="only")
-    assert sorted(os.listdir(only_path)) == sorted(set(os.listdir(path)) - {"trainer_state.pt"})
-    a, b = load_file(os.path.join(path, "model.safetensors")), load_file(os.path.join(only_path, "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    AutoModelForCausalLM.from_pretrained(only_path)
-    before = {p: p.read_bytes() for p in (tmp_path / "only").rglob("*") if p.is_file()}
-    with pytest.raises(DataError, match=r"^--resume: .*checkpoint-2 holds the model only \(saved with --save-only-model"):
-        run(tmp_path, tiny_model, "--max-steps", "3", "--resume", name="only")
-    assert {p: p.read_bytes() for p in (tmp_path / "only").rglob("*") if p.is_file()} == before
-
-
-def test_a_crafted_trainer_state_is_refused_and_never_run(tmp_path, tiny_model):
-    marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return exec, (f"open({str(marker)!r}, 'w').close()",)
-
-    run(tmp_path, tiny_model, "--max-steps", "1")
-    torch.save({"step": 1, "optimizer": Payload()}, tmp_path / "run" / "checkpoint-1" / "trainer_state.pt")
-    with pytest.raises(DataError, match=r"trainer_state.pt: refused: it holds pickled objects other than tensors"):
-        run(tmp_path, tiny_model, "--max-steps", "2", "--resume")
-    assert not marker.exists()
-
-
-def test_leftover_temporaries_are_removed_and_outputs_follow_the_umask(tmp_path, tiny_model, capsys):
-    out = tmp_path / "run"
-    saving = temporary_path(str(out / "checkpoint"))  # what kill -9 during a save and a write leave
-    os.makedirs(saving)
-    (out / ".tmp-metrics.jsonl-0123456789abcdef").write_text("half")
-    old = os.umask(0o027)
-    try:
-        run(tmp_path, tiny_model, "--max-steps", "1")
-    finally:
-        os.umask(old)
-    assert f"{os.path.basename(saving)}, .tmp-metrics.jsonl-0123456789abcdef" in capsys.readouterr().out
-    assert not [p for p in out.rglob(".tmp-*")]
-    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*")}
-    assert modes["checkpoint-1"] == 0o750 and modes["train_config.json"] == modes["metrics.jsonl"] == 0o640
-    assert set(modes.values()) == {0o750, 0o640}, modes
-
-
-def test_packaged_conversion_cache_is_keyed_by_the_transformers_major_version(monkeypatch):
-    import transformers
-
-    from ddpo.models import converted_dir
-
-    monkeypatch.setattr(transformers, "__version__", "4.57.1")
-    old = converted_dir("packaged:smollm2-135m-instruct")
-    monkeypatch.setattr(transformers, "__version__", "5.0.0")
-    assert old.endswith("smollm2-135m-instruct-tf4") and converted_dir("packaged:smollm2-135m-instruct") != old
 
 
 def test_an_unreachable_hub_name_is_one_line(tmp_path, monkeypatch):
@@ -818,54 +353,6 @@ def test_in_step_weights_equal_prepared_ones_from_pools_with_unpaired_responses(
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
 
 
-def test_resume_refuses_another_world_size(tmp_path):
-    from ddpo.checkpoint import check_resumable
-    from ddpo.data import DataError
-
-    (tmp_path / "train_config.json").write_text(json.dumps({"loss": "ddpo", "world_size": 8}))
-    check_resumable(str(tmp_path), {"loss": "ddpo", "world_size": 8})
-    with pytest.raises(DataError, match="world_size 8 there, 1 now"):
-        check_resumable(str(tmp_path), {"loss": "ddpo", "world_size": 1})
-
-
-@pytest.mark.parametrize("name", ["metrics.jsonl", "train_config.json", "eval_samples"])
-def test_outputs_are_never_written_through_a_link(tmp_path, tiny_model, name):
-    """A link in place of an output would make the run write outside --output-dir: refused, the target untouched."""
-    outside = tmp_path / "outside.txt"
-    outside.write_text("keep me\n")
-    (tmp_path / "run").mkdir()
-    os.symlink(outside, tmp_path / "run" / name)
-    with pytest.raises((SystemExit, DataError), match=rf"--output-dir .*run: {name} is a link"):
-        run(tmp_path, tiny_model, "--max-steps", "1")
-    assert outside.read_text() == "keep me\n"
-
-
-def test_only_our_own_temporaries_are_removed_and_a_dangling_lock_link_is_an_error(tmp_path, tiny_model):
-    out = tmp_path / "run"
-    (out / ".tmp-mine").mkdir(parents=True)  # a user's, whatever its name
-    (out / ".tmp-mine" / "notes.txt").write_text("keep")
-    os.makedirs(temporary_path(str(out / "checkpoint")))  # what a killed run of ours left
-    (out / ".tmp-metrics.jsonl-0123456789abcdef").write_text("half")
-    cfg, path = run(tmp_path, tiny_model, "--max-steps", "1")
-    assert sorted(os.listdir(out)) == [".tmp-mine", "checkpoint-1", "metrics.jsonl", "train_config.json"]
-    assert (out / ".tmp-mine" / "notes.txt").read_text() == "keep"
-    os.symlink(tmp_path / "nowhere", out / ".lock")  # a stale lock that is a dangling link: an error, not a spin
-    with pytest.raises((SystemExit, DataError), match=r"\.lock is not a lock file this tool wrote"):
-        run(tmp_path, tiny_model, "--max-steps", "2", "--resume")
-
-
-def test_a_plan_of_no_step_and_a_resume_below_the_checkpoint_are_errors(tmp_path, tiny_model):
-    """Neither trains anything: both used to exit 0 (the first printing "saved None", the second rewriting
-    train_config.json)."""
-    with pytest.raises(DataError, match=r"--epochs 1e-12: 6 pairs in steps of 2 make no optimiser step"):
-        run(tmp_path, tiny_model, "--epochs", "1e-12")
-    run(tmp_path, tiny_model, "--max-steps", "2")
-    config = (tmp_path / "run" / "train_config.json").read_bytes()
-    with pytest.raises(DataError, match=r"the plan has 1 steps, but .*checkpoint-2 is at step 2"):
-        run(tmp_path, tiny_model, "--max-steps", "1", "--resume")
-    assert (tmp_path / "run" / "train_config.json").read_bytes() == config
-
-
 @pytest.mark.parametrize("line, error", [
     ("[" * 100000 + "]" * 100000, "JSON nested too deeply"),
     ('{"prompt": "p", "chosen": "c", "rejected": "r", "weight": 1' + "0" * 400 + "}", "must be finite"),
@@ -876,13 +363,6 @@ def test_hostile_json_is_a_file_line_error(tmp_path, line, error):
     path.write_text(GOOD_PAIRS + line + "\n")
     with pytest.raises(DataError, match=rf"pairs.jsonl:2: .*{error}"):
         load_pairs(str(path))
-
-
-def test_weights_made_non_finite_by_the_update_are_never_saved(tmp_path, tiny_model):
-    """--lr 1e308: the loss and gradient of step 1 are finite, the update is not."""
-    with pytest.raises(SystemExit, match=r"step 1: the update made weights non-finite; stopped before its checkpoint"):
-        run(tmp_path, tiny_model, "--max-steps", "1", "--lr", "1e308", "--max-grad-norm", "0")
-    assert not [p for p in (tmp_path / "run").glob("checkpoint-*")]
 
 
 def test_a_text_over_the_size_ddpo_reads_is_a_file_line_error(tmp_path):

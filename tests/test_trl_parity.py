@@ -11,7 +11,9 @@ import pytest
 from conftest import STORIES, make_tiny_model, write_pairs
 
 from ddpo.train import parse_args, train
-from test_train import metrics
+from conftest import metrics
+
+pytestmark = pytest.mark.slow  # TRL as the oracle: python -m pytest -m 'not slow' skips them
 
 trl = pytest.importorskip("trl")
 
