@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from ddpo.data import (DataError, atomic_write, hold_lock, remove_temporaries, torch_save, written)
+from ddpo.data import DataError
+from ddpo.files import atomic_write, hold_lock, remove_temporaries, torch_save, written
 from ddpo.distributed import full_state, print0
 from ddpo.lora import merged_copy, save_adapter
 from ddpo.models import model_identity

@@ -18,7 +18,8 @@ row (no integer "step") is an error with file:line, before anything is drawn.
 import argparse
 import os
 
-from ddpo.data import DataError, check_writable, one_line_errors, written
+from ddpo.data import DataError
+from ddpo.files import check_writable, one_line_errors, written
 from ddpo.sources import read_jsonl
 
 LINES = [  # panel title, y label, [(metrics key, line style)]; evaluation rows (eval_ keys) get markers

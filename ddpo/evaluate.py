@@ -51,7 +51,9 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import DataError, atomic_write, check_output_dir, in_range, one_line_errors, written
+from ddpo.data import DataError
+from ddpo.files import atomic_write, check_output_dir, one_line_errors, written
+from ddpo.config import in_range
 from ddpo.deviation import mean_cosine_distance
 from ddpo.diversity import CLASS_THRESHOLD, distinct_classes, effective_rank, slop_score, vendi_score
 from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder

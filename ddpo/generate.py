@@ -57,9 +57,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from tqdm import tqdm
 
-from ddpo.config import add_config_args, flag
-from ddpo.data import (DataError, append, atomic_write, check_text, check_writable, hold_lock, in_range, prompt_ids,
-                       one_line_errors, read_records)
+from ddpo.config import add_config_args, flag, in_range
+from ddpo.data import DataError, check_text, prompt_ids, read_records
+from ddpo.files import append, atomic_write, check_writable, hold_lock, one_line_errors
 from ddpo.malloc import keep_freed_memory
 from ddpo.models import (autocast_context, autocast_dtype, check_causal_lm, check_vocabulary, load_model,
                          load_tokenizer, use_segment_attention)

@@ -21,7 +21,8 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from ddpo.data import DataError, written
+from ddpo.data import DataError
+from ddpo.files import written
 from ddpo.distributed import print0, shard
 from ddpo.lean import use_lean
 from ddpo.lora import LoRALinear, add_lora, load_adapter

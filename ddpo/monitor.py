@@ -68,7 +68,8 @@ import torch.distributed as dist
 from ddpo import evaluate, generate, step
 from ddpo.checkpoint import SAMPLES_DIR
 from ddpo.config import given
-from ddpo.data import DataError, append, atomic_write, load_pairs, tokenize_pairs
+from ddpo.data import DataError, load_pairs, tokenize_pairs
+from ddpo.files import append, atomic_write
 from ddpo.distributed import gather_metrics, print0, rank_share
 from ddpo.embedders import check_embedder, load_embedder
 from ddpo.sources import PAIR_FIELDS, field_map

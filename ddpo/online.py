@@ -53,8 +53,9 @@ from tqdm import tqdm
 
 from ddpo import generate, prepare, train
 from ddpo.checkpoint import open_output_dir, output_lock, restore, run_config
-from ddpo.config import add_config_args, flag
-from ddpo.data import DataError, Pair, atomic_write, in_range, micro_batches, remove_temporaries, tokenize_pairs
+from ddpo.config import add_config_args, flag, in_range
+from ddpo.data import DataError, Pair, micro_batches, tokenize_pairs
+from ddpo.files import atomic_write, remove_temporaries
 from ddpo.deviation import METRICS, mean_cosine_distance
 from ddpo.distributed import agree, data_parallel, print0, setup_distributed, shutdown_distributed
 from ddpo.embedders import check_embedder, load_embedder, pool_weights

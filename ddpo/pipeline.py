@@ -29,8 +29,8 @@ from importlib import resources
 from ddpo import curves, evaluate, generate, prepare
 from ddpo import train as trainer
 from ddpo.checkpoint import checkpoint_path
-from ddpo.config import add_config_args, flag, given
-from ddpo.data import atomic_write, check_output_dir, in_range, one_line_errors
+from ddpo.config import add_config_args, flag, given, in_range
+from ddpo.files import atomic_write, check_output_dir, one_line_errors
 from ddpo.embedders import DEFAULT_EMBEDDERS
 from ddpo.losses import LOSSES
 from ddpo.malloc import keep_freed_memory

@@ -44,8 +44,9 @@ from collections import OrderedDict
 
 import torch
 
-from ddpo.data import (DataError, atomic_write, check_not_input, check_size, check_text, check_writable, finite_number,
-                       in_range, one_line_errors, pool_order, read_records, remove_temporaries)
+from ddpo.data import DataError, check_size, check_text, finite_number, pool_order, read_records
+from ddpo.files import atomic_write, check_not_input, check_writable, one_line_errors, remove_temporaries
+from ddpo.config import in_range
 from ddpo.deviation import METRICS, chosen_weights, deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder, load_embedder
 from ddpo.malloc import keep_freed_memory

@@ -15,7 +15,8 @@ import pickle
 import torch
 from tqdm import tqdm
 
-from ddpo.data import DataError, collate, collate_packed, make_batch, torch_save, written
+from ddpo.data import DataError, collate, collate_packed, make_batch
+from ddpo.files import torch_save, written
 from ddpo.distributed import print0, shard
 from ddpo.lora import adapters_disabled
 from ddpo.models import SequenceLogps, cache_dir, disable_dropout, files_digest, load_model, use_segment_attention

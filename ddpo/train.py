@@ -69,9 +69,9 @@ import torch
 from tqdm import tqdm
 
 from ddpo.checkpoint import open_output_dir, output_lock, restore, run_config
-from ddpo.config import add_config_args, flag
-from ddpo.data import (DataError, atomic_write, check_output_dir, in_range, load_pairs, one_line_errors,
-                       optimizer_steps, tokenize_pairs)
+from ddpo.config import add_config_args, flag, in_range
+from ddpo.data import DataError, load_pairs, optimizer_steps, tokenize_pairs
+from ddpo.files import atomic_write, check_output_dir, one_line_errors
 from ddpo.distributed import agree, data_parallel, print0, setup_distributed, shutdown_distributed
 from ddpo.embedders import DEFAULT_EMBEDDERS, check_embedder
 from ddpo.losses import LOSSES

@@ -24,7 +24,8 @@ import sys
 from ddpo import evaluate
 from ddpo import train as trainer
 from ddpo.checkpoint import checkpoint_path
-from ddpo.data import DataError, atomic_write
+from ddpo.data import DataError
+from ddpo.files import atomic_write
 from ddpo.malloc import keep_freed_memory
 from ddpo.pipeline import first_prompts, make_pairs, parse_args, remote_code, sample
 

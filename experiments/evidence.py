@@ -27,7 +27,7 @@ import math
 import os
 import sys
 
-from ddpo.data import atomic_write
+from ddpo.files import atomic_write
 from ddpo.evaluate import METRICS, paired, relative, span
 from ddpo.pipeline import Arm, parse_args, prompt_lines, run_arms
 

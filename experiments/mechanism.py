@@ -26,7 +26,8 @@ import os
 import torch
 
 from ddpo.checkpoint import checkpoints
-from ddpo.data import Pair, atomic_write, collate, tokenize_pairs
+from ddpo.data import Pair, collate, tokenize_pairs
+from ddpo.files import atomic_write
 from ddpo.deviation import deviation_weights
 from ddpo.embedders import DEFAULT_EMBEDDERS, load_embedder
 from ddpo.evaluate import interval, resample_means, sign_flip_p

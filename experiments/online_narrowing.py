@@ -25,7 +25,8 @@ from dose_response import plot
 
 from ddpo import evaluate, online
 from ddpo.checkpoint import checkpoint_path
-from ddpo.data import DataError, atomic_write
+from ddpo.data import DataError
+from ddpo.files import atomic_write
 from ddpo.malloc import keep_freed_memory
 from ddpo.pipeline import first_prompts, parse_args, remote_code, sample
 

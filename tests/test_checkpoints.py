@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 import ddpo.checkpoint as checkpoint_mod
 import ddpo.train as train_mod
-from ddpo.data import DataError, temporary_path
+from ddpo.data import DataError
+from ddpo.files import temporary_path
 from ddpo.train import parse_args, train
 from conftest import METRICS, run, metrics, strict_rows
 
