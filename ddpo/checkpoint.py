@@ -41,10 +41,11 @@ MODELS = ("model", "ref_model", "semantic_embedder", "style_embedder", "base_mod
 # how it runs (device, reference cache, kernels, memory savers), what is evaluated and where metrics go (they never
 # touch the weights), the paths of the data and models (their content is compared); everything else must equal the
 # checkpoint's
-MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "save_only_model", "keep_checkpoints", "device", "precompute_ref",
-              "resume", "output_dir", "data", "kernels", "fused_loss", "packing", "lean", "gradient_checkpointing",
-              "merge_lora", "trust_remote_code", "eval_data", "eval_prompts", "eval_every", "eval_samples",
-              "eval_max_new_tokens", "eval_quality", "report_to", "rounds", "prompts", *MODELS}  # the last two: online
+MAY_CHANGE = {"max_steps", "epochs", "log_every", "save_every", "save_only_model", "keep_checkpoints", "device",
+              "precompute_ref", "resume", "output_dir", "data", "kernels", "fused_loss", "packing", "lean",
+              "gradient_checkpointing", "merge_lora", "trust_remote_code", "eval_data", "eval_prompts", "eval_every",
+              "eval_samples", "eval_max_new_tokens", "eval_quality", "report_to", "rounds", "prompts",
+              *MODELS}  # the last two: online
 
 
 PREFIX = "checkpoint-"
@@ -89,7 +90,8 @@ def open_output_dir(cfg, rank, config):
         print0(f"removed what an interrupted run left in {cfg.output_dir}: {', '.join(left)}", flush=True)
     found = checkpoints(cfg.output_dir)
     if found and not cfg.resume:
-        raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: pass --resume, or choose another --output-dir")
+        raise SystemExit(f"{cfg.output_dir} already holds {found[-1][1]}: "
+                         "pass --resume, or choose another --output-dir")
     if not found or not cfg.resume:
         return None, None
     check_resumable(found[-1][1], config)
@@ -222,7 +224,8 @@ def write_checkpoint(cfg, step, tmp, policy, tokenizer, optimizer_state, schedul
         policy.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if not cfg.save_only_model:
-        torch_save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        torch_save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "rng": rng_state()},
                    os.path.join(tmp, "trainer_state.pt"))
     shutil.copyfile(os.path.join(cfg.output_dir, "train_config.json"), os.path.join(tmp, "train_config.json"))
     mode = os.stat(tmp).st_mode & 0o666  # 0666 less the umask, what a new file gets (safetensors writes 0600)
@@ -234,7 +237,8 @@ def save(cfg, step, policy, tokenizer, optimizer, scheduler, rank, world):
     """save_checkpoint on rank 0 (under --fsdp every rank first gathers the full state), then a barrier. Returns the
     checkpoint's path."""
     optimizer = None if cfg.save_only_model else optimizer
-    model_state, optimizer_state = full_state(policy, optimizer) if cfg.fsdp else (None, optimizer and optimizer.state_dict())
+    model_state, optimizer_state = (full_state(policy, optimizer) if cfg.fsdp
+                                    else (None, optimizer and optimizer.state_dict()))
     if rank == 0:
         save_checkpoint(cfg, step, policy, tokenizer, optimizer_state, scheduler, model_state)
     if world > 1:

@@ -50,7 +50,8 @@ def in_range(cast, low, high=math.inf, above=False, below=False):
     def parse(text):
         x = cast(text)
         if not (math.isfinite(x) and (x > low if above else x >= low) and (x < high if below else x <= high)):
-            bounds = f"{'>' if above else '>='} {low}" + (f" and {'<' if below else '<='} {high}" if high < math.inf else "")
+            bounds = f"{'>' if above else '>='} {low}" + (f" and {'<' if below else '<='} {high}"
+                                                          if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return x
     parse.__name__ = cast.__name__  # argparse's "invalid float value" names it

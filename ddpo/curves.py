@@ -7,7 +7,8 @@ Each run is a ddpo.train output directory or its metrics.jsonl; one colour per r
   loss                    loss of each logged step (solid) and eval_loss on --eval-data (dashed, markers)
   reward margin           rewards/margins and eval_rewards/margins, the same way
   chosen weights          weights/mean of each logged step, with its min-max band
-  sampled diversity       eval_semantic_diversity (solid) and eval_style_diversity (dashed) of the --eval-prompts samples
+  sampled diversity       eval_semantic_diversity (solid) and eval_style_diversity (dashed) of the --eval-prompts
+                          samples
   sampled quality         eval_quality of the same samples
   quality vs diversity    the trajectory (eval_semantic_diversity, eval_quality), step by step, its first and last
                           step labelled
@@ -73,8 +74,8 @@ def plot_curves(runs, path):
             for key, style in keys:
                 steps, (values,) = series(rows, key)
                 if steps:
-                    ax.plot(steps, values, color=f"C{i % 10}", ls=style, marker="o" if key.startswith("eval_") else None,
-                            ms=3, label=f"{name} {key}")
+                    ax.plot(steps, values, color=f"C{i % 10}", ls=style,
+                            marker="o" if key.startswith("eval_") else None, ms=3, label=f"{name} {key}")
                     drawn = True
             if title.startswith("chosen weights"):
                 steps, (low, high) = series(rows, "weights/min", "weights/max")
@@ -124,7 +125,8 @@ def finish(ax, title, ylabel, drawn):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", help="ddpo.train output directories (or their metrics.jsonl)")
     p.add_argument("--names", nargs="*", help="run names (default: the directory names)")
     p.add_argument("--output", default="curves.png", help="the image to write, in the format its name says (.png, "

@@ -113,7 +113,8 @@ def shard(logps, device, world):
         raise SystemExit(f"--fsdp: {type(logps.model).__name__} has no decoder .layers to shard")
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(logps, mesh=mesh, reshard_after_forward=True)  # also the root: outside a pass, every parameter is a shard
+    # also the root: outside a pass, every parameter is a shard
+    fully_shard(logps, mesh=mesh, reshard_after_forward=True)
     for unit in logps.modules():
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)

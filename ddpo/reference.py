@@ -43,7 +43,8 @@ class Reference:
     def precompute(self, cfg, pairs, pad_token_id, device, autocast_dtype=None, save=True):
         """Log-probs of every pair once, cached under a key of the model files' bytes, the dtype the run computes in
         (not --dtype auto, which resolves per machine) and every pair's token ids."""
-        key = hashlib.sha256(json.dumps({"files": files_digest(cfg.ref_model or cfg.model), "dtype": str(autocast_dtype or torch.float32),
+        key = hashlib.sha256(json.dumps({"files": files_digest(cfg.ref_model or cfg.model),
+                                         "dtype": str(autocast_dtype or torch.float32),
                                          "pairs": [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]}
                                         ).encode()).hexdigest()[:20]
         path = os.path.join(cache_dir(), "ref_logps", key + ".pt")

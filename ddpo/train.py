@@ -49,9 +49,9 @@ optimiser step and before any checkpoint of it, so no NaN reaches the weights or
 
 --resume continues from the newest checkpoint with its weights, optimiser state, RNG and step. It refuses flags
 that differ from the checkpoint's train_config.json (loss, data content, beta, what the model is, LoRA, seed, ...:
-the error lists them; a setting the checkpoint's config lacks is refused too) except checkpoint.MAY_CHANGE: --max-steps / --epochs (the schedule's lambda then uses the new total
-from the resumed step on), logging and saving cadence, --keep-checkpoints, --device, --precompute-ref and other ways
-to run the same arithmetic.
+the error lists them; a setting the checkpoint's config lacks is refused too) except checkpoint.MAY_CHANGE:
+--max-steps / --epochs (the schedule's lambda then uses the new total from the resumed step on), logging and saving
+cadence, --keep-checkpoints, --device, --precompute-ref and other ways to run the same arithmetic.
 """
 
 import argparse

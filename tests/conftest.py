@@ -255,9 +255,10 @@ FAMILY = ["ipo", "hinge", "robust", "cdpo", "rpo", "simpo", "sft"]  # beside dpo
 
 def pool_pairs(path):
     """Three prompts with 3, 2 and 4 pairs over shared responses: pools of 4, 3 and 5 texts."""
-    stories = {"sea": ["The sea kept our letters.", "Waves. Waves again!", "A gull read the tide aloud, slowly, to no one.",
-                       "Salt; rope; a bell -- then nothing."],
-               "clock": ["It ticked.", "The clock ran backwards on Sundays, just to be heard.", "Tick? Tock? Who asks?"],
+    stories = {"sea": ["The sea kept our letters.", "Waves. Waves again!",
+                       "A gull read the tide aloud, slowly, to no one.", "Salt; rope; a bell -- then nothing."],
+               "clock": ["It ticked.", "The clock ran backwards on Sundays, just to be heard.",
+                         "Tick? Tock? Who asks?"],
                "fox": ["The fox sat.", "A fox, a fence, a famine of hens.", "She said: 'run.' He did not.",
                        "Red fur in the snow, and the hunter looked away.", "Fox!"]}
     rows = []

@@ -63,7 +63,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model, monkeypatch):
     for ra, rb in zip(a, b):
         for key in METRICS + ["lr"]:
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
-    assert sorted(os.listdir(resumed.output_dir)) == ["checkpoint-4", "checkpoint-5", "metrics.jsonl", "train_config.json"]
+    assert sorted(os.listdir(resumed.output_dir)) == ["checkpoint-4", "checkpoint-5", "metrics.jsonl",
+                                                      "train_config.json"]
 
 
 def test_existing_checkpoint_needs_resume(tmp_path, tiny_model):
@@ -82,7 +83,8 @@ def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_model, m
     assert "reused" in capsys.readouterr().out
     for a, b, c in zip(metrics(live.output_dir), metrics(cached.output_dir), metrics(again.output_dir)):
         for key in METRICS:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6) and a[key] == pytest.approx(c[key], rel=1e-4, abs=1e-5), key
+            assert (a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6)
+                    and a[key] == pytest.approx(c[key], rel=1e-4, abs=1e-5)), key
 
 
 def test_precomputed_reference_is_keyed_by_the_weights_not_the_path(tmp_path, monkeypatch, capsys):
@@ -169,8 +171,8 @@ def test_resume_may_extend_the_run_and_the_schedule_follows_the_new_total(tmp_pa
     monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
     run(tmp_path, tiny_model, "--max-steps", "4", "--save-every", "2", "--log-every", "2")
     moved = write_pairs(tmp_path / "moved.jsonl")
-    cfg, path = run(tmp_path, tiny_model, "--max-steps", "8", "--save-every", "3", "--resume", "--keep-checkpoints", "1",
-                    "--log-every", "1", "--device", "cpu", "--precompute-ref", data=moved)
+    cfg, path = run(tmp_path, tiny_model, "--max-steps", "8", "--save-every", "3", "--resume",
+                    "--keep-checkpoints", "1", "--log-every", "1", "--device", "cpu", "--precompute-ref", data=moved)
     rows = metrics(cfg.output_dir)
     assert [r["step"] for r in rows] == [2, 4, 5, 6, 7, 8] and path.endswith("checkpoint-8")
     assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint-8", "metrics.jsonl", "train_config.json"]
@@ -206,7 +208,8 @@ def test_save_only_model_checkpoints_load_as_models_and_refuse_resume(tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     AutoModelForCausalLM.from_pretrained(only_path)
     before = {p: p.read_bytes() for p in (tmp_path / "only").rglob("*") if p.is_file()}
-    with pytest.raises(DataError, match=r"^--resume: .*checkpoint-2 holds the model only \(saved with --save-only-model"):
+    with pytest.raises(DataError,
+                       match=r"^--resume: .*checkpoint-2 holds the model only \(saved with --save-only-model"):
         run(tmp_path, tiny_model, "--max-steps", "3", "--resume", name="only")
     assert {p: p.read_bytes() for p in (tmp_path / "only").rglob("*") if p.is_file()} == before
 

@@ -50,13 +50,15 @@ SYSTEM, USER, ASSISTANT = msg("system", "Be brief."), msg("user", "Hi"), msg("as
     (json.dumps({"chosen": [SYSTEM, USER, ASSISTANT], "rejected": [SYSTEM, msg("user", "Yo"), ASSISTANT]}),
      "field 'chosen', message 1: role 'user' after the implicit prompt (the 1 leading messages it shares with "
      "'rejected'); what follows the prompt must be assistant messages"),
-    (json.dumps({"chosen": [USER, ASSISTANT, msg("user", "And?"), ASSISTANT], "rejected": [USER, msg("assistant", "No")]}),
+    (json.dumps({"chosen": [USER, ASSISTANT, msg("user", "And?"), ASSISTANT],
+                 "rejected": [USER, msg("assistant", "No")]}),
      "field 'chosen', message 2: role 'user' after the implicit prompt"),
     (json.dumps({"chosen": [USER, ASSISTANT], "rejected": [USER, msg("system", "x")]}),
      "field 'rejected', message 1: role 'system' after the implicit prompt"),
     (json.dumps({"chosen": [USER, {"role": "assistant"}], "rejected": [USER, ASSISTANT]}),
      "field 'chosen', message 1: expected {\"role\": str, \"content\": str}"),
-    (json.dumps({"chosen": [msg("user", " "), msg("assistant", "a")], "rejected": [msg("user", " "), msg("assistant", "b")]}),
+    (json.dumps({"chosen": [msg("user", " "), msg("assistant", "a")],
+                 "rejected": [msg("user", " "), msg("assistant", "b")]}),
      "field 'implicit prompt' has only empty messages"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
@@ -98,7 +100,8 @@ def test_implicit_prompt_is_the_shared_leading_messages(tiny_model):
     earlier exchange here) are the prompt, the assistant messages after them the completions; tokenised exactly as
     the same pair with an explicit prompt."""
     history = [SYSTEM, USER, ASSISTANT, msg("user", "Tell me a story.")]
-    chosen, rejected = [msg("assistant", "Once, a lighthouse.")], [msg("assistant", "No."), msg("assistant", "Fine: once.")]
+    chosen, rejected = ([msg("assistant", "Once, a lighthouse.")],
+                        [msg("assistant", "No."), msg("assistant", "Fine: once.")])
     tok = load_tokenizer(tiny_model)
     implicit = load_pairs_from(tok, [{"chosen": history + chosen, "rejected": history + rejected, "weight": 0.5}])[0]
     assert (implicit.prompt, implicit.chosen, implicit.rejected, implicit.weight) == (history, chosen, rejected, 0.5)
@@ -158,7 +161,8 @@ def test_plain_tokenisation_appends_eos(tiny_model_plain):
 
 def test_truncation_keeps_prompt_end_and_completion_start(tiny_model_plain):
     tok = load_tokenizer(tiny_model_plain)
-    rows = [{"prompt": "abcdefghij", "chosen": "0123456789", "rejected": "xy"}, {"prompt": "ab", "chosen": "c", "rejected": "d"}]
+    rows = [{"prompt": "abcdefghij", "chosen": "0123456789", "rejected": "xy"},
+            {"prompt": "ab", "chosen": "c", "rejected": "d"}]
     pairs = load_pairs_from(tok, rows, max_length=8, max_prompt_length=4, expect=(1, 1))
     assert tok.decode(pairs[0].prompt_ids) == "ghij"  # the end of the prompt
     assert tok.decode(pairs[0].chosen_ids) == "0123"  # the start of the completion, total 8

@@ -137,8 +137,9 @@ def test_online_two_ranks_equal_one_process(tmp_path, tiny_model):
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about {w}."} for w in ("rain", "a clock",
                                                                                                  "the moon")])
-    common = ["--model", tiny_model, "--prompts", prompts, "--rounds", "2", "--prompts-per-round", "3", "--samples-per-prompt", "4",
-              "--max-new-tokens", "12", "--sample-batch", "1", "--batch-size", "2", "--lr", "1e-3",
+    common = ["--model", tiny_model, "--prompts", prompts, "--rounds", "2", "--prompts-per-round", "3",
+              "--samples-per-prompt", "4", "--max-new-tokens", "12", "--sample-batch", "1", "--batch-size", "2",
+              "--lr", "1e-3",
               "--score", f"reward-model:{make_tiny_reward_model(tmp_path / 'reward', tiny_model)}",
               "--semantic-embedder", make_tiny_encoder(tmp_path / "encoder", ["a", "e"]), "--deviation", "style"]
     run([*common, "--output-dir", str(tmp_path / "single")], tmp_path, module="ddpo.online")

@@ -218,8 +218,9 @@ BAD_INPUTS = {  # id: tmp_path -> (arguments, the error)
                                   "a.jsonl: the same samples file is given twice"),
     "same file by a hard link": lambda t: ([a(t), (os.link(t / "a.jsonl", t / "h.jsonl"), str(t / "h.jsonl"))[1],
                                             "--names", "x", "y"], "a.jsonl: the same samples file is given twice"),
-    "one id for two prompts": lambda t: ([a(t), write_samples(t / "i.jsonl", "", data=b'{"prompt_id": 1, "prompt": "p", '
-                                          b'"response": "r"}\n{"prompt_id": "1", "prompt": "q", "response": "s"}\n')],
+    "one id for two prompts": lambda t: ([a(t), write_samples(t / "i.jsonl", "", data=b'{"prompt_id": 1, '
+                                          b'"prompt": "p", "response": "r"}\n{"prompt_id": "1", "prompt": "q", '
+                                          b'"response": "s"}\n')],
                                          r"i.jsonl:2: prompt_id '1' names another prompt than on an earlier line"),
     "unknown baseline": lambda t: ([a(t), b(t), "--baseline", "c"], r"--baseline 'c' is not a run name \(runs: a, b\)"),
     "one shared prompt": lambda t: ([a(t), write_samples(t / "c.jsonl", "kl"), "--baseline", "a"],

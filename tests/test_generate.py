@@ -124,7 +124,8 @@ def test_candidate_sampling_equals_the_rule_over_the_whole_vocabulary(top_k, top
         torch.testing.assert_close(p.sum(-1), torch.ones(5))
 
 
-PROMPTS = [{"prompt": "Tell a tale."}, {"prompt": "A poem, please."}, {"prompt": [{"role": "user", "content": "Why?"}], "id": "q"}]
+PROMPTS = [{"prompt": "Tell a tale."}, {"prompt": "A poem, please."},
+           {"prompt": [{"role": "user", "content": "Why?"}], "id": "q"}]
 
 
 @pytest.mark.parametrize("Tq", [1, 3])
@@ -256,7 +257,8 @@ def test_rerun_with_other_settings_is_refused(tmp_path, tiny_model, flags, diffe
     main(common)
     before = output.read_bytes()
     other = {"OTHER": lambda: make_tiny_model(tmp_path / "other", seed=1),
-             "EDITED": lambda: write_jsonl(tmp_path / "edited.jsonl", PROMPTS[:2] + [{"prompt": "Why not?", "id": "q"}]),
+             "EDITED": lambda: write_jsonl(tmp_path / "edited.jsonl",
+                                           PROMPTS[:2] + [{"prompt": "Why not?", "id": "q"}]),
              "NOT_AUTO": lambda: "float32" if autocast_dtype("auto", torch.device("cpu")) else "bfloat16"}
     flags = [other[f]() if f in other else f for f in flags]
     with pytest.raises(SystemExit, match=f"o.jsonl: holds samples with other settings: {differing}: "):
@@ -316,7 +318,8 @@ def test_bad_flags_are_refused_at_parse_time(tmp_path, monkeypatch, capsys, flag
     monkeypatch.setattr(generate, "load_tokenizer", no_model)
     monkeypatch.setattr(generate, "load_model", no_model)
     with pytest.raises(SystemExit) as e:
-        main(["--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--output", str(tmp_path / "o.jsonl"), flag, value])
+        main(["--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--output", str(tmp_path / "o.jsonl"),
+              flag, value])
     assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
 
 
@@ -336,7 +339,8 @@ BAD_INPUTS = [  # files under tmp_path (p.jsonl is the prompts file, o.jsonl the
                  id="null id"),
     pytest.param({"p.jsonl": GOOD.encode() + b'{"prompt": "caf\xe9"}\n'}, [], r"p.jsonl:2: invalid UTF-8",
                  id="invalid utf-8"),
-    pytest.param({"p.jsonl": GOOD + '{"prompt": "a\\ud800b"}\n'}, [], r"p.jsonl:2: lone surrogate", id="lone surrogate"),
+    pytest.param({"p.jsonl": GOOD + '{"prompt": "a\\ud800b"}\n'}, [], r"p.jsonl:2: lone surrogate",
+                 id="lone surrogate"),
     pytest.param({}, ["--output", "{tmp}"], r"--output .*: is a directory", id="output is a directory"),
     pytest.param({}, ["--output", "{tmp}/p.jsonl/o.jsonl"], r"--output .*p.jsonl/o.jsonl: cannot write there",
                  id="output's directory is a file"),
@@ -344,10 +348,12 @@ BAD_INPUTS = [  # files under tmp_path (p.jsonl is the prompts file, o.jsonl the
     pytest.param({}, ["--base-model", "{tmp}/base"], r"--base-model .*/base: no such directory", id="missing base"),
     pytest.param({"m/notes.txt": ""}, ["--model", "{tmp}/m"], r"--model .*/m: not a model directory \(no config.json\)",
                  id="model directory without config"),
-    pytest.param({}, ["--model", "packaged:nope"], r"--model packaged:nope: unknown packaged model", id="unknown packaged"),
+    pytest.param({}, ["--model", "packaged:nope"], r"--model packaged:nope: unknown packaged model",
+                 id="unknown packaged"),
     pytest.param({"o.jsonl": '{"note": 1}\n{"note": 2}'}, [], r"o.jsonl: exists and was not written by ddpo.generate",
                  id="foreign output with a torn last line"),
-    pytest.param({"o.jsonl": ""}, [], r"o.jsonl: exists and was not written by ddpo.generate", id="foreign empty output"),
+    pytest.param({"o.jsonl": ""}, [], r"o.jsonl: exists and was not written by ddpo.generate",
+                 id="foreign empty output"),
     pytest.param({"o.jsonl.meta.json": "{}"}, [], r"o.jsonl.meta.json: not a ddpo.generate settings file",
                  id="foreign sidecar"),
     pytest.param({"o.jsonl.lock": "12 elsewhere\n"}, [], r"--output .*o.jsonl: in use by pid 12 on elsewhere",
@@ -389,7 +395,8 @@ def test_mismatched_tokenizers_and_bad_prompts(tmp_path, tiny_model):
     tok.save_pretrained(other)
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     with pytest.raises(SystemExit, match=f"--base-model {other}: conformative decoding needs one vocabulary"):
-        main(["--model", tiny_model, "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"), "--base-model", other])
+        main(["--model", tiny_model, "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"),
+              "--base-model", other])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
     with pytest.raises(SystemExit, match=f"{bad}:2: missing field 'prompt'"):
         main(["--model", tiny_model, "--prompts", bad, "--output", str(tmp_path / "o.jsonl")])

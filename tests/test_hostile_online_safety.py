@@ -13,7 +13,8 @@ from hostile import call, expect_error, expect_success, run, snapshot
 
 from ddpo.online import main
 
-PROMPTS = [{"prompt": p} for p in ("Write a story about a lighthouse.", "Write a poem about rain.", "Describe a dragon.")]
+PROMPTS = [{"prompt": p} for p in ("Write a story about a lighthouse.", "Write a poem about rain.",
+                                    "Describe a dragon.")]
 
 
 def online(tmp_path, model, *flags, prompts=None):

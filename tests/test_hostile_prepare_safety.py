@@ -1,6 +1,6 @@
-"""Hostile cases of ddpo.prepare (issue 29): nothing lost, no traceback or silent write failure. Each row writes an input under
-tmp_path and runs the command (tests/hostile.py); its comment names the commit on which it fails: 17a792b (before
-this change), or 56e73d0 (fixed on 2026-12-03)."""
+"""Hostile cases of ddpo.prepare (issue 29): nothing lost, no traceback or silent write failure. Each row writes an
+input under tmp_path and runs the command (tests/hostile.py); its comment names the commit on which it fails: 17a792b
+(before this change), or 56e73d0 (fixed on 2026-12-03)."""
 
 import json
 import os

@@ -107,7 +107,8 @@ def test_packing_that_changes_the_log_probs_stops_before_training(tmp_path, tiny
         return batch
 
     monkeypatch.setattr(reference_mod, "collate_packed", misread)
-    with pytest.raises(SystemExit, match=rf"packed and padded log-probs differ on {re.escape(tiny_model)} .*--no-packing"):
+    with pytest.raises(SystemExit,
+                       match=rf"packed and padded log-probs differ on {re.escape(tiny_model)} .*--no-packing"):
         run(tmp_path, tiny_model, "--max-steps", "1")
     assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
 

@@ -19,8 +19,9 @@ from ddpo.train import main
 from conftest import metrics, no_model, run, strict_rows
 
 SAMPLED = [f"eval_{m}" for m in evaluate.METRICS]
-PAIRED = ["eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins", "eval_rewards/accuracies",
-          "eval_logps/chosen", "eval_logps/rejected", "eval_weights/mean", "eval_weights/min", "eval_weights/max"]
+PAIRED = ["eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins",
+          "eval_rewards/accuracies", "eval_logps/chosen", "eval_logps/rejected", "eval_weights/mean",
+          "eval_weights/min", "eval_weights/max"]
 
 
 def prompts_file(tmp_path, count=6):
@@ -77,8 +78,8 @@ def test_evaluations_at_every_nth_and_the_last_step_leave_training_alone(tmp_pat
 def test_an_evaluation_without_update_equals_the_training_row_of_the_same_pairs(tmp_path, tiny_model, monkeypatch,
                                                                                loss, extra):
     """--warmup-steps 2 makes step 1's learning rate 0, so after it the weights are those its row was computed with;
-    the held-out pairs are step 1's pairs (all of them, reversed), so every eval_ value equals step 1's training value. A
-    reference other than the start model makes the rewards non-zero; with --deviation, pools of 3 to 5 texts make
+    the held-out pairs are step 1's pairs (all of them, reversed), so every eval_ value equals step 1's training value.
+    A reference other than the start model makes the rewards non-zero; with --deviation, pools of 3 to 5 texts make
     weights other than 1."""
     from conftest import pool_pairs
 
@@ -178,7 +179,8 @@ def test_report_to_tensorboard_writes_the_rows_as_events(tmp_path, tiny_model):
     events.Reload()
     rows = metrics(cfg.output_dir)
     for tag, key, steps in (("train/loss", "loss", [1, 2, 3]), ("train/rewards/margins", "rewards/margins", [1, 2, 3]),
-                            ("eval/loss", "eval_loss", [2, 3]), ("eval/rewards/accuracies", "eval_rewards/accuracies", [2, 3])):
+                            ("eval/loss", "eval_loss", [2, 3]),
+                            ("eval/rewards/accuracies", "eval_rewards/accuracies", [2, 3])):
         scalars = events.Scalars(tag)
         assert [e.step for e in scalars] == steps, tag
         assert [e.value for e in scalars] == pytest.approx([r[key] for r in rows if key in r], rel=1e-6), tag

@@ -62,7 +62,8 @@ def test_mechanism_correlations_by_hand():
     weights = torch.tensor([0.0, 1.0, 3.0, 0.5, 1.5, 1.0])
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     r = mechanism.correlations(torch.tensor([1.0, 2.0, 4.0, -1.0, -3.0, -2.0]), weights, group)
-    assert r.tolist() == pytest.approx([1.0, -1.0], abs=1e-12)  # delta an increasing / decreasing linear function of the weight
+    # delta an increasing (first group) / decreasing (second group) linear function of the weight
+    assert r.tolist() == pytest.approx([1.0, -1.0], abs=1e-12)
     r = mechanism.correlations(torch.tensor([5.0, 5.0, 5.0, 1.0, 1.0, 0.0]), weights, group)
     assert r[0] != r[0] and abs(r[1].item()) < 1e-12  # constant delta: NaN; orthogonal: 0
 

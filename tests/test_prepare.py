@@ -16,7 +16,8 @@ from test_deviation import SEM, STY, released_weights
 
 def run(tmp_path, rows, *extra):
     out = tmp_path / "pairs.jsonl"
-    summary = prep.prepare(prep.parse_args(["--input", write_jsonl(tmp_path / "in.jsonl", rows), "--output", str(out), *extra]))
+    summary = prep.prepare(prep.parse_args(["--input", write_jsonl(tmp_path / "in.jsonl", rows), "--output", str(out),
+                                            *extra]))
     return read_jsonl(out), summary
 
 
@@ -36,7 +37,8 @@ def test_pairs_input_reproduces_the_worked_example(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "load_embedder", lambda name, **kw: FixedEmbedder(tables[name]))
     rows = [{"prompt": "x", "chosen": "c1", "rejected": "r1"}, {"prompt": "x", "chosen": "c2", "rejected": "r2"}]
     for deviation, expected in [("semantic", [0.2055, 0.0]), ("style", [0.8888, 2.5266]), ("both", [2.3109, 0.0])]:
-        pairs, summary = run(tmp_path, rows, "--deviation", deviation, "--semantic-embedder", "sem", "--style-embedder", "sty")
+        pairs, summary = run(tmp_path, rows, "--deviation", deviation, "--semantic-embedder", "sem",
+                             "--style-embedder", "sty")
         assert [p["weight"] for p in pairs] == pytest.approx(expected, abs=1e-4), deviation
         assert pairs[0]["meta"]["group_size"] == 4 and pairs[0]["meta"]["pairing"] == "input"
     pairs, summary = run(tmp_path, rows, "--deviation", "both", "--semantic-embedder", "sem", "--style-embedder", "sty",
@@ -103,7 +105,8 @@ def test_divpo_follows_the_released_rule(tmp_path, monkeypatch, pool):
     bottom-k, within it; both metrics; the pool is the responses the gap pairing used (or all, --pool all)."""
     import random
 
-    rows, tables = random_pools(tmp_path, monkeypatch, 20, 16, seed=0, score_levels=6)  # ties: gap pairing leaves some out
+    # 6 score levels make ties, so the gap pairing leaves some responses out
+    rows, tables = random_pools(tmp_path, monkeypatch, 20, 16, seed=0, score_levels=6)
     smaller_pools = 0
     for p in range(20):  # one prompt per call: its gap pairing is the first draw of the seeded stream
         mine = [r for r in rows if r["prompt"] == f"prompt {p}"]
@@ -232,7 +235,8 @@ def test_bad_flags_are_refused_at_parse_time(tmp_path, monkeypatch, capsys, flag
     monkeypatch.setattr(prep, "load_embedder", no_model)
     monkeypatch.setattr(prep, "load_scorer", no_model)
     with pytest.raises(SystemExit) as e:
-        prep.main(["--input", write_jsonl(tmp_path / "in.jsonl", POOL), "--output", str(tmp_path / "o.jsonl"), flag, value])
+        prep.main(["--input", write_jsonl(tmp_path / "in.jsonl", POOL), "--output", str(tmp_path / "o.jsonl"),
+                   flag, value])
     assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
@@ -327,7 +331,8 @@ def test_remote_code_runs_only_with_trust_remote_code_whatever_the_name(tmp_path
     remote_code_encoder(tmp_path / "jinaai" / "remote", marker)
     argv = ["--input", write_jsonl(tmp_path / "in.jsonl", POOL), "--output", str(tmp_path / "o.jsonl"), "--deviation",
             "semantic", "--semantic-embedder", "jinaai/remote"]
-    with pytest.raises(SystemExit, match="^error: jinaai/remote: the model ships its own code; pass --trust-remote-code"):
+    with pytest.raises(SystemExit,
+                       match="^error: jinaai/remote: the model ships its own code; pass --trust-remote-code"):
         prep.main(argv)
     assert not marker.exists() and not (tmp_path / "o.jsonl").exists()
     prep.main(argv + ["--trust-remote-code"])

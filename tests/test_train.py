@@ -53,7 +53,8 @@ def test_ddpo_with_unit_weights_equals_dpo(tmp_path, tiny_model):
 @pytest.mark.parametrize("loss", ["ddpo", "dorpo"])
 def test_gradient_accumulation_is_exact(tmp_path, tiny_model, loss):
     one, a = run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "1", "--batch-size", "4", name="one")
-    acc, b = run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "1", "--batch-size", "1", "--grad-accum", "4", name="acc")
+    acc, b = run(tmp_path, tiny_model, "--loss", loss, "--max-steps", "1", "--batch-size", "1", "--grad-accum", "4",
+                 name="acc")
     for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
         assert metrics(one.output_dir)[0][key] == pytest.approx(metrics(acc.output_dir)[0][key], rel=1e-5), key
     # Adam's first step is about lr * sign(grad): gradients within float noise of 0 may flip by up to 2 * lr
@@ -103,7 +104,8 @@ def test_in_step_deviation_equals_prepared_weights(tmp_path, tiny_model, loss):
     prep.prepare(prep.parse_args(["--input", data, "--output", weighted, "--deviation", "style"]))
     common = ("--loss", loss, "--max-steps", "2", "--batch-size", "16")
     offline, _ = run(tmp_path, tiny_model, *common, name="offline", data=weighted)
-    in_step, _ = run(tmp_path, tiny_model, *common, "--deviation", "style", "--kernels", "triton", name="in_step", data=data)
+    in_step, _ = run(tmp_path, tiny_model, *common, "--deviation", "style", "--kernels", "triton", name="in_step",
+                     data=data)
     for a, b in zip(metrics(offline.output_dir), metrics(in_step.output_dir)):
         for key in ("loss", "weights/mean", "weights/min", "weights/max", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
@@ -136,7 +138,8 @@ RAGGED = [1, 1, 3, 1, 3, 1, 1, 2, 3]  # pairs per prompt: prompt-grouped micro-b
 def ragged_pairs(path):
     rows, marks = [], [".", "!", "?", ";", "...", ","]
     for g, k in enumerate(RAGGED):
-        texts = [f"Tale {g}{marks[j % 6]} " + "word " * (j + 1) + marks[(j + g) % 6] * (j % 3 + 1) for j in range(k + 1)]
+        texts = [f"Tale {g}{marks[j % 6]} " + "word " * (j + 1) + marks[(j + g) % 6] * (j % 3 + 1)
+                 for j in range(k + 1)]
         rows += [{"prompt": f"Write tale {g}.", "chosen": texts[j + 1], "rejected": texts[j]} for j in range(k)]
     return write_pairs(path, rows)
 
@@ -237,7 +240,8 @@ BAD_INPUTS = [  # files under tmp_path (pairs.jsonl is --data, out the --output-
     pytest.param({}, ["--ref-model", "{tmp}/ref"], r"--ref-model .*/ref: no such directory", id="missing ref model"),
     pytest.param({"m/notes.txt": ""}, ["--model", "{tmp}/m"], r"--model .*/m: not a model directory \(no config.json\)",
                  id="model directory without config"),
-    pytest.param({}, ["--model", "packaged:nope"], r"--model packaged:nope: unknown packaged model", id="unknown packaged"),
+    pytest.param({}, ["--model", "packaged:nope"], r"--model packaged:nope: unknown packaged model",
+                 id="unknown packaged"),
     pytest.param({}, ["--deviation", "semantic", "--semantic-embedder", "./no/such/embedder"],
                  r"--semantic-embedder ./no/such/embedder: no such directory", id="missing embedder"),
     pytest.param({"f": ""}, ["--output-dir", "{tmp}/f"], r"--output-dir .*/f: .*/f is not a directory",
@@ -281,7 +285,8 @@ def test_read_only_output_dir_is_refused_before_a_model_loads(tmp_path, tiny_mod
     monkeypatch.setattr(train_mod, "load_policy", no_model)
     (tmp_path / "ro").mkdir(mode=0o555)
     with pytest.raises(SystemExit, match="ro is not writable"):
-        main(["--model", tiny_model, "--data", write_pairs(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "ro" / "o")])
+        main(["--model", tiny_model, "--data", write_pairs(tmp_path / "p.jsonl"),
+              "--output-dir", str(tmp_path / "ro" / "o")])
 
 
 def certain_model(path):
@@ -318,7 +323,8 @@ def test_an_unreachable_hub_name_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        main(["--data", write_pairs(tmp_path / "p.jsonl"), "--model", "someorg/no-such-model", "--output-dir", str(out)])
+        main(["--data", write_pairs(tmp_path / "p.jsonl"), "--model", "someorg/no-such-model",
+              "--output-dir", str(out)])
     assert str(e.value).startswith("error: someorg/no-such-model: cannot load it") and "\n" not in str(e.value)
     assert not out.exists()
 
