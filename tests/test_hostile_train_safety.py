@@ -1,7 +1,7 @@
 """Hostile cases of ddpo.train (issue 29): nothing lost, nothing hung, no silent wrong result. Each row sets up a case
 under tmp_path and runs the command (tests/hostile.py: in this process, or in its own where it could hang or needs
-torchrun or bash); its comment names the commit on which it fails: 17a792b (before this change), or 56e73d0 (fixed
-on 2026-12-03)."""
+torchrun or bash); its comment names the commit on which it fails: 17a792b (before this change), or c7c0b8b (the
+last commit before the fixes of 2026-12-03; 56e73d0's kernels/ package shadows the one transformers 5.25 imports)."""
 
 import hashlib
 import json
@@ -58,7 +58,7 @@ def no_rank_traceback(outcome):
 
 # ---- data loss and security ------------------------------------------------------------------------------------
 
-def user_tmp_entries(tmp_path, model):  # 56e73d0: every .tmp-* entry in --output-dir was removed at start
+def user_tmp_entries(tmp_path, model):  # c7c0b8b: every .tmp-* entry in --output-dir was removed at start
     (tmp_path / "run" / ".tmp-notes").mkdir(parents=True)
     (tmp_path / "run" / ".tmp-notes" / "keep.txt").write_text("mine")
     (tmp_path / "run" / ".tmp-checkpoint-mine").write_text("mine")
@@ -68,7 +68,7 @@ def user_tmp_entries(tmp_path, model):  # 56e73d0: every .tmp-* entry in --outpu
     assert {k: v for k, v in snapshot(tmp_path / "run").items() if k in before} == before
 
 
-def foreign_metrics(tmp_path, model):  # 56e73d0: a foreign metrics.jsonl was truncated
+def foreign_metrics(tmp_path, model):  # c7c0b8b: a foreign metrics.jsonl was truncated
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("my own notes\n")
     before = snapshot(tmp_path)
@@ -76,7 +76,7 @@ def foreign_metrics(tmp_path, model):  # 56e73d0: a foreign metrics.jsonl was tr
     assert snapshot(tmp_path) == before
 
 
-def metrics_link(tmp_path, model):  # 56e73d0: training wrote through the link, outside the output directory
+def metrics_link(tmp_path, model):  # c7c0b8b: training wrote through the link, outside the output directory
     (tmp_path / "run").mkdir()
     (tmp_path / "outside.txt").write_text("keep me\n")
     os.symlink(tmp_path / "outside.txt", tmp_path / "run" / "metrics.jsonl")
@@ -87,7 +87,7 @@ def metrics_link(tmp_path, model):  # 56e73d0: training wrote through the link, 
 
 # ---- hangs --------------------------------------------------------------------------------------------------------
 
-def dangling_lock(tmp_path, model):  # 56e73d0: spun at 100% CPU forever
+def dangling_lock(tmp_path, model):  # c7c0b8b: spun at 100% CPU forever
     (tmp_path / "run").mkdir()
     os.symlink(tmp_path / "nowhere", tmp_path / "run" / ".lock")
     expect_error(run(process(train(tmp_path, model)), timeout=300), r"\.lock is not a lock file this tool wrote")
@@ -174,7 +174,7 @@ def resume_config_lacks_a_key(tmp_path, model):  # 17a792b: a key missing from t
     assert snapshot(tmp_path / "run") == before
 
 
-def resume_below_the_checkpoint(tmp_path, model):  # 56e73d0: trained nothing, exited 0, rewrote train_config.json
+def resume_below_the_checkpoint(tmp_path, model):  # c7c0b8b: trained nothing, exited 0, rewrote train_config.json
     trained(tmp_path, model, "--max-steps", "2")
     before = snapshot(tmp_path / "run")
     expect_error(call(main, train(tmp_path, model, "--max-steps", "1", "--resume")),
@@ -182,12 +182,12 @@ def resume_below_the_checkpoint(tmp_path, model):  # 56e73d0: trained nothing, e
     assert snapshot(tmp_path / "run") == before
 
 
-def plan_of_no_step(tmp_path, model):  # 56e73d0: printed "saved None" and exited 0
+def plan_of_no_step(tmp_path, model):  # c7c0b8b: printed "saved None" and exited 0
     expect_error(call(main, train(tmp_path, model, "--epochs", "1e-12")),
                  r"--epochs 1e-12: 6 pairs in steps of 2 make no optimiser step")
 
 
-def overflowing_update(tmp_path, model):  # 56e73d0: saved a checkpoint of non-finite weights
+def overflowing_update(tmp_path, model):  # c7c0b8b: saved a checkpoint of non-finite weights
     expect_error(call(main, train(tmp_path, model, "--lr", "1e308")), r"the update made weights non-finite")
     assert not any(name.startswith("checkpoint-") for name in os.listdir(tmp_path / "run"))
 
