@@ -1,7 +1,7 @@
 """Hostile cases of ddpo.train (issue 29): nothing lost, nothing hung, no silent wrong result. Each row sets up a case
 under tmp_path and runs the command (tests/hostile.py: in this process, or in its own where it could hang or needs
-torchrun or bash); its comment names the commit on which it fails: 17a792b (before this change), or 56e73d0 (fixed
-on 2026-12-03)."""
+torchrun or bash); its comment names the commit on which it fails: 17a792b (before this change), or c7c0b8b (the
+last commit before the fixes of 2026-12-03; 56e73d0's kernels/ package shadows the one transformers 5.25 imports)."""
 
 import hashlib
 import json
@@ -58,7 +58,7 @@ def no_rank_traceback(outcome):
 
 # ---- data loss and security ------------------------------------------------------------------------------------
 
-def user_tmp_entries(tmp_path, model):  # 56e73d0: every .tmp-* entry in --output-dir was removed at start
+def user_tmp_entries(tmp_path, model):  # c7c0b8b: every .tmp-* entry in --output-dir was removed at start
     (tmp_path / "run" / ".tmp-notes").mkdir(parents=True)
     (tmp_path / "run" / ".tmp-notes" / "keep.txt").write_text("mine")
     (tmp_path / "run" / ".tmp-checkpoint-mine").write_text("mine")
@@ -68,7 +68,7 @@ def user_tmp_entries(tmp_path, model):  # 56e73d0: every .tmp-* entry in --outpu
     assert {k: v for k, v in snapshot(tmp_path / "run").items() if k in before} == before
 
 
-def foreign_metrics(tmp_path, model):  # 56e73d0: a foreign metrics.jsonl was truncated
+def foreign_metrics(tmp_path, model):  # c7c0b8b: a foreign metrics.jsonl was truncated
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("my own notes\n")
     before = snapshot(tmp_path)
@@ -76,7 +76,7 @@ def foreign_metrics(tmp_path, model):  # 56e73d0: a foreign metrics.jsonl was tr
     assert snapshot(tmp_path) == before
 
 
-def metrics_link(tmp_path, model):  # 56e73d0: training wrote through the link, outside the output directory
+def metrics_link(tmp_path, model):  # c7c0b8b: training wrote through the link, outside the output directory
     (tmp_path / "run").mkdir()
     (tmp_path / "outside.txt").write_text("keep me\n")
     os.symlink(tmp_path / "outside.txt", tmp_path / "run" / "metrics.jsonl")
@@ -87,7 +87,7 @@ def metrics_link(tmp_path, model):  # 56e73d0: training wrote through the link, 
 
 # ---- hangs --------------------------------------------------------------------------------------------------------
 
-def dangling_lock(tmp_path, model):  # 56e73d0: spun at 100% CPU forever
+def dangling_lock(tmp_path, model):  # c7c0b8b: spun at 100% CPU forever
     (tmp_path / "run").mkdir()
     os.symlink(tmp_path / "nowhere", tmp_path / "run" / ".lock")
     expect_error(run(process(train(tmp_path, model)), timeout=300), r"\.lock is not a lock file this tool wrote")
@@ -97,16 +97,18 @@ def fifo_data(tmp_path, model):  # 17a792b: the digest read the FIFO a second ti
     fifo = tmp_path / "fifo.jsonl"
     os.mkfifo(fifo)
     content = (tmp_path / "pairs.jsonl").read_bytes()
-    writer = threading.Thread(target=lambda: fifo.write_bytes(content), daemon=True)
-    writer.start()
+    threading.Thread(target=lambda: fifo.write_bytes(content), daemon=True).start()
     expect_success(run(process(train(tmp_path, model, data=str(fifo))), timeout=300))
-    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["data_sha256"]
-    assert recorded == hashlib.sha256(hashlib.sha256(content).digest()).hexdigest()  # the file's digest, as before
+    assert recorded_digest(tmp_path) == digest(content)
 
 
-def process_substitution(tmp_path, model):  # 17a792b: as a FIFO
-    expect_success(shell(process(train(tmp_path, model, data="DATA")), {"DATA": "<(cat pairs.jsonl)"}, cwd=tmp_path,
-                         timeout=300))
+def recorded_digest(tmp_path):
+    return json.loads((tmp_path / "run" / "train_config.json").read_text())["data_sha256"]
+
+
+def digest(content):
+    """data_sha256 of one file's content (the sha256 of the file's sha256)."""
+    return hashlib.sha256(hashlib.sha256(content).digest()).hexdigest()
 
 
 def ranks_with_other_data(tmp_path, model):  # 17a792b: both ranks trained, each on its own data, and exited 0
@@ -138,6 +140,12 @@ def hung_teardown(tmp_path, model):  # 17a792b: a rank hung in the process group
 
 # ---- silent wrong results ------------------------------------------------------------------------------------------
 
+def process_substitution(tmp_path, model):  # 17a792b: the second read found the pipe empty: the digest of nothing
+    expect_success(shell(process(train(tmp_path, model, data="DATA")), {"DATA": "<(cat pairs.jsonl)"}, cwd=tmp_path,
+                         timeout=300))
+    assert recorded_digest(tmp_path) == digest((tmp_path / "pairs.jsonl").read_bytes())
+
+
 def resume_path_names_another_model(tmp_path, model):  # 17a792b: "./m" equal as a string, so resumed
     shutil.copytree(model, tmp_path / "m")
     trained(tmp_path, "./m")
@@ -166,7 +174,7 @@ def resume_config_lacks_a_key(tmp_path, model):  # 17a792b: a key missing from t
     assert snapshot(tmp_path / "run") == before
 
 
-def resume_below_the_checkpoint(tmp_path, model):  # 56e73d0: trained nothing, exited 0, rewrote train_config.json
+def resume_below_the_checkpoint(tmp_path, model):  # c7c0b8b: trained nothing, exited 0, rewrote train_config.json
     trained(tmp_path, model, "--max-steps", "2")
     before = snapshot(tmp_path / "run")
     expect_error(call(main, train(tmp_path, model, "--max-steps", "1", "--resume")),
@@ -174,12 +182,12 @@ def resume_below_the_checkpoint(tmp_path, model):  # 56e73d0: trained nothing, e
     assert snapshot(tmp_path / "run") == before
 
 
-def plan_of_no_step(tmp_path, model):  # 56e73d0: printed "saved None" and exited 0
+def plan_of_no_step(tmp_path, model):  # c7c0b8b: printed "saved None" and exited 0
     expect_error(call(main, train(tmp_path, model, "--epochs", "1e-12")),
                  r"--epochs 1e-12: 6 pairs in steps of 2 make no optimiser step")
 
 
-def overflowing_update(tmp_path, model):  # 56e73d0: saved a checkpoint of non-finite weights
+def overflowing_update(tmp_path, model):  # c7c0b8b: saved a checkpoint of non-finite weights
     expect_error(call(main, train(tmp_path, model, "--lr", "1e308")), r"the update made weights non-finite")
     assert not any(name.startswith("checkpoint-") for name in os.listdir(tmp_path / "run"))
 
@@ -195,10 +203,10 @@ def lone_surrogate(tmp_path, model):  # 17a792b: a traceback from the tokenizer
 
 CASES = {  # category -> the cases
     "data loss and security": [user_tmp_entries, foreign_metrics, metrics_link],
-    "hangs": [dangling_lock, fifo_data, process_substitution, ranks_with_other_data, one_rank_bad_data,
-              hung_teardown],
-    "silent wrong results": [resume_path_names_another_model, resume_same_model_other_path, resume_config_lacks_a_key,
-                             resume_below_the_checkpoint, plan_of_no_step, overflowing_update],
+    "hangs": [dangling_lock, fifo_data, ranks_with_other_data, one_rank_bad_data, hung_teardown],
+    "silent wrong results": [process_substitution, resume_path_names_another_model, resume_same_model_other_path,
+                             resume_config_lacks_a_key, resume_below_the_checkpoint, plan_of_no_step,
+                             overflowing_update],
     "tracebacks": [lone_surrogate],
 }
 
