@@ -72,12 +72,14 @@ def checkpoints(output_dir):
     return sorted(found)
 
 
-def run_config(cfg, data_sha256, world):
+def run_config(cfg, data_sha256, world, models=MODELS):
     """What train_config.json records: every flag, the digest of the data's content (its path may move), what each
-    model flag names (its files' digest, or a hub name) and the world size (the plan of steps depends on it)."""
+    model flag the run loads (`models`) names (its files' digest, or a hub name; None for the others) and the world
+    size (the plan of steps depends on it)."""
     flags = dataclasses.asdict(cfg)
+    used = {name for name in models if flags.get(name) not in (None, "", "stylometric")}
     return {**flags, "data_sha256": data_sha256, "world_size": world,
-            **{f"{name}_identity": model_identity(flags[name]) if flags[name] not in ("", "stylometric") else None
+            **{f"{name}_identity": model_identity(flags[name]) if name in used else None
                for name in MODELS if name in flags}}
 
 

@@ -33,7 +33,7 @@ import torch
 from ddpo_kernels.logprobs import IGNORE_INDEX
 
 # where records come from (JSONL, parquet, datasets, the Hub) is ddpo/sources.py's; DataError stays importable here
-from ddpo.sources import DataError, read_jsonl, read_records  # noqa: F401 (read_jsonl: importable here)
+from ddpo.sources import DataError, read_records
 
 
 @dataclass
@@ -141,7 +141,7 @@ def load_pairs(path, max_errors=10, weight_field="weight", fields=None, digest=N
 
     A record without 'prompt' whose 'chosen' and 'rejected' are conversations takes its prompt from their shared
     leading messages (implicit_prompt). The weight is read from `weight_field` (--weight-field): optional under its
-    default name 'weight', required in every record under any other name. `digest`: as read_jsonl's."""
+    default name 'weight', required in every record under any other name. `digest`: as read_records'."""
     if not weight_field:
         raise DataError("--weight-field: empty field name")
     pairs, errors = [], []

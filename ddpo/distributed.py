@@ -24,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpo.data import DataError
+from ddpo.files import refusal, refused_at
 
 EXIT_TIMEOUT = 120  # seconds a rank may take to end its process group before it is ended with its threads' stacks
 
@@ -73,6 +74,10 @@ def agree(world, read):
         (result, shared), failure = read(), None
     except (DataError, SystemExit) as e:
         result, shared, failure = None, None, str(e)
+    except OSError as e:  # a file system's refusal (files.refusal); anything else is a bug: its traceback
+        if not refusal(e):
+            raise
+        result, shared, failure = None, None, refused_at(e)
     gathered = [None] * world
     dist.all_gather_object(gathered, (failure, shared))
     for rank, (error, _) in enumerate(gathered):

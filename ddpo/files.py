@@ -104,6 +104,11 @@ def refusal(e):
     return None
 
 
+def refused_at(e):
+    """A file system's refusal (an OSError) in one line: the path(s) it names, then the reason."""
+    return "".join(f"{f}: " for f in (e.filename, e.filename2) if f is not None) + e.strerror
+
+
 class RecordingWriter:
     """A file's write that remembers the OSError it raised (torch_save)."""
 
@@ -190,8 +195,7 @@ def one_line_errors(run, *args):
     except OSError as e:
         if not refusal(e):
             raise
-        where = "".join(f"{f}: " for f in (e.filename, e.filename2) if f is not None)
-        sys.exit(f"error: {where}{e.strerror}")
+        sys.exit(f"error: {refused_at(e)}")
 
 
 def check_not_input(output, source, flag="--output"):

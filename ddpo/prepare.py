@@ -35,6 +35,7 @@ then compute deviation over the texts of the pairs kept (--pool all: over every 
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -56,18 +57,18 @@ from ddpo.sources import PAIR_FIELDS, POOL_FIELDS, describe, field_map
 from ddpo.writingprompts import conversation_tokens, read_writingprompts
 
 
-def read_input(path, scored_later, fields=None):
+def read_input(path, scored_later, fields=None, digest=None):
     """Returns (kind, groups): groups maps a prompt key to {"prompt", "responses": [text], "scores": [float|None],
     "pairs": [(i_chosen, i_rejected)]}; plus drop counts. Errors name file:line (or file:row N). `fields`: our
-    field names -> the input's columns."""
+    field names -> the input's columns; `digest`: as read_records'."""
     groups, kind, dropped = OrderedDict(), None, {"empty": 0, "duplicate": 0}
-    for source, rec in read_records(path, fields):
+    for source, rec in read_records(path, fields, digest):
         this = "pairs" if "chosen" in rec or "rejected" in rec else "pool"
         if kind not in (None, this):
             raise DataError(f"{source}: a {this} record in a file of {kind} records")
         kind = this
-        fields = ("prompt", "chosen", "rejected") if kind == "pairs" else ("prompt", "response")
-        for key in fields:
+        required = ("prompt", "chosen", "rejected") if kind == "pairs" else ("prompt", "response")
+        for key in required:
             if key not in rec:
                 raise DataError(f"{source}: missing field {key!r}")
         if (problem := check_text(rec["prompt"], "prompt")):
@@ -316,12 +317,13 @@ def check_meta(path):
                         "remove it")
 
 
-def read_groups(args):
-    """(kind, groups, drop counts) of --input under --from (read_input's, or the WritingPrompts pools')."""
+def read_groups(args, digest):
+    """(kind, groups, drop counts) of --input under --from (read_input's, or the WritingPrompts pools'), read once:
+    `digest` receives its content's sha256."""
     if args.schema == "ddpo":
-        return read_input(args.input, args.score != "none", field_map(args, PAIR_FIELDS + POOL_FIELDS))
+        return read_input(args.input, args.score != "none", field_map(args, PAIR_FIELDS + POOL_FIELDS), digest)
     count = conversation_tokens(load_tokenizer(args.model)) if args.max_response_tokens else None
-    groups, counts = read_writingprompts(args.input, count, args.max_response_tokens)
+    groups, counts = read_writingprompts(args.input, count, args.max_response_tokens, digest)
     print("read " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     return "pool", groups, {"empty": counts["dropped_empty"], "duplicate": counts["dropped_duplicate"]}
 
@@ -341,8 +343,9 @@ def prepare(args):
     check_meta(meta_path(args.output))
     if args.schema == "writingprompts" and args.max_response_tokens:
         check_model_path(args.model)
-    source = describe(args.input)
-    kind, groups, dropped = read_groups(args)
+    digest = hashlib.sha256()
+    kind, groups, dropped = read_groups(args, digest)
+    source = describe(args.input, digest)
     texts = [t for g in groups.values() for t in g["responses"]]
     weighting, ranking = metric_roles(args.pairing if kind == "pool" else "gap", args.deviation)
     plain = not weighting and bool(ranking)  # DivPO and Diverse-NS pairs: weight 1

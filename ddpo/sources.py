@@ -126,7 +126,8 @@ def locate(path):
     head, _, split = path.rpartition(":")
     if head and os.path.isdir(head) and is_saved_dataset(head):
         return "disk", head, None, split
-    if (hub := HUB_NAME.fullmatch(path)) and not path.endswith((".jsonl", ".json", ".parquet")):
+    local = path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet"))
+    if (hub := HUB_NAME.fullmatch(path)) and not local:
         first, second = hub["first"], hub["second"]
         return "hub", hub["name"], (first if second else None), (second or first or "train")
     raise DataError(f"{path}: no such file or directory")
@@ -179,10 +180,11 @@ def read_table_rows(path):
 def read_records(path, fields=None, digest=None):
     """Yield (source, record) for every record at `path` (module docstring); `fields` maps our field names to the
     columns that hold them (--prompt-field and the like): record[ours] = record.pop(theirs). `digest` (a hashlib
-    sha256) receives the content's digest: JSONL's from this one read (read_jsonl), else data_sha256's."""
+    sha256) receives the content's digest: JSONL's from this one read (read_jsonl), else add_content's."""
     kind, location, config, split = locate(path)
     if digest is not None and kind != "jsonl":
-        digest.update(data_sha256(path).encode())
+        need_extra(path, "parquet" if kind == "parquet" else "a saved or Hub dataset")
+        add_content(digest, kind, location, config, split)
     if kind == "jsonl":
         rows = read_jsonl(location, digest)
     elif kind == "parquet":
@@ -206,26 +208,38 @@ def unbatch(batch):
     return (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
-def data_sha256(path):
-    """A digest of the content at `path` (the path itself may move): the sha256 of the JSONL or parquet file(s) in
-    reading order; of a saved or Hub dataset, its datasets fingerprint (a hash of its files and transforms)."""
-    kind, location, config, split = locate(path)
-    if kind in ("jsonl", "parquet"):
-        digest = hashlib.sha256()
-        for file in jsonl_files(location) if kind == "jsonl" else (
-                files_with(location, ".parquet") if os.path.isdir(location) else [location]):
+def add_content(digest, kind, location, config, split):
+    """Feed `digest` the content of a parquet, saved or Hub source: each parquet file's sha256 in reading order (as
+    read_jsonl feeds JSONL's), or the datasets fingerprint (a hash of its files and transforms)."""
+    if kind == "parquet":
+        for file in files_with(location, ".parquet") if os.path.isdir(location) else [location]:
             with open(file, "rb") as f:
                 digest.update(hashlib.file_digest(f, "sha256").digest())
-        return digest.hexdigest()
-    need_extra(path, "a saved or Hub dataset")
-    return load_arrow(kind, location, config, split)._fingerprint
+    else:
+        digest.update(load_arrow(kind, location, config, split)._fingerprint.encode())
 
 
-def describe(path):
-    """What an output's meta records of its input: the path, its kind, its digest, and for a Hub dataset the cache
-    directory of the revision read (its last component is the dataset's commit)."""
+def data_sha256(path):
+    """A digest of the content at `path` (the path itself may move), as read_records' `digest` receives it, without
+    reading the records."""
     kind, location, config, split = locate(path)
-    out = {"input": path, "kind": kind, "sha256" if kind in ("jsonl", "parquet") else "fingerprint": data_sha256(path)}
+    digest = hashlib.sha256()
+    if kind == "jsonl":
+        for file in jsonl_files(location):
+            with open(file, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    else:
+        need_extra(path, "parquet" if kind == "parquet" else "a saved or Hub dataset")
+        add_content(digest, kind, location, config, split)
+    return digest.hexdigest()
+
+
+def describe(path, digest):
+    """What an output's meta records of its input: the path, its kind, the sha256 of its content (`digest`, fed by
+    the one read_records read of it), and for a Hub dataset the cache directory of the revision read (its last
+    component is the dataset's commit)."""
+    kind, location, config, split = locate(path)
+    out = {"input": path, "kind": kind, "sha256": digest.hexdigest()}
     if kind == "hub":
         files = load_arrow(kind, location, config, split).cache_files
         out["revision_dir"] = os.path.dirname(files[0]["filename"]) if files else None

@@ -242,7 +242,10 @@ def read_inputs(cfg, world):
     data, held_out_data = hashlib.sha256(), hashlib.sha256()
     pairs = load_pairs(cfg.data, weight_field=cfg.weight_field, fields=field_map(cfg, PAIR_FIELDS), digest=data)
     held_out = read_held_out(cfg, held_out_data)  # --eval-data, --eval-prompts
-    config = run_config(cfg, data.hexdigest(), world)
+    # the models this run loads: the policy, its reference, the embedders of --deviation and of the evaluations
+    models = {"model", "ref_model", *(f"{metric}_embedder" for metric in embedders(cfg))}
+    models |= {"semantic_embedder", "style_embedder"} if cfg.eval_prompts else set()
+    config = run_config(cfg, data.hexdigest(), world, models)
     return (pairs, held_out, config), {**config, "held_out_sha256": held_out_data.hexdigest()}
 
 

@@ -69,7 +69,13 @@ def check_record(source, rec):
         if key not in rec:
             raise DataError(f"{source}: missing column {key!r} (euclaise/WritingPrompts_preferences has "
                             f"{', '.join(COLUMNS)}, ...)")
+    for key in ("post_title", "post_text"):
+        if not isinstance(rec[key], (str, type(None))):
+            raise DataError(f"{source}: {key} must be a string, got {type(rec[key]).__name__}")
     texts, scores = rec["comment_texts"] or [], rec["comment_scores"] or []
+    for key, value in (("comment_texts", texts), ("comment_scores", scores)):
+        if not isinstance(value, list):
+            raise DataError(f"{source}: {key} must be a list, got {type(value).__name__}")
     if len(texts) != len(scores):
         raise DataError(f"{source}: {len(texts)} comment_texts but {len(scores)} comment_scores")
     for i, (t, s) in enumerate(zip(texts, scores)):
@@ -80,13 +86,13 @@ def check_record(source, rec):
     return texts, scores
 
 
-def read_writingprompts(path, count_tokens=None, max_tokens=0):
+def read_writingprompts(path, count_tokens=None, max_tokens=0, digest=None):
     """Returns (groups, counts): groups as ddpo.prepare's read_input builds them, one per post with comments left,
     each with "transformed": [(released, intended)] per response; counts of what was dropped and why."""
     posts, low, high = [], math.inf, -math.inf
     counts = {"posts": 0, "no_comment_posts": 0, "empty_prompt_posts": 0, "comments": 0, "dropped_moderator": 0,
               "dropped_long": 0, "dropped_empty": 0, "dropped_duplicate": 0}
-    for source, rec in read_records(path):
+    for source, rec in read_records(path, digest=digest):
         texts, scores = check_record(source, rec)
         counts["posts"] += 1
         counts["comments"] += len(texts)

@@ -120,6 +120,11 @@ def write_pairs(path, rows=None, weights=True):
     ])
 
 
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class Hostile:
     """One hostile case of a command's table (tests/test_hostile_*.py): its setup builds files under `tmp` and
     returns the argv; `outcome` runs the command's main in this process (a file size limit: in a child process) and
@@ -164,7 +169,7 @@ class Hostile:
         for directory, dirs, names in os.walk(self.tmp):
             for name in dirs + names:
                 path = os.path.join(directory, name)
-                found[path] = open(path, "rb").read() if os.path.isfile(path) and not os.path.islink(path) else None
+                found[path] = read_bytes(path) if os.path.isfile(path) and not os.path.islink(path) else None
         return found
 
     def outcome(self, module, argv, capsys):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+
 @dataclass
 class Outcome:
     code: int | None  # None: still running at the time limit (killed)

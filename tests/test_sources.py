@@ -1,5 +1,6 @@
 """ddpo/sources.py: every data flag reads JSONL, parquet, save_to_disk directories and Hub names alike."""
 
+import hashlib
 import json
 import sys
 
@@ -101,6 +102,9 @@ def test_hub_names(tmp_path, monkeypatch):
     assert calls == [("org/name", None, "train"), ("org/name", None, "test"), ("org/name", "cfg", "validation"),
                      ("org/name", None, "train[90%:]")]
     assert [s for s, _ in sources.read_records("org/name:test")][:2] == ["org/name[test]:row 0", "org/name[test]:row 1"]
+    for local in ("./pairs", "../pairs", "./pairs.jsonl"):  # a missing path, never a Hub name
+        with pytest.raises(DataError, match="no such file or directory"):
+            sources.locate(local)
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'org/name' on the Hub (LocalEntryNotFoundError)\nmore detail")
@@ -130,9 +134,11 @@ def test_digests_follow_the_content(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     datasets.Dataset.from_list(rows[:2]).save_to_disk(str(tmp_path / "other"))
     assert sources.data_sha256(str(tmp_path / "saved")) != sources.data_sha256(str(tmp_path / "other"))
-    assert sources.describe(a) == {"input": a, "kind": "parquet", "sha256": sources.data_sha256(a)}
     jsonl = write_jsonl(tmp_path / "p.jsonl", rows)
-    assert json.loads(json.dumps(sources.describe(jsonl)))["kind"] == "jsonl"
+    for path, kind in ((a, "parquet"), (jsonl, "jsonl"), (str(tmp_path / "saved"), "disk")):
+        digest = hashlib.sha256()  # what the one read of a command feeds its digest, as data_sha256 says
+        assert len(list(sources.read_records(path, digest=digest))) == 3
+        assert sources.describe(path, digest) == {"input": path, "kind": kind, "sha256": sources.data_sha256(path)}
 
 
 def test_prepare_reads_pools_from_parquet_with_column_flags(tmp_path):
@@ -148,6 +154,7 @@ def test_prepare_reads_pools_from_parquet_with_column_flags(tmp_path):
                    *flags])
         with open(tmp_path / f"{name}.jsonl") as f:
             out[name] = [json.loads(line) for line in f]
-        meta = json.load(open(tmp_path / f"{name}.jsonl.meta.json"))
-        assert meta["source"] == sources.describe(path) and meta["source"]["kind"] == name
+        with open(tmp_path / f"{name}.jsonl.meta.json") as f:
+            meta = json.load(f)
+        assert meta["source"] == {"input": path, "kind": name, "sha256": sources.data_sha256(path)}
     assert out["parquet"] == out["jsonl"] and len(out["jsonl"]) == 2

@@ -8,7 +8,7 @@ import pytest
 datasets = pytest.importorskip("datasets")  # the `data` extra, in the `test` extra too
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from conftest import read_jsonl  # noqa: E402
+from conftest import read_jsonl, write_jsonl  # noqa: E402
 
 import ddpo.prepare as prep  # noqa: E402
 from ddpo.models import load_tokenizer  # noqa: E402
@@ -108,6 +108,12 @@ def test_schema_errors_name_the_row(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"title": "x"}]), tmp_path / "other.parquet")
     with pytest.raises(prep.DataError, match=r"other\.parquet:row 0: missing column 'post_title'"):
         read_writingprompts(str(tmp_path / "other.parquet"))
+    # wrong types in a JSONL of that schema: one line each, not a TypeError
+    for field, value, error in (("post_title", 7, "post_title must be a string, got int"),
+                                ("comment_texts", "a comment", "comment_texts must be a list, got str")):
+        write_jsonl(tmp_path / "wp.jsonl", [dict(POSTS[1], **{field: value})])
+        with pytest.raises(prep.DataError, match=rf"wp\.jsonl:1: {error}"):
+            read_writingprompts(str(tmp_path / "wp.jsonl"))
 
 
 def test_prepare_then_train_offline_from_the_parquet(tmp_path, tiny_model):
