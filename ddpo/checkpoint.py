@@ -72,7 +72,7 @@ def checkpoints(output_dir):
     return sorted(found)
 
 
-def run_config(cfg, data_sha256, world, models=MODELS):
+def run_config(cfg, data_sha256, world, models):
     """What train_config.json records: every flag, the digest of the data's content (its path may move), what each
     model flag the run loads (`models`) names (its files' digest, or a hub name; None for the others) and the world
     size (the plan of steps depends on it)."""

@@ -208,7 +208,7 @@ def read_inputs(cfg, world):
     prompts = generate.read_prompts(cfg.prompts, cfg.prompt_field, data)
     generate.check_rows(cfg.n, cfg.sample_batch, cfg.prompts_per_round, "--sample-batch")
     held_out = read_held_out(cfg, held_out_data)
-    config = run_config(cfg, data.hexdigest(), world)
+    config = run_config(cfg, data.hexdigest(), world, train.arithmetic_models(cfg))
     return (prompts, held_out, config), {**config, "held_out_sha256": held_out_data.hexdigest()}
 
 

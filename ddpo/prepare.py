@@ -310,7 +310,9 @@ def check_meta(path):
             ours = json.load(f).get("written_by") == WRITTEN_BY
     except FileNotFoundError:
         return
-    except (OSError, ValueError, AttributeError, RecursionError):
+    except OSError as e:  # e.g. a name too long: not a file we could have written
+        raise DataError(f"--output {path}: {e.strerror}") from None
+    except (ValueError, AttributeError, RecursionError):
         ours = False
     if not ours:
         raise DataError(f"--output: {path} exists and is not a ddpo.prepare meta file; choose another --output or "

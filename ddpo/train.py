@@ -235,6 +235,12 @@ def check_paths(cfg):
     return config
 
 
+def arithmetic_models(cfg):
+    """The model flags whose content the updates depend on, which --resume compares by content: the policy, its
+    reference, online's base model and the embedders of --deviation (the evaluations' embedders may change)."""
+    return {"model", "ref_model", "base_model", *(f"{metric}_embedder" for metric in embedders(cfg))}
+
+
 def read_inputs(cfg, world):
     """The flags' paths checked and the data and held-out data read, each file once (a FIFO can be read once only):
     ((pairs, held-out data, the run's config), what every rank must share: the config and the held-out digest)."""
@@ -242,10 +248,7 @@ def read_inputs(cfg, world):
     data, held_out_data = hashlib.sha256(), hashlib.sha256()
     pairs = load_pairs(cfg.data, weight_field=cfg.weight_field, fields=field_map(cfg, PAIR_FIELDS), digest=data)
     held_out = read_held_out(cfg, held_out_data)  # --eval-data, --eval-prompts
-    # the models this run loads: the policy, its reference, the embedders of --deviation and of the evaluations
-    models = {"model", "ref_model", *(f"{metric}_embedder" for metric in embedders(cfg))}
-    models |= {"semantic_embedder", "style_embedder"} if cfg.eval_prompts else set()
-    config = run_config(cfg, data.hexdigest(), world, models)
+    config = run_config(cfg, data.hexdigest(), world, arithmetic_models(cfg))
     return (pairs, held_out, config), {**config, "held_out_sha256": held_out_data.hexdigest()}
 
 
