@@ -161,10 +161,13 @@ def load_arrow(kind, location, config, split):
     return ds
 
 
-def read_table_rows(path):
-    """Yield (source, record) of a parquet file or directory, BATCH rows decoded at a time."""
+def parquet_files(path):
+    return files_with(path, ".parquet") if os.path.isdir(path) else [path]
+
+
+def read_table_rows(files):
+    """Yield (source, record) of parquet files, BATCH rows decoded at a time."""
     import pyarrow.parquet as pq
-    files = files_with(path, ".parquet") if os.path.isdir(path) else [path]
     for file in files:
         try:
             reader = pq.ParquetFile(file)
@@ -180,19 +183,19 @@ def read_table_rows(path):
 def read_records(path, fields=None, digest=None):
     """Yield (source, record) for every record at `path` (module docstring); `fields` maps our field names to the
     columns that hold them (--prompt-field and the like): record[ours] = record.pop(theirs). `digest` (a hashlib
-    sha256) receives the content's digest: JSONL's from this one read (read_jsonl), else add_content's."""
+    sha256) receives the content's digest, as data_sha256 computes it: JSONL's from this one read (read_jsonl)."""
     kind, location, config, split = locate(path)
-    if digest is not None and kind != "jsonl":
-        need_extra(path, "parquet" if kind == "parquet" else "a saved or Hub dataset")
-        add_content(digest, kind, location, config, split)
     if kind == "jsonl":
         rows = read_jsonl(location, digest)
     elif kind == "parquet":
         need_extra(path, "parquet")
-        rows = read_table_rows(location)
+        files = parquet_files(location)
+        add_file_digests(digest, files)
+        rows = read_table_rows(files)
     else:
         need_extra(path, "a saved or Hub dataset")
         ds = load_arrow(kind, location, config, split)
+        add_fingerprint(digest, ds)
         name = f"{location}[{split or 'train'}]" if kind == "hub" or split else location
         rows = ((f"{name}:row {i}", r) for i, r in enumerate(r for b in ds.iter(batch_size=BATCH) for r in unbatch(b)))
     renames = {ours: theirs for ours, theirs in (fields or {}).items() if theirs and theirs != ours}
@@ -208,15 +211,17 @@ def unbatch(batch):
     return (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
-def add_content(digest, kind, location, config, split):
-    """Feed `digest` the content of a parquet, saved or Hub source: each parquet file's sha256 in reading order (as
-    read_jsonl feeds JSONL's), or the datasets fingerprint (a hash of its files and transforms)."""
-    if kind == "parquet":
-        for file in files_with(location, ".parquet") if os.path.isdir(location) else [location]:
-            with open(file, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
-    else:
-        digest.update(load_arrow(kind, location, config, split)._fingerprint.encode())
+def add_file_digests(digest, files):
+    """Feed `digest` (None: nothing) each file's sha256 in reading order, as read_jsonl feeds JSONL's."""
+    for file in files if digest is not None else []:
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+
+
+def add_fingerprint(digest, ds):
+    """Feed `digest` (None: nothing) a saved or Hub dataset's fingerprint (a hash of its files and transforms)."""
+    if digest is not None:
+        digest.update(ds._fingerprint.encode())
 
 
 def data_sha256(path):
@@ -224,13 +229,11 @@ def data_sha256(path):
     reading the records."""
     kind, location, config, split = locate(path)
     digest = hashlib.sha256()
-    if kind == "jsonl":
-        for file in jsonl_files(location):
-            with open(file, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
+    if kind in ("jsonl", "parquet"):
+        add_file_digests(digest, jsonl_files(location) if kind == "jsonl" else parquet_files(location))
     else:
-        need_extra(path, "parquet" if kind == "parquet" else "a saved or Hub dataset")
-        add_content(digest, kind, location, config, split)
+        need_extra(path, "a saved or Hub dataset")
+        add_fingerprint(digest, load_arrow(kind, location, config, split))
     return digest.hexdigest()
 
 
